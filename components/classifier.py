@@ -1,0 +1,59 @@
+"""The fine-tuned model: a frozen (or later, partly trained) trunk and a linear head.
+
+A checkpoint is self-describing (nanoGPT style): it carries the resolved config, the backbone
+entry, labels, preprocessing and data version, so export and serving need nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.backbones import Trunk, build_trunk, get_entry
+
+CHECKPOINT_FORMAT = "tlops.classifier/1"
+
+
+class Classifier(nn.Module):
+    """image -> logits. `trunk` returns one pooled vector per tap; the head reads the first."""
+
+    def __init__(self, trunk: Trunk, head: nn.Linear):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images)[0])
+
+
+def save_checkpoint(path: Path, head: nn.Linear, trunk_state: dict | None, **description: Any) -> Path:
+    """`description` must hold backbone (entry dict), tap, labels, preprocessing, config, data."""
+    required = {"backbone", "tap", "labels", "preprocessing", "config", "data", "strategy"}
+    missing = required - description.keys()
+    if missing:
+        raise ValueError(f"checkpoint description lacks {sorted(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "head": head.state_dict(), "trunk": trunk_state, **description}, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a tlops checkpoint (format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT!r}).")
+    return checkpoint
+
+
+def build_model(checkpoint: dict[str, Any]) -> Classifier:
+    """Rebuild the full model (pretrained trunk + trained head) from a checkpoint, in eval mode."""
+    entry = get_entry(checkpoint["backbone"]["name"])
+    trunk = build_trunk(entry, (checkpoint["tap"],))
+    if checkpoint.get("trunk") is not None:
+        trunk.load_state_dict(checkpoint["trunk"])
+    weight = checkpoint["head"]["weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict(checkpoint["head"])
+    return Classifier(trunk, head).eval()

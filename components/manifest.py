@@ -1,0 +1,97 @@
+"""The dataset manifest: one row per image, the contract between ingest and every later stage.
+
+Paths in the manifest are relative to the dataset root (the folder holding the images), so
+the dataset can move, be pushed and pulled by DVC, and still resolve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and what to fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A manifest plus the folder its relative paths resolve against."""
+
+    manifest: pd.DataFrame
+    root: Path
+    labels: tuple[str, ...]
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.manifest[self.manifest["split"] == name].reset_index(drop=True)
+
+    def image_path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def label_index(self, frame: pd.DataFrame) -> list[int]:
+        index = {label: i for i, label in enumerate(self.labels)}
+        return [index[label] for label in frame["label"]]
+
+
+def read_manifest(csv_path: Path, root: Path | None = None) -> Dataset:
+    """Load a manifest written by ingest (or validate) and check its columns."""
+    csv_path = Path(csv_path)
+    if not csv_path.exists():
+        raise ManifestError(f"{csv_path}: manifest not found; run the ingest stage first.")
+    frame = pd.read_csv(csv_path, dtype={"label": str, "split": str, "sha256": str, "mode": str})
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ManifestError(
+            f"{csv_path}: missing column(s) {missing}; a manifest needs {list(REQUIRED_COLUMNS)}."
+        )
+    labels = tuple(sorted(frame["label"].unique()))
+    return Dataset(manifest=frame, root=Path(root) if root else csv_path.parent, labels=labels)
+
+
+def write_manifest(frame: pd.DataFrame, csv_path: Path) -> Path:
+    ordered = list(REQUIRED_COLUMNS) + [c for c in frame.columns if c not in REQUIRED_COLUMNS]
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    frame[ordered].sort_values("path").to_csv(csv_path, index=False)
+    return csv_path
+
+
+def unit_hash(*parts: object) -> float:
+    """A uniform number in [0, 1) determined only by `parts`."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(sha256: str, seed: int, test_fraction: float, val_fraction: float) -> str:
+    """Split of one image, a pure function of its content hash and the seed.
+
+    Because no image's split depends on any other image, adding images never moves existing
+    ones, and exact duplicates always land together (no leakage by construction). Each
+    stratum (label, source group) therefore receives `test_fraction` of its images in
+    expectation rather than by exact quota; exact quotas would reshuffle on every addition.
+    `val_fraction` is the share of the non-test part held out for validation.
+    """
+    u = unit_hash("split", seed, sha256)
+    if u < test_fraction:
+        return "test"
+    if (u - test_fraction) / (1.0 - test_fraction) < val_fraction:
+        return "val"
+    return "train"
+
+
+def stratified_subset(frame: pd.DataFrame, limit: int, seed: int, strata: list[str]) -> pd.DataFrame:
+    """A deterministic subset of about `limit` rows keeping each stratum's share."""
+    if limit >= len(frame):
+        return frame
+    order = frame["sha256"].map(lambda s: unit_hash("subset", seed, s))
+    ranked = frame.assign(_order=order).sort_values("_order")
+    share = limit / len(frame)
+    parts = [
+        group.head(max(1, round(len(group) * share))) for _, group in ranked.groupby(strata, sort=True)
+    ]
+    return pd.concat(parts).drop(columns="_order").sort_index()

@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+from tests.conftest import REPO, venv_env
+
+
+def tlops(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlops.cli", *args], cwd=REPO, env=venv_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_key_fails_before_any_work_naming_the_key() -> None:
+    done = tlops("run", "--set", "finetune.learnig_rate=0.1")
+    assert done.returncode == 2
+    assert "finetune.learnig_rate" in done.stderr and "Traceback" not in done.stderr
+    assert "Beginning flow run" not in done.stdout + done.stderr
+
+
+def test_wrong_type_is_named() -> None:
+    done = tlops("params", "--set", "finetune.epochs=many")
+    assert done.returncode == 2 and "finetune.epochs" in done.stderr
+
+
+def test_params_shows_the_override() -> None:
+    done = tlops("params", "--set", "finetune.lr=0.5")
+    assert done.returncode == 0 and '"lr": 0.5' in done.stdout
+
+
+def test_backbones_lists_the_registry() -> None:
+    done = tlops("backbones")
+    assert done.returncode == 0 and "efficientnet_lite2" in done.stdout

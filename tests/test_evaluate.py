@@ -1,0 +1,71 @@
+"""Evaluate: the shipped ONNX model scored on the test split, with its files in DVC's formats."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components import export
+from components.evaluate import EvaluateConfig, calibration_table, expected_calibration_error, run
+from components.onnx_runtime import LabelMismatchError
+from tests.tiny_model import make_checkpoint, make_dataset
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("evaluate")
+    dataset = make_dataset(root / "data")
+    checkpoint = make_checkpoint(root / "model.pt", dataset)
+    result = export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export")
+    return root, dataset, result.artifacts["fp32"]
+
+
+def test_evaluate_writes_metrics_predictions_and_plots(shipped) -> None:
+    root, dataset, model = shipped
+    out = root / "evaluate"
+    result = run(EvaluateConfig(batch_size=3), model, dataset, out)  # 3 forces a partial last batch
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == pytest.approx(result.metrics)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    assert 0.0 <= metrics["ece"] <= 1.0
+    expected = {"precision_defective", "recall_functional", "accuracy_cell_type_mono", "accuracy_cell_type_poly"}
+    assert expected <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())  # flat, as DVC metrics need
+
+    test = dataset.split("test")
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["path", "actual", "predicted", "confidence"]
+    assert len(predictions) == len(test)
+    assert list(predictions["actual"]) == list(test["label"])
+    assert set(predictions["predicted"]) <= set(dataset.labels)
+    assert predictions["confidence"].between(0.5, 1.0).all()  # max softmax of two classes
+    assert metrics["accuracy"] == pytest.approx((predictions["actual"] == predictions["predicted"]).mean())
+    assert np.array(result.info["confusion_matrix"]).sum() == len(test)
+
+    for name in ("confusion_matrix.png", "reliability.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_evaluate_refuses_a_dataset_with_other_labels(shipped) -> None:
+    root, dataset, model = shipped
+    renamed = dataset.manifest.assign(label=dataset.manifest["label"].replace("defective", "cracked"))
+    other = replace(dataset, manifest=renamed, labels=("cracked", "functional"))
+    with pytest.raises(LabelMismatchError, match=r"model_fp32.onnx: the model's labels \['defective', 'functional'\]"):
+        run(EvaluateConfig(), model, other, root / "mismatch")
+    assert not (root / "mismatch" / "metrics.json").exists()
+
+
+def test_expected_calibration_error_on_known_cases() -> None:
+    confidence = np.full(10, 0.75)
+    calibrated = np.array([True] * 7 + [False] * 3)  # 70% right at 75% confidence: ECE 0.05
+    assert expected_calibration_error(calibration_table(confidence, calibrated, 10)) == pytest.approx(0.05)
+    always_wrong = calibration_table(np.ones(4), np.zeros(4, dtype=bool), 10)
+    assert always_wrong["count"].tolist() == [0] * 9 + [4]  # confidence 1.0 lands in the last bin
+    assert expected_calibration_error(always_wrong) == pytest.approx(1.0)

@@ -1,0 +1,95 @@
+"""Model tier: the real pipeline on ~80 real ELPV cells, through Prefect and through DVC."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+from mlflow import MlflowClient
+
+from components.preprocess import load_batch
+from tests.conftest import REPO, small_params, venv_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
+    from flows.train import train
+
+    params_file = small_params(tmp_path)
+    summary = train(params_file=str(params_file))
+
+    version = summary["register"]["version"]
+    client = MlflowClient()
+    model_version = client.get_model_version("tlops-elpv", version)
+    assert model_version.tags["backbone"] == "efficientnet_lite0"
+    assert str(client.get_model_version_by_alias("tlops-elpv", "challenger").version) == version
+    assert float(model_version.tags["test.accuracy"]) >= 0.0
+
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.data.tags["tlops.stage"] for r in children} >= {"ingest", "validate", "features", "select", "finetune",
+                                                              "export", "compress", "evaluate", "register"}
+
+    # The registered model, fetched back from the registry, loads in ONNX Runtime and predicts.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/tlops-elpv/{version}", dst_path=str(tmp_path / "dl")))
+    session = ort.InferenceSession(str(next(local.rglob("*.onnx"))), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    labels = json.loads(meta["labels"])
+    preprocessing = {"input_size": int(meta["input_size"]), "mean": [float(v) for v in meta["mean"].split(",")],
+                     "std": [float(v) for v in meta["std"].split(",")], "interpolation": meta["interpolation"]}
+    images = sorted((tmp_path / "outputs/ingest/images").rglob("*.png"))[:5]
+    logits = session.run(None, {session.get_inputs()[0].name: load_batch(images, preprocessing)})[0]
+    assert logits.shape == (5, len(labels)) and np.isfinite(logits).all()
+
+    # Nothing changed: every stage replays from Prefect's cache and no new version is registered.
+    again = train(params_file=str(params_file))
+    assert all(again[stage]["cached"] for stage in ("ingest", "features", "finetune", "evaluate", "register"))
+    assert again["register"]["version"] == version
+
+    # An edited output is not trusted: that stage and only what follows it recompute.
+    (tmp_path / "outputs/finetune/model.pt").write_bytes(b"tampered")
+    third = train(params_file=str(params_file))
+    assert third["features"]["cached"] and not third["finetune"]["cached"]
+
+
+def dvc(args: list[str], cwd: Path) -> str:
+    done = subprocess.run(["dvc", *args], cwd=cwd, env=venv_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked + ["dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore"]:
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    params = small_params(tmp_path)  # outputs under tmp_path/outputs, params written beside
+    text = params.read_text().replace(str(tmp_path) + "/", "")
+    (repo / "params.yaml").write_text(text)
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *command], cwd=repo, check=True)
+
+    first = dvc(["repro"], repo)
+    assert "Running stage 'register'" in first
+    metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+    assert "Running stage" not in dvc(["repro"], repo)
+
+    # A head hyperparameter reruns finetune and what follows, not ingest/features.
+    (repo / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))
+    third = dvc(["repro"], repo)
+    assert "Running stage 'finetune'" in third and "Running stage 'features'" not in third
+    assert "Running stage 'ingest'" not in third
+
+    dvc(["push"], repo)
+    assert any((repo / ".dvc-remote").rglob("*"))

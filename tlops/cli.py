@@ -1,0 +1,137 @@
+"""`tlops` command line: run the whole flow, run one stage (what dvc.yaml calls), list backbones."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tlops", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in [("run", "run the whole pipeline as a Prefect flow"),
+                            ("stage", "run one stage (this is what dvc.yaml calls)"),
+                            ("params", "print the resolved params after overrides")]:
+        command = sub.add_parser(name, help=help_text)
+        if name == "stage":
+            from tlops.stages import ORDER
+
+            command.add_argument("name", choices=ORDER)
+        command.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override a dotted params key, e.g. --set finetune.lr=0.01 (repeatable)")
+    sub.add_parser("backbones", help="list the backbone registry")
+    return parser.parse_args(argv)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input; shown as one message, not a traceback."""
+    from components.export import ExportParityError
+    from components.ingest import IngestError
+    from components.manifest import ManifestError
+    from components.validate import DataValidationError
+    from tlops.config import ConfigError
+
+    return (ConfigError, IngestError, ManifestError, DataValidationError, ExportParityError, KeyError,
+            FileNotFoundError, FileExistsError, ValueError)
+
+
+def run_stage(args: argparse.Namespace) -> None:
+    from tlops import tracking
+    from tlops.config import load_params
+    from tlops.stages import STAGES, stage_params
+
+    params = load_params(args.params, args.overrides)
+    result = STAGES[args.name](params, progress_bar())
+    if args.name != "register":
+        tracking.log_stage(params, None, result, stage_params(params, args.name), cached=False, runner="stage")
+    print(json.dumps({"stage": args.name, "out_dir": str(result.out_dir), "metrics": result.metrics}, indent=2, default=str))
+
+
+def progress_bar():  # noqa: ANN201 - a tqdm factory
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    return partial(tqdm, dynamic_ncols=True, mininterval=1.0)
+
+
+def record_in_dvc() -> None:
+    """After a flow run with params.yaml as is, record its outputs in dvc.lock and push them.
+
+    The flow wrote exactly what `dvc repro` would, so `dvc commit` makes DVC agree without
+    recomputing, and `dvc push` stores the data in the configured (local by default) remote.
+    """
+    if not Path("dvc.yaml").exists() or shutil.which("dvc") is None:
+        return
+    for command in (["dvc", "commit", "--force", "--quiet"], ["dvc", "push", "--quiet"]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            logging.getLogger("tlops").warning("`%s` failed: %s", " ".join(command), done.stderr.strip()[-500:])
+            return
+    logging.getLogger("tlops").info("outputs recorded in dvc.lock and pushed to the DVC remote")
+
+
+def run_flow(args: argparse.Namespace) -> None:
+    from flows.train import train
+    from tlops.config import load_params
+
+    load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    summary = train(params_file=str(args.params), overrides=list(args.overrides))
+    if not args.overrides and args.params == DEFAULT_PARAMS:
+        record_in_dvc()
+    evaluate = json.loads((Path(summary["evaluate"]["out_dir"]) / "metrics.json").read_text())
+    register = summary["register"]
+    lines = [
+        "",
+        "tlops run finished",
+        f"  backbone       {summary['select'].get('selected')}  (ranking: {summary['select']['out_dir']}/ranking.png)",
+        f"  shipped model  {summary['compress']['out_dir']}/model.onnx  ({summary['compress'].get('shipped')})",
+        f"  test accuracy  {evaluate['accuracy']:.4f}   macro-F1 {evaluate['macro_f1']:.4f}",
+        f"  metrics/plots  {summary['evaluate']['out_dir']}/",
+        f"  registered     {register.get('model_uri')}",
+        f"  MLflow run     {summary['parent_run_id']}  (open with: make ui)",
+    ]
+    print("\n".join(lines))
+
+
+def list_backbones() -> None:
+    from components.backbones import REGISTRY
+
+    for entry in REGISTRY.values():
+        print(f"{entry.name:22s} {entry.architecture:34s} {entry.input_size}px  dim={entry.feature_dim}  "
+              f"top1={entry.imagenet_top1}  {entry.license}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Great Expectations logs hundreds of INFO lines while importing; keep its warnings only.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    try:
+        if args.command == "run":
+            run_flow(args)
+        elif args.command == "stage":
+            run_stage(args)
+        elif args.command == "params":
+            from tlops.config import load_params
+
+            print(json.dumps(load_params(args.params, args.overrides).to_dict(), indent=2))
+        else:
+            list_backbones()
+    except user_errors() as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"tlops: error: {message}", file=sys.stderr)
+        return 2 if error.__class__.__name__ == "ConfigError" else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
