@@ -29,3 +29,19 @@ def test_params_shows_the_override() -> None:
 def test_backbones_lists_the_registry() -> None:
     done = tlops("backbones")
     assert done.returncode == 0 and "efficientnet_lite2" in done.stdout
+
+
+def test_bad_data_stops_the_flow_with_a_report_naming_the_file(tmp_path) -> None:
+    from tests.conftest import small_params, write_imagefolder
+
+    source = write_imagefolder(tmp_path / "images", per_class=8)
+    (source / "dark" / "dark_999.png").write_bytes(b"\x89PNG truncated")
+    params = small_params(tmp_path, ingest={"source": "imagefolder", "path": str(source), "limit": None},
+                          validate={"min_per_class_split": 1})
+    before = sorted(p.name for p in source.rglob("*"))
+    done = tlops("run", "--params", str(params))
+    assert done.returncode == 1
+    assert "dark_999.png" in done.stderr and "decodes" in done.stderr
+    assert (tmp_path / "outputs/validate/report.md").is_file()
+    assert not (tmp_path / "outputs/features").exists()
+    assert sorted(p.name for p in source.rglob("*")) == before

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Great Expectations logs hundreds of INFO lines while importing; keep its warnings only.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         if args.command == "run":
             run_flow(args)

@@ -44,15 +44,19 @@ def stage_params(params: Params, stage: str) -> dict[str, object]:
     return flat
 
 
+OWNED_MARKER = ".tlops-stage"  # marks a folder as a stage's output, so tlops may empty it
+
+
 def fresh_dir(path: Path) -> Path:
     """Empty a stage's output folder, refusing to touch one tlops did not write."""
     if path.exists() and any(path.iterdir()):
-        if not (path / RESULT_FILE).exists():
+        if not ((path / RESULT_FILE).exists() or (path / OWNED_MARKER).exists()):
             raise FileExistsError(
                 f"{path} holds files tlops did not write; point this stage's paths.* key at a new or empty folder."
             )
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / OWNED_MARKER).touch()
     return path
 
 
