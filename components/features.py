@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +23,7 @@ from components.backbones import BackboneEntry, build_trunk, get_entry
 from components.manifest import Dataset
 from components.onnx_runtime import open_session
 from components.preprocess import load_batch
+from components.progress import Progress, no_progress
 from components.result import StageResult, sha256_json, write_json
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 # Bump when the extraction changes in a way the key below does not capture.
 FEATURE_CODE_VERSION = 1
 
-Progress = Callable[..., AbstractContextManager[Any]]
 FEATURES_FILE = "features.npz"
 RERUN_FEATURES = "rerun the features stage (`tlops stage features` or `dvc repro`)"
 
@@ -48,13 +46,6 @@ class FeaturesConfig:
     batch_size: int = 32
     num_threads: int = 0  # ONNX Runtime intra-op threads; 0 = its default (all cores)
     opset: int = 17
-
-
-def no_progress(**_: Any) -> AbstractContextManager[Any]:
-    class _Silent:
-        def update(self, n: int = 1) -> None: ...
-
-    return nullcontext(_Silent())
 
 
 def space_key(entry: BackboneEntry, cfg: FeaturesConfig) -> str:
@@ -135,10 +126,19 @@ def extract(
     if len(missing):
         runner = open_session(export_trunk(entry, cfg, store.dir / "trunk.onnx"), cfg.num_threads)
         started = time.perf_counter()  # throughput of decode + preprocess + inference, not export
-        with progress(total=len(missing), desc=f"features {entry.name}", unit="img") as bar:
-            for start in range(0, len(missing), cfg.batch_size):
-                batch = missing.iloc[start : start + cfg.batch_size]
-                images = load_batch([dataset.image_path(p) for p in batch["path"]], preprocessing)
+        batches = [missing.iloc[i : i + cfg.batch_size] for i in range(0, len(missing), cfg.batch_size)]
+
+        def decode(batch: pd.DataFrame) -> np.ndarray:
+            return load_batch([dataset.image_path(p) for p in batch["path"]], preprocessing)
+
+        # Decode the next batch on a thread while ONNX Runtime runs this one (both release the GIL).
+        with progress(total=len(missing), desc=f"features {entry.name}", unit="img") as bar, \
+                ThreadPoolExecutor(max_workers=1) as decoder:
+            upcoming = decoder.submit(decode, batches[0])
+            for index, batch in enumerate(batches):
+                images = upcoming.result()
+                if index + 1 < len(batches):
+                    upcoming = decoder.submit(decode, batches[index + 1])
                 outputs = runner.run(list(cfg.taps), {"image": images})
                 for row, sha in enumerate(batch["sha256"]):
                     store.put(sha, {tap: out[row] for tap, out in zip(cfg.taps, outputs)})

@@ -27,6 +27,7 @@ from components.backbones import get_entry
 from components.classifier import save_checkpoint
 from components.features import split_features
 from components.manifest import Dataset
+from components.progress import Progress, no_progress
 from components.result import StageResult, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def class_weight_vector(labels: np.ndarray, n_classes: int, mode: str) -> torch.
 
 
 def train_linear(cfg: FinetuneConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 n_classes: int) -> tuple[nn.Linear, list[dict[str, float]]]:
+                 n_classes: int, progress: Progress = no_progress) -> tuple[nn.Linear, list[dict[str, float]]]:
     """AdamW on a linear head with early stopping on val loss; returns the best head."""
     torch.manual_seed(cfg.seed)
     x_train, y_train = torch.from_numpy(train[0]), torch.from_numpy(train[1]).long()
@@ -69,26 +70,28 @@ def train_linear(cfg: FinetuneConfig, train: tuple[np.ndarray, np.ndarray], val:
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     best, best_loss, stale, history = copy.deepcopy(head), float("inf"), 0, []
-    for epoch in range(cfg.epochs):
-        head.train()
-        for batch in torch.randperm(len(x_train), generator=generator).split(cfg.batch_size):
-            optimizer.zero_grad()
-            loss_fn(head(x_train[batch]), y_train[batch]).backward()
-            optimizer.step()
-        head.eval()
-        with torch.no_grad():
-            train_loss = loss_fn(head(x_train), y_train).item()
-            val_logits = head(x_val)
-            val_loss = loss_fn(val_logits, y_val).item()
-            val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc})
-        if val_loss < best_loss - 1e-6:
-            best, best_loss, stale = copy.deepcopy(head), val_loss, 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("early stop at epoch %d (best val loss %.4f)", epoch, best_loss)
-                break
+    with progress(total=cfg.epochs, desc="finetune linear", unit="epoch") as bar:
+        for epoch in range(cfg.epochs):
+            head.train()
+            for batch in torch.randperm(len(x_train), generator=generator).split(cfg.batch_size):
+                optimizer.zero_grad()
+                loss_fn(head(x_train[batch]), y_train[batch]).backward()
+                optimizer.step()
+            head.eval()
+            with torch.no_grad():
+                train_loss = loss_fn(head(x_train), y_train).item()
+                val_logits = head(x_val)
+                val_loss = loss_fn(val_logits, y_val).item()
+                val_acc = (val_logits.argmax(1) == y_val).float().mean().item()
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc})
+            bar.update(1)
+            if val_loss < best_loss - 1e-6:
+                best, best_loss, stale = copy.deepcopy(head), val_loss, 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.info("early stop at epoch %d (best val loss %.4f)", epoch, best_loss)
+                    break
     return best.eval(), history
 
 
@@ -111,12 +114,12 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Path:
 
 
 def run(cfg: FinetuneConfig, backbone: str, tap: str, features_dir: Path, dataset: Dataset,
-        manifest_path: Path, out_dir: Path) -> StageResult:
+        manifest_path: Path, out_dir: Path, progress: Progress = no_progress) -> StageResult:
     entry = get_entry(backbone)
     preprocessing = json.loads((features_dir / backbone / "backbone.json").read_text())["preprocessing"]
     train = labelled_features(features_dir, backbone, tap, dataset, "train")
     val = labelled_features(features_dir, backbone, tap, dataset, "val")
-    head, history = STRATEGIES[cfg.strategy](cfg, train, val, len(dataset.labels))
+    head, history = STRATEGIES[cfg.strategy](cfg, train, val, len(dataset.labels), progress)
     best = min(history, key=lambda h: h["val_loss"])
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from components.ingest import source_fingerprint
 from components.result import StageResult, sha256_json
 from tlops import tracking
 from tlops.config import Params, build, load_params
-from tlops.stages import ORDER, STAGES, fresh_dir, stage_params
+from tlops.stages import ORDER, STAGES, fresh_dir, stage_dir, stage_params
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,10 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
             call = {"stage": stage, "params": params.to_dict(), "cache_inputs": inputs,
                     "parent_run_id": parent_run_id}
             state = task_run(**call, return_state=True)
-            record = state.result()
+            if state.is_failed():
+                # Keep what the stage reported (e.g. the GX data docs of a failed validation) in MLflow.
+                tracking.log_failed_stage(params, parent_run_id, stage, stage_dir(params, stage), stage_params(params, stage))
+            record = state.result()  # re-raises the stage's own error
             cached = state.name == "Cached"
             if cached and not still_valid(stage, record):
                 log.warning("%s: cached outputs changed on disk since they were recorded; recomputing", stage)
@@ -98,5 +101,6 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
                                    stage_params(params, stage), cached, runner="prefect")
             upstream[stage] = record["fingerprint"]
             summary[stage] = {"out_dir": record["out_dir"], "cached": cached, **record["info"]}
+        tracking.summarize_pipeline(params, parent_run_id)
         summary["parent_run_id"] = parent_run_id
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,23 @@ from components.manifest import Dataset, read_manifest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test writes MLflow or Prefect state into the repo."""
-    state = tmp_path_factory.getbasetemp() / "state"
-    state.mkdir(exist_ok=True)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
-    monkeypatch.setenv("PREFECT_HOME", str(state / "prefect"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test writes MLflow or Prefect state into the repo or the user's home."""
+    state = tmp_path_factory.mktemp("state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
+        patch.setenv("PREFECT_HOME", str(state / "prefect"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(_isolated_state: None) -> Iterator[None]:
+    """One real, temporary Prefect API for the session's flow runs, stopped before pytest exits."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 def write_imagefolder(root: Path, per_class: int = 6, size: int = 48, seed: int = 0) -> Path:

@@ -112,10 +112,12 @@ def list_backbones() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Great Expectations logs hundreds of INFO lines while importing; keep its warnings only.
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    # Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
+    # one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("components", "tlops", "flows", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         if args.command == "run":
             run_flow(args)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from components import compress, evaluate, export, features, finetune, ingest, select, validate
-from components.features import Progress, no_progress
+from components.progress import Progress, no_progress
 from components.manifest import Dataset, read_manifest
 from components.result import RESULT_FILE, StageResult
 from tlops.config import Params
@@ -44,6 +44,11 @@ def stage_params(params: Params, stage: str) -> dict[str, object]:
     return flat
 
 
+def stage_dir(params: Params, stage: str) -> Path:
+    """The output folder of `stage` (ingest writes the dataset folder)."""
+    return params.path("dataset" if stage == "ingest" else stage)
+
+
 OWNED_MARKER = ".tlops-stage"  # marks a folder as a stage's output, so tlops may empty it
 
 
@@ -69,7 +74,7 @@ def selected_backbone(params: Params) -> str:
 
 
 def run_ingest(params: Params, progress: Progress = no_progress) -> StageResult:
-    return ingest.run(params.ingest, fresh_dir(params.path("dataset")))
+    return ingest.run(params.ingest, fresh_dir(stage_dir(params, "ingest")))
 
 
 def run_validate(params: Params, progress: Progress = no_progress) -> StageResult:
@@ -91,7 +96,7 @@ def run_select(params: Params, progress: Progress = no_progress) -> StageResult:
 def run_finetune(params: Params, progress: Progress = no_progress) -> StageResult:
     return finetune.run(
         params.finetune, selected_backbone(params), params.select.tap, params.path("features"),
-        validated_dataset(params), params.path("validate") / "manifest.csv", fresh_dir(params.path("finetune")),
+        validated_dataset(params), params.path("validate") / "manifest.csv", fresh_dir(params.path("finetune")), progress,
     )
 
 

@@ -67,6 +67,19 @@ def pipeline_run(params: Params, runner: str) -> Iterator[str]:
         yield run.info.run_id
 
 
+def summarize_pipeline(params: Params, parent_run_id: str) -> None:
+    """Headline tags and test metrics on the parent run, so pipeline runs compare side by side."""
+    evaluated = StageResult.load(params.path("evaluate"))
+    selected = StageResult.load(params.path("select")).info["selected"]
+    shipped = StageResult.load(params.path("compress")).info["shipped"]
+    client = MlflowClient()
+    for key, value in {"tlops.backbone": selected, "tlops.shipped": shipped, "dvc.manifest_md5": data_version(params)}.items():
+        client.set_tag(parent_run_id, key, value)
+    for key, value in evaluated.metrics.items():
+        if isinstance(value, (int, float)):
+            client.log_metric(parent_run_id, f"test_{key}", float(value))
+
+
 def log_artifacts(result: StageResult) -> None:
     for path in sorted(result.out_dir.rglob("*")):
         if path.is_file() and path.suffix in LOGGED_SUFFIXES and path.stat().st_size <= MAX_LOGGED_FILE_BYTES:
@@ -91,6 +104,17 @@ def log_stage(params: Params, parent_run_id: str | None, result: StageResult, st
             mlflow.log_metrics(numeric)
         log_artifacts(result)
         return run.info.run_id
+
+
+def log_failed_stage(params: Params, parent_run_id: str | None, stage: str, out_dir: Path,
+                     stage_params: dict[str, Any]) -> None:
+    """A FAILED nested run holding whatever the stage wrote before it stopped (reports, data docs)."""
+    try:
+        result = StageResult.load(out_dir)
+    except FileNotFoundError:
+        result = StageResult(stage=stage, out_dir=out_dir)
+    run_id = log_stage(params, parent_run_id, result, stage_params, cached=False, runner="prefect")
+    MlflowClient().set_terminated(run_id, status="FAILED")
 
 
 def register_model(params: Params, out_dir: Path, parent_run_id: str | None = None) -> StageResult:
