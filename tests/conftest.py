@@ -25,6 +25,7 @@ def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
         patch.setenv("PREFECT_HOME", str(state / "prefect"))
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         yield
 
 

@@ -42,6 +42,7 @@ def test_bad_data_stops_the_flow_with_a_report_naming_the_file(tmp_path) -> None
     done = tlops("run", "--params", str(params))
     assert done.returncode == 1
     assert "dark_999.png" in done.stderr and "decodes" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
     assert (tmp_path / "outputs/validate/report.md").is_file()
     assert not (tmp_path / "outputs/features").exists()
     assert sorted(p.name for p in source.rglob("*")) == before

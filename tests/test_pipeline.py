@@ -38,6 +38,9 @@ def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.data.tags["tlops.stage"] for r in children} >= {"ingest", "validate", "features", "select", "finetune",
                                                               "export", "compress", "evaluate", "register"}
+    logged = {r.data.tags["tlops.stage"]: {a.path for a in client.list_artifacts(r.info.run_id)} for r in children}
+    assert "data_docs" in logged["validate"] and "confusion_matrix.png" in logged["evaluate"]
+    assert "images" not in logged["ingest"]  # the data stays with DVC, not copied into MLflow per run
 
     # The registered model, fetched back from the registry, loads in ONNX Runtime and predicts.
     local = Path(mlflow.artifacts.download_artifacts(f"models:/tlops-elpv/{version}", dst_path=str(tmp_path / "dl")))
@@ -109,3 +112,9 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
 
     dvc(["push"], repo)
     assert any((repo / ".dvc-remote").rglob("*"))
+    # The remote alone can restore the data: drop the local copy and the cache, then pull.
+    manifest = (repo / "outputs/ingest/manifest.csv").read_bytes()
+    shutil.rmtree(repo / "outputs/ingest")
+    shutil.rmtree(repo / ".dvc/cache")
+    dvc(["pull", "ingest"], repo)
+    assert (repo / "outputs/ingest/manifest.csv").read_bytes() == manifest

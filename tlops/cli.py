@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -79,11 +80,22 @@ def record_in_dvc() -> None:
     logging.getLogger("tlops").info("outputs recorded in dvc.lock and pushed to the DVC remote")
 
 
+class HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed task with its traceback; for bad input the message alone is the report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], user_errors()):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_flow(args: argparse.Namespace) -> None:
-    from flows.train import train
+    from flows.train import train  # importing Prefect configures its loggers, so filter after
     from tlops.config import load_params
 
     load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     summary = train(params_file=str(args.params), overrides=list(args.overrides))
     if not args.overrides and args.params == DEFAULT_PARAMS:
         record_in_dvc()
@@ -112,6 +124,9 @@ def list_backbones() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Prefect's temporary server phones home on start; offline that is an error traceback in the
+    # middle of every run. Opt back in by setting the variable yourself.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
     # one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

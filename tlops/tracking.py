@@ -23,8 +23,10 @@ from tlops.config import Params
 
 log = logging.getLogger(__name__)
 
-# Files worth showing in the MLflow UI; large binaries (features, ONNX) are logged deliberately.
+# What is worth showing in the MLflow UI; data (images, features) stays with DVC, and the
+# shipped ONNX model is logged once, as an MLflow model, by `register_model`.
 LOGGED_SUFFIXES = {".json", ".png", ".csv", ".md", ".html"}
+LOGGED_FOLDERS = {"data_docs"}  # Great Expectations' HTML report
 MAX_LOGGED_FILE_BYTES = 5 * 2**20
 
 
@@ -81,10 +83,14 @@ def summarize_pipeline(params: Params, parent_run_id: str) -> None:
 
 
 def log_artifacts(result: StageResult) -> None:
-    for path in sorted(result.out_dir.rglob("*")):
+    """The stage's report files (top level of its folder) and report sites, never its data."""
+    if not result.out_dir.is_dir():
+        return
+    for path in sorted(result.out_dir.iterdir()):
         if path.is_file() and path.suffix in LOGGED_SUFFIXES and path.stat().st_size <= MAX_LOGGED_FILE_BYTES:
-            folder = path.parent.relative_to(result.out_dir)
-            mlflow.log_artifact(str(path), artifact_path=None if str(folder) == "." else str(folder))
+            mlflow.log_artifact(str(path))
+        elif path.is_dir() and path.name in LOGGED_FOLDERS:
+            mlflow.log_artifacts(str(path), artifact_path=path.name)
 
 
 def log_stage(params: Params, parent_run_id: str | None, result: StageResult, stage_params: dict[str, Any],
