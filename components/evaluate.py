@@ -1,9 +1,9 @@
 """Evaluate: the shipped ONNX model on the test split, in ONNX Runtime, as it will be served.
 
 Labels and preprocessing are read from the model's metadata_props, so the numbers describe
-the file that ships, not the PyTorch model it came from. Writes `metrics.json` (flat, for DVC
-metrics), `predictions.csv` (for DVC's confusion plot), a labelled confusion matrix and a
-reliability diagram.
+the file that ships, not the PyTorch model it came from. Returns flat metrics (the caller
+writes them as DVC's `metrics.json`) and writes `predictions.csv` (for DVC's confusion plot), a
+labelled confusion matrix and a reliability diagram.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from components.manifest import Dataset
 from components.onnx_runtime import predict_frame, read_metadata, softmax
-from components.result import StageResult, write_json
+from components.result import StageResult
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "confusion_matrix.png"
 RELIABILITY_FILE = "reliability.png"
@@ -135,7 +134,6 @@ def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) 
     )
     matrix = confusion_matrix(actual, predicted, labels=list(range(len(labels))))
     artifacts = {
-        "metrics": write_json(out_dir / METRICS_FILE, metrics),
         "predictions": out_dir / PREDICTIONS_FILE,
         "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / CONFUSION_FILE),
         "reliability": plot_reliability(table, metrics["ece"], out_dir / RELIABILITY_FILE),

@@ -15,12 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import nn
 
 from components.backbones import get_entry
@@ -31,6 +29,8 @@ from components.progress import Progress, no_progress
 from components.result import StageResult, sha256_file, write_json
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "model.pt"
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,9 @@ STRATEGIES: dict[str, Callable[..., tuple[nn.Linear, list[dict[str, float]]]]] =
 
 
 def plot_history(history: list[dict[str, float]], path: Path) -> Path:
-    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    loss_ax, acc_ax = figure.subplots(1, 2)
     epochs = [h["epoch"] for h in history]
     loss_ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], label="val")
@@ -109,7 +111,6 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Path:
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy", ylim=(0, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 
@@ -124,7 +125,7 @@ def run(cfg: FinetuneConfig, backbone: str, tap: str, features_dir: Path, datase
 
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = save_checkpoint(
-        out_dir / "model.pt", head, None,
+        out_dir / CHECKPOINT_FILE, head, None,
         backbone=entry.describe(), tap=tap, labels=list(dataset.labels), preprocessing=preprocessing,
         config=asdict(cfg), strategy=cfg.strategy, data={"manifest_sha256": sha256_file(manifest_path)},
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -26,13 +25,12 @@ def shipped(tmp_path_factory: pytest.TempPathFactory):
     return root, dataset, result.artifacts["fp32"]
 
 
-def test_evaluate_writes_metrics_predictions_and_plots(shipped) -> None:
+def test_evaluate_returns_metrics_and_writes_predictions_and_plots(shipped) -> None:
     root, dataset, model = shipped
     out = root / "evaluate"
     result = run(EvaluateConfig(batch_size=3), model, dataset, out)  # 3 forces a partial last batch
 
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == pytest.approx(result.metrics)
+    metrics = result.metrics
     assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
     assert 0.0 <= metrics["ece"] <= 1.0
     expected = {"precision_defective", "recall_functional", "accuracy_cell_type_mono", "accuracy_cell_type_poly"}
@@ -59,7 +57,7 @@ def test_evaluate_refuses_a_dataset_with_other_labels(shipped) -> None:
     other = replace(dataset, manifest=renamed, labels=("cracked", "functional"))
     with pytest.raises(LabelMismatchError, match=r"model_fp32.onnx: the model's labels \['defective', 'functional'\]"):
         run(EvaluateConfig(), model, other, root / "mismatch")
-    assert not (root / "mismatch" / "metrics.json").exists()
+    assert not (root / "mismatch" / "predictions.csv").exists()
 
 
 def test_expected_calibration_error_on_known_cases() -> None:

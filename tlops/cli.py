@@ -99,7 +99,9 @@ def run_flow(args: argparse.Namespace) -> None:
     summary = train(params_file=str(args.params), overrides=list(args.overrides))
     if not args.overrides and args.params == DEFAULT_PARAMS:
         record_in_dvc()
-    evaluate = json.loads((Path(summary["evaluate"]["out_dir"]) / "metrics.json").read_text())
+    from tlops.stages import METRICS_FILE
+
+    evaluate = json.loads((Path(summary["evaluate"]["out_dir"]) / METRICS_FILE).read_text())
     register = summary["register"]
     lines = [
         "",

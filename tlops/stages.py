@@ -14,8 +14,10 @@ from pathlib import Path
 from components import compress, evaluate, export, features, finetune, ingest, select, validate
 from components.progress import Progress, no_progress
 from components.manifest import Dataset, read_manifest
-from components.result import RESULT_FILE, StageResult
+from components.result import RESULT_FILE, StageResult, write_json
 from tlops.config import Params
+
+METRICS_FILE = "metrics.json"
 
 ORDER = ("ingest", "validate", "features", "select", "finetune", "export", "compress", "evaluate", "register")
 
@@ -102,7 +104,7 @@ def run_finetune(params: Params, progress: Progress = no_progress) -> StageResul
 
 def run_export(params: Params, progress: Progress = no_progress) -> StageResult:
     return export.run(
-        params.export, params.compress.sparsity, params.path("finetune") / "model.pt",
+        params.export, params.compress.sparsity, params.path("finetune") / finetune.CHECKPOINT_FILE,
         validated_dataset(params), fresh_dir(params.path("export")),
     )
 
@@ -112,9 +114,12 @@ def run_compress(params: Params, progress: Progress = no_progress) -> StageResul
 
 
 def run_evaluate(params: Params, progress: Progress = no_progress) -> StageResult:
-    return evaluate.run(
-        params.evaluate, params.path("compress") / "model.onnx", validated_dataset(params), fresh_dir(params.path("evaluate"))
+    result = evaluate.run(
+        params.evaluate, params.path("compress") / compress.SHIPPED_FILE, validated_dataset(params),
+        fresh_dir(params.path("evaluate")),
     )
+    write_json(result.out_dir / METRICS_FILE, result.metrics)  # DVC metrics, beside the plots
+    return result
 
 
 def run_register(params: Params, progress: Progress = no_progress) -> StageResult:

@@ -18,6 +18,7 @@ import mlflow
 import onnx
 from mlflow import MlflowClient
 
+from components.compress import SHIPPED_FILE
 from components.result import StageResult, write_json
 from tlops.config import Params
 
@@ -128,7 +129,7 @@ def register_model(params: Params, out_dir: Path, parent_run_id: str | None = No
     compressed = StageResult.load(params.path("compress"))
     evaluated = StageResult.load(params.path("evaluate"))
     finetuned = StageResult.load(params.path("finetune"))
-    model_path = params.path("compress") / "model.onnx"
+    model_path = params.path("compress") / SHIPPED_FILE
     experiment(params)
     name = params.register.model_name
     with mlflow.start_run(run_name="register", nested=parent_run_id is not None, parent_run_id=parent_run_id,
