@@ -20,9 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """No test writes MLflow or Prefect state into the repo or the user's home."""
+    """No test writes MLflow or Prefect state into the repo or the user's home.
+
+    The tests also run from that folder: MLflow puts artifacts in `./mlruns` of the working directory.
+    """
     state = tmp_path_factory.mktemp("state")
     with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(state)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{state / 'mlflow.db'}")
         patch.setenv("PREFECT_HOME", str(state / "prefect"))
         patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

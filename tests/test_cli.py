@@ -4,8 +4,8 @@ import sys
 from tests.conftest import REPO, venv_env
 
 
-def tlops(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tlops.cli", *args], cwd=REPO, env=venv_env(),
+def tlops(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlops.cli", *args], cwd=cwd, env=venv_env(),
                           capture_output=True, text=True, timeout=300)
 
 
@@ -39,7 +39,7 @@ def test_bad_data_stops_the_flow_with_a_report_naming_the_file(tmp_path) -> None
     params = small_params(tmp_path, ingest={"source": "imagefolder", "path": str(source), "limit": None},
                           validate={"min_per_class_split": 1})
     before = sorted(p.name for p in source.rglob("*"))
-    done = tlops("run", "--params", str(params))
+    done = tlops("run", "--params", str(params), cwd=tmp_path)
     assert done.returncode == 1
     assert "dark_999.png" in done.stderr and "decodes" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
