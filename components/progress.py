@@ -13,8 +13,6 @@ Progress = Callable[..., AbstractContextManager[Any]]
 class _Silent:
     def update(self, n: int = 1) -> None: ...
 
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None: ...
-
 
 def no_progress(**_: Any) -> AbstractContextManager[Any]:
     return nullcontext(_Silent())

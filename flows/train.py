@@ -24,7 +24,7 @@ from components.ingest import source_fingerprint
 from components.result import StageResult, sha256_json
 from tlops import tracking
 from tlops.config import Params, build, load_params
-from tlops.stages import ORDER, STAGES, fresh_dir, stage_dir, stage_params
+from tlops.stages import ORDER, STAGES, run_register, stage_dir, stage_params
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def run_stage(stage: str, params: dict[str, Any], cache_inputs: dict[str, Any], 
     progress = partial(tqdm, dynamic_ncols=True, mininterval=1.0)
     resolved = build(Params, params)
     if stage == "register":
-        result = tracking.register_model(resolved, fresh_dir(resolved.path("register")), parent_run_id)
+        result = run_register(resolved, progress, parent_run_id)
     else:
         result = STAGES[stage](resolved, progress)
     return {"out_dir": str(result.out_dir), "fingerprint": result.fingerprint(), "info": result.info}

@@ -92,6 +92,7 @@ class HideUserErrorTracebacks(logging.Filter):
 def run_flow(args: argparse.Namespace) -> None:
     from flows.train import train  # importing Prefect configures its loggers, so filter after
     from tlops.config import load_params
+    from tlops.stages import METRICS_FILE
 
     load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
     for name in ("prefect.task_runs", "prefect.flow_runs"):
@@ -99,8 +100,6 @@ def run_flow(args: argparse.Namespace) -> None:
     summary = train(params_file=str(args.params), overrides=list(args.overrides))
     if not args.overrides and args.params == DEFAULT_PARAMS:
         record_in_dvc()
-    from tlops.stages import METRICS_FILE
-
     evaluate = json.loads((Path(summary["evaluate"]["out_dir"]) / METRICS_FILE).read_text())
     register = summary["register"]
     lines = [

@@ -122,10 +122,11 @@ def run_evaluate(params: Params, progress: Progress = no_progress) -> StageResul
     return result
 
 
-def run_register(params: Params, progress: Progress = no_progress) -> StageResult:
+def run_register(params: Params, progress: Progress = no_progress, parent_run_id: str | None = None) -> StageResult:
+    """Register the shipped model; under the flow, as a nested run of its pipeline run."""
     from tlops import tracking
 
-    return tracking.register_model(params, fresh_dir(params.path("register")))
+    return tracking.register_model(params, fresh_dir(params.path("register")), parent_run_id)
 
 
 STAGES: dict[str, Callable[[Params, Progress], StageResult]] = {
