@@ -13,7 +13,6 @@ import logging
 import shutil
 import tempfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 from torch.nn.utils import prune
 
+from components.config import StageConfig
 from components.manifest import Dataset
 from components.onnx_runtime import model_preprocessing, predict_frame, read_metadata, stamp_metadata
 from components.preprocess import load_batch
@@ -38,8 +38,7 @@ PREFERENCE = ("int8", "pruned", "fp32")
 CALIBRATION_BATCH = 16
 
 
-@dataclass(frozen=True)
-class CompressConfig:
+class CompressConfig(StageConfig):
     sparsity: float = 0.0  # global magnitude pruning of conv+linear weights; 0 = off (applied before export)
     quantize: bool = True  # post-training static INT8 (onnxruntime.quantization)
     max_accuracy_drop: float = 0.01  # absolute val accuracy the shipped model may lose vs FP32

@@ -9,7 +9,6 @@ labelled confusion matrix and a reliability diagram.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from components.config import StageConfig
 from components.manifest import Dataset
 from components.onnx_runtime import predict_frame, read_metadata, softmax
 from components.result import StageResult
@@ -28,8 +28,7 @@ CONFUSION_FILE = "confusion_matrix.png"
 RELIABILITY_FILE = "reliability.png"
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(StageConfig):
     batch_size: int = 32
     calibration_bins: int = 10
 

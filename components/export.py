@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ from torch import nn
 
 from components.classifier import build_model, load_checkpoint
 from components.compress import prune_model
+from components.config import StageConfig
+from components.errors import UserError
 from components.manifest import Dataset
 from components.onnx_runtime import open_session, stamp_metadata
 from components.preprocess import load_batch, onnx_metadata
@@ -33,14 +34,13 @@ FP32_FILE = "model_fp32.onnx"
 PRUNED_FILE = "model_pruned.onnx"
 
 
-@dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(StageConfig):
     opset: int = 17
     parity_images: int = 16  # held-out (val split) images for the parity check
     parity_atol: float = 1e-4  # max |logit_torch - logit_onnx|
 
 
-class ExportParityError(RuntimeError):
+class ExportParityError(UserError):
     """An exported model whose outputs differ from the PyTorch model's beyond the tolerance."""
 
 

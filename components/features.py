@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,8 @@ import pandas as pd
 import torch
 
 from components.backbones import BackboneEntry, build_trunk, get_entry
+from components.config import StageConfig
+from components.errors import UserError
 from components.manifest import Dataset
 from components.onnx_runtime import open_session
 from components.preprocess import load_batch
@@ -35,12 +36,11 @@ FEATURES_FILE = "features.npz"
 RERUN_FEATURES = "rerun the features stage (`tlops stage features` or `dvc repro`)"
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(UserError):
     """Cached features that do not cover the manifest; the message names the backbone and the fix."""
 
 
-@dataclass(frozen=True)
-class FeaturesConfig:
+class FeaturesConfig(StageConfig):
     image_size: int | None = None  # None = each backbone's native input size
     taps: tuple[str, ...] = ("pooled",)
     batch_size: int = 32

@@ -11,7 +11,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from components.backbones import get_entry
 from components.classifier import save_checkpoint
+from components.config import StageConfig
 from components.features import split_features
 from components.manifest import Dataset
 from components.progress import Progress, no_progress
@@ -33,8 +34,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(StageConfig):
     strategy: Literal["linear"] = "linear"
     epochs: int = 200
     lr: float = 1e-3
@@ -127,7 +127,7 @@ def run(cfg: FinetuneConfig, backbone: str, tap: str, features_dir: Path, datase
     checkpoint = save_checkpoint(
         out_dir / CHECKPOINT_FILE, head, None,
         backbone=entry.describe(), tap=tap, labels=list(dataset.labels), preprocessing=preprocessing,
-        config=asdict(cfg), strategy=cfg.strategy, data={"manifest_sha256": sha256_file(manifest_path)},
+        config=cfg.model_dump(mode="json"), strategy=cfg.strategy, data={"manifest_sha256": sha256_file(manifest_path)},
     )
     write_json(out_dir / "history.json", history)
     plot = plot_history(history, out_dir / "training_curves.png")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from components.config import StageConfig
+from components.errors import UserError
 from components.manifest import SPLITS, assign_split, stratified_subset, write_manifest
 from components.result import StageResult, sha256_file, sha256_json
 
@@ -26,8 +27,7 @@ ELPV_BINARY = {0.0: "functional", 1 / 3: "functional", 2 / 3: "defective", 1.0: 
 ELPV_FOUR_CLASS = {0.0: "p000", 1 / 3: "p033", 2 / 3: "p067", 1.0: "p100"}
 
 
-@dataclass(frozen=True)
-class IngestConfig:
+class IngestConfig(StageConfig):
     source: Literal["elpv", "imagefolder", "csv"] = "elpv"
     path: str | None = None
     label_mode: Literal["binary", "four_class"] = "binary"
@@ -37,7 +37,7 @@ class IngestConfig:
     limit: int | None = None
 
 
-class IngestError(ValueError):
+class IngestError(UserError):
     """A source that cannot be ingested; the message names the file or key to fix."""
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from components.errors import UserError
+
 REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest that cannot be used; the message names the file and what to fix."""
 
 

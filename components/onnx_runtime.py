@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 
+from components.errors import UserError
 from components.manifest import Dataset
 from components.preprocess import load_batch
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "color")
 
 
-class LabelMismatchError(ValueError):
+class LabelMismatchError(UserError):
     """A model asked to score a dataset whose label set is not the one it was trained on."""
 
 

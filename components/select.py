@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydantic import model_validator
 
 from components.backbones import get_entry
+from components.config import StageConfig
 from components.features import FEATURES_FILE, split_features
 from components.manifest import Dataset
 from components.result import StageResult, sha256_file, write_json
@@ -26,21 +28,25 @@ log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True)
-class SelectConfig:
+class SelectConfig(StageConfig):
     candidates: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
     backbone: str = "auto"  # "auto": the top LogME; a registry name: use it, still rank all
     tap: str = "pooled"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _known_backbones(self) -> SelectConfig:
         if not self.candidates:
             raise ValueError("select.candidates is empty; list at least one registered backbone.")
         if len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"select.candidates lists a backbone twice: {list(self.candidates)}.")
         for name in self.scored():
-            entry = get_entry(name)  # KeyError naming the unknown backbone and the close match
+            try:
+                entry = get_entry(name)
+            except KeyError as error:  # names the unknown backbone and the closest registered one
+                raise ValueError(error.args[0]) from None
             if self.tap not in entry.taps:
-                raise KeyError(f"select.tap={self.tap!r}: backbone {name!r} has taps {sorted(entry.taps)}.")
+                raise ValueError(f"select.tap={self.tap!r}: backbone {name!r} has taps {sorted(entry.taps)}.")
+        return self
 
     def scored(self) -> tuple[str, ...]:
         """Every backbone to score: the candidates, plus a pinned backbone outside them."""
@@ -194,7 +200,7 @@ def run(cfg: SelectConfig, dataset: Dataset, features_dir: Path, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     features_sha256 = {name: sha256_file(Path(features_dir) / name / FEATURES_FILE) for name in cfg.scored()}
     write_json(out_dir / "ranking.json", {
-        "selected": selected, "ranking": ranking, "config": asdict(cfg), "labels": list(dataset.labels),
+        "selected": selected, "ranking": ranking, "config": cfg.model_dump(mode="json"), "labels": list(dataset.labels),
         "features_sha256": features_sha256,
     })
     with open(out_dir / "ranking.csv", "w", newline="") as f:

@@ -28,6 +28,8 @@ from great_expectations.data_context.types.base import (
 )
 from PIL import Image, UnidentifiedImageError
 
+from components.config import StageConfig
+from components.errors import UserError
 from components.manifest import SPLITS, read_manifest, write_manifest
 from components.result import RESULT_FILE, StageResult, write_json
 
@@ -37,8 +39,7 @@ DOCS_SITE = "validate"
 OUTPUTS = ("manifest.csv", "excluded.csv", "report.json", "report.md", RESULT_FILE, "data_docs")
 
 
-@dataclass(frozen=True)
-class ValidateConfig:
+class ValidateConfig(StageConfig):
     on_invalid: Literal["fail", "exclude"] = "fail"
     labels: tuple[str, ...] | None = None  # None accepts the labels ingest produced
     min_per_class_split: int = 5
@@ -47,7 +48,7 @@ class ValidateConfig:
     allowed_modes: tuple[str, ...] = ("L", "RGB")
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(UserError):
     """The dataset broke a rule; the message is the readable report."""
 
 

@@ -23,7 +23,7 @@ import tlops
 from components.ingest import source_fingerprint
 from components.result import StageResult, sha256_json
 from tlops import tracking
-from tlops.config import Params, build, load_params
+from tlops.config import build, load_params
 from tlops.stages import ORDER, STAGES, run_register, stage_dir, stage_params
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def run_stage(stage: str, params: dict[str, Any], cache_inputs: dict[str, Any], 
     Only `cache_inputs` enters the cache key; `params` and `parent_run_id` are what the run needs.
     """
     progress = partial(tqdm, dynamic_ncols=True, mininterval=1.0)
-    resolved = build(Params, params)
+    resolved = build(params)
     if stage == "register":
         result = run_register(resolved, progress, parent_run_id)
     else:

@@ -155,7 +155,7 @@ def test_cached_features_are_matched_to_train_rows_by_sha256(tmp_path: Path, dat
     ({"backbone": "resnet50"}, "resnet50"),
 ])
 def test_unknown_backbone_is_named(kwargs: dict, bad: str) -> None:
-    with pytest.raises(KeyError, match=bad):
+    with pytest.raises(ValueError, match=bad):
         SelectConfig(**kwargs)
 
 

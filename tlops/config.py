@@ -1,4 +1,4 @@
-"""Typed, frozen configuration: params.yaml blocks -> one dataclass per stage.
+"""Typed, frozen configuration: params.yaml blocks -> one pydantic model per stage.
 
 Loading is strict: an unknown key or a value of the wrong type fails before any work, naming
 the dotted key. Overrides use the same dotted keys as `dvc exp run -S`.
@@ -6,16 +6,15 @@ the dotted key. Overrides use the same dotted keys as `dvc exp run -S`.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from components.compress import CompressConfig
+from components.config import StageConfig
+from components.errors import UserError
 from components.evaluate import EvaluateConfig
 from components.export import ExportConfig
 from components.features import FeaturesConfig
@@ -25,12 +24,11 @@ from components.select import SelectConfig
 from components.validate import ValidateConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A params file or override that does not fit the schema."""
 
 
-@dataclass(frozen=True)
-class PathsConfig:
+class PathsConfig(StageConfig):
     """Where every stage writes, relative to the working directory (the repo root)."""
 
     dataset: str = "outputs/ingest"
@@ -45,80 +43,51 @@ class PathsConfig:
     register: str = "outputs/register"
 
 
-@dataclass(frozen=True)
-class RegisterConfig:
+class RegisterConfig(StageConfig):
     experiment: str = "tlops"
     model_name: str = "tlops-elpv"
     alias: str = "challenger"
 
 
-@dataclass(frozen=True)
-class Params:
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    compress: CompressConfig = field(default_factory=CompressConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
+class Params(StageConfig):
+    paths: PathsConfig = PathsConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate: ValidateConfig = ValidateConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    select: SelectConfig = SelectConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    export: ExportConfig = ExportConfig()
+    compress: CompressConfig = CompressConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register: RegisterConfig = RegisterConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
 
     def path(self, name: str) -> Path:
         return Path(getattr(self.paths, name))
 
 
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+def _message(error: dict[str, Any]) -> str:
+    """One pydantic error as `dotted.key: what is wrong`."""
+    key = ".".join(str(part) for part in error["loc"]) or "params"
+    if error["type"] == "extra_forbidden":
+        *parents, _ = error["loc"]
+        model: Any = Params
+        for part in parents:
+            model = model.model_fields[part].annotation
+        where = ".".join(map(str, parents)) or "params"
+        return f"{key}: unknown key; {where} accepts {list(model.model_fields)}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})" if error["type"] != "value_error" else f"{key}: {message}"
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-
-
-def build(cls: type, data: Any, prefix: str = "") -> Any:
-    """Instantiate dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    where = prefix or "params"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in known]
-    if unknown:
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{unknown[0]}: unknown key; {where} accepts {known}")
-    values = {k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
-    return cls(**values)
+def build(data: Any) -> Params:
+    """Params from a mapping, rejecting unknown keys, wrong types and out-of-range values."""
+    try:
+        return Params.model_validate(data if data is not None else {})
+    except ValidationError as error:
+        raise ConfigError(_message(error.errors()[0])) from None
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -149,7 +118,7 @@ def load_params(path: Path | None = None, overrides: list[str] | tuple[str, ...]
     for assignment in overrides:
         apply_override(raw, assignment)
     try:
-        return build(Params, raw)
+        return build(raw)
     except ConfigError as error:
         source = f"{path}: " if path else ""
         raise ConfigError(f"{source}{error}") from None
