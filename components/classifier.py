@@ -6,6 +6,7 @@ entry, labels, preprocessing and data version, so export and serving need nothin
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from components.backbones import Trunk, build_trunk, get_entry
+from components.errors import UserError
 
 CHECKPOINT_FORMAT = "tlops.classifier/1"
 
@@ -40,10 +42,22 @@ def save_checkpoint(path: Path, head: nn.Linear, trunk_state: dict | None, **des
     return path
 
 
+class CheckpointError(UserError):
+    """A file that is not a readable tlops checkpoint; the message names it and the fix."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a tlops checkpoint (format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT!r}).")
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the finetune stage first.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0][:120]}); "
+                              f"rerun the finetune stage.") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{path}: not a tlops checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r}); "
+                              f"rerun the finetune stage.")
     return checkpoint
 
 

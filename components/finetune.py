@@ -25,6 +25,7 @@ from components.backbones import get_entry
 from components.classifier import save_checkpoint
 from components.config import StageConfig
 from components.features import split_features
+from components.lineage import data_version
 from components.manifest import Dataset
 from components.progress import Progress, no_progress
 from components.result import StageResult, sha256_file, write_json
@@ -127,7 +128,7 @@ def run(cfg: FinetuneConfig, backbone: str, tap: str, features_dir: Path, datase
     checkpoint = save_checkpoint(
         out_dir / CHECKPOINT_FILE, head, None,
         backbone=entry.describe(), tap=tap, labels=list(dataset.labels), preprocessing=preprocessing,
-        config=cfg.model_dump(mode="json"), strategy=cfg.strategy, data={"manifest_sha256": sha256_file(manifest_path)},
+        config=cfg.model_dump(mode="json"), strategy=cfg.strategy, data={"version": data_version(manifest_path)},
     )
     write_json(out_dir / "history.json", history)
     plot = plot_history(history, out_dir / "training_curves.png")

@@ -1,14 +1,15 @@
-"""The training pipeline as a Prefect flow: one task per stage, wiring only.
+"""The training pipeline as a Prefect flow: one typed task per declared stage, wiring only.
 
-Each task's cache key is the content of what the stage depends on (its params, the
-fingerprints of upstream outputs, the code version), the same things DVC hashes, so a rerun
-with nothing changed replays every stage from cache in seconds. A cache hit whose files have
-been removed or edited since is detected and recomputed.
+Each task's cache key is `tlops.stages.cache_inputs`: the stage's params, the content
+fingerprints of upstream outputs, the hash of its code (the same modules `dvc.yaml` lists, plus
+this flow) and the installed library versions. So a rerun with nothing changed replays every
+stage from cache, and any change that could alter a result misses. A cache hit whose files were
+removed or edited since is detected and recomputed. Only I/O errors are retried; bad data fails
+once, at once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from functools import partial
 from pathlib import Path
@@ -16,91 +17,110 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+from prefect.tasks import Task
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-import components
-import tlops
+from components.errors import UserError
 from components.ingest import source_fingerprint
 from components.result import StageResult, sha256_json
 from tlops import tracking
-from tlops.config import build, load_params
-from tlops.stages import ORDER, STAGES, run_register, stage_dir, stage_params
+from tlops.config import Params, load_params
+from tlops.run_state import RunLock, killed_run
+from tlops.stages import STAGES, Stage, StageContext, cache_inputs, execute, stage_dir, stage_params
 
 log = logging.getLogger(__name__)
 
-IO_BOUND = {"ingest", "register"}  # retried: they copy files or talk to a tracking server
+
+class StageRecord(BaseModel):
+    """What a stage task returns and Prefect caches: where the result is and its content hash."""
+
+    stage: str
+    out_dir: str
+    fingerprint: str
+    info: dict[str, Any]
 
 
-def code_version() -> str:
-    """Hash of the pipeline's source: any code change invalidates cached stages."""
-    digest = hashlib.sha256()
-    for package in (components, tlops):
-        for path in sorted(Path(package.__file__).parent.rglob("*.py")):
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def content_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return sha256_json(parameters["cache_inputs"])
-
-
-@task(cache_key_fn=content_key, persist_result=True)
-def run_stage(stage: str, params: dict[str, Any], cache_inputs: dict[str, Any], parent_run_id: str) -> dict[str, Any]:
-    """Run one stage; returns where its result lives and its content fingerprint.
-
-    Only `cache_inputs` enters the cache key; `params` and `parent_run_id` are what the run needs.
-    """
-    progress = partial(tqdm, dynamic_ncols=True, mininterval=1.0)
-    resolved = build(params)
-    if stage == "register":
-        result = run_register(resolved, progress, parent_run_id)
-    else:
-        result = STAGES[stage](resolved, progress)
-    return {"out_dir": str(result.out_dir), "fingerprint": result.fingerprint(), "info": result.info}
-
-
-def still_valid(stage: str, record: dict[str, Any]) -> bool:
-    """A cached record is only trusted while its outputs are still on disk unchanged."""
+def io_errors_only(task: Task, task_run: Any, state: Any) -> bool:
+    """Retry connection and file-system hiccups, never bad input (a UserError) or a bug."""
     try:
-        result = StageResult.load(Path(record["out_dir"]))
-    except FileNotFoundError:
+        state.result()
+    except UserError:
         return False
-    if not result.is_intact() or result.fingerprint() != record["fingerprint"]:
+    except (OSError, ConnectionError, TimeoutError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a bug or bad data: no retry
         return False
-    return stage != "register" or tracking.version_exists(result.info["model_name"], result.info["version"])
+    return False
+
+
+def stage_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
+    stage = next(s for s in STAGES if s.name == context.task.name)
+    return sha256_json(cache_inputs(arguments["params"], stage, arguments["upstream"]))
+
+
+def stage_task(stage: Stage) -> Task:
+    def run(params: Params, upstream: dict[str, str], parent_run_id: str | None) -> StageRecord:
+        progress = partial(tqdm, dynamic_ncols=True, mininterval=1.0)
+        result = execute(stage, params, StageContext(progress=progress, parent_run_id=parent_run_id))
+        return StageRecord(stage=stage.name, out_dir=str(result.out_dir), fingerprint=result.fingerprint(),
+                           info=result.info)
+
+    return task(
+        run, name=stage.name, cache_key_fn=stage_key if stage.cached else None, persist_result=stage.cached,
+        retries=2 if stage.io_bound else 0, retry_delay_seconds=5, retry_condition_fn=io_errors_only,
+    )
+
+
+TASKS = {stage.name: stage_task(stage) for stage in STAGES}
+
+
+def still_valid(stage: Stage, record: StageRecord) -> bool:
+    """A cached record is trusted only while its outputs are on disk unchanged and the stage's own
+    check holds (a registration: the version still exists in the registry)."""
+    try:
+        result = StageResult.load(Path(record.out_dir))
+    except (UserError, FileNotFoundError):
+        return False
+    return result.is_intact() and result.fingerprint() == record.fingerprint and stage.still_valid(result)
+
+
+def run_stage(stage: Stage, params: Params, upstream: dict[str, str], parent_run_id: str) -> tuple[StageRecord, bool]:
+    """(record, cached) of one stage; a stage that fails keeps its report in MLflow."""
+    call = {"params": params, "upstream": dict(upstream), "parent_run_id": parent_run_id}
+    state = TASKS[stage.name](**call, return_state=True)
+    if state.is_failed():
+        tracking.log_failed_stage(params, parent_run_id, stage.name, stage_dir(params, stage), stage_params(params, stage))
+    record: StageRecord = state.result()  # re-raises the stage's own error
+    cached = state.name == "Cached"
+    if cached and not still_valid(stage, record):
+        log.warning("%s: cached outputs changed on disk since they were recorded; recomputing", stage.name)
+        record = TASKS[stage.name].with_options(refresh_cache=True)(**call)
+        cached = False
+    return record, cached
 
 
 @flow(name="tlops-train")
 def train(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Ingest -> validate -> features -> select -> finetune -> export -> compress -> evaluate -> register."""
     params = load_params(Path(params_file), overrides or [])
-    code = code_version()
-    upstream: dict[str, str] = {"source": source_fingerprint(params.ingest)}
-    summary: dict[str, Any] = {}
-    with tracking.pipeline_run(params, runner="prefect") as parent_run_id:
-        for stage in ORDER:
-            inputs = {"stage": stage, "params": stage_params(params, stage), "paths": params.to_dict()["paths"],
-                      "upstream": dict(upstream), "code": code}
-            if stage == "register":
-                inputs["tracking_uri"] = tracking.mlflow.get_tracking_uri()
-            task_run = run_stage.with_options(name=stage, retries=2 if stage in IO_BOUND else 0, retry_delay_seconds=5)
-            call = {"stage": stage, "params": params.to_dict(), "cache_inputs": inputs,
-                    "parent_run_id": parent_run_id}
-            state = task_run(**call, return_state=True)
-            if state.is_failed():
-                # Keep what the stage reported (e.g. the GX data docs of a failed validation) in MLflow.
-                tracking.log_failed_stage(params, parent_run_id, stage, stage_dir(params, stage), stage_params(params, stage))
-            record = state.result()  # re-raises the stage's own error
-            cached = state.name == "Cached"
-            if cached and not still_valid(stage, record):
-                log.warning("%s: cached outputs changed on disk since they were recorded; recomputing", stage)
-                record = task_run.with_options(refresh_cache=True)(**call)
-                cached = False
-            if stage != "register":
-                tracking.log_stage(params, parent_run_id, StageResult.load(Path(record["out_dir"])),
-                                   stage_params(params, stage), cached, runner="prefect")
-            upstream[stage] = record["fingerprint"]
-            summary[stage] = {"out_dir": record["out_dir"], "cached": cached, **record["info"]}
-        tracking.summarize_pipeline(params, parent_run_id)
-        summary["parent_run_id"] = parent_run_id
+    tracking.check_tracking_server()
+    with RunLock(params, "tlops run") as lock:
+        if previous := killed_run(lock):
+            tracking.mark_killed(previous)
+        summary: dict[str, Any] = {}
+        with tracking.pipeline_run(params, runner="prefect", overrides=overrides or []) as parent_run_id:
+            lock.update(mlflow_run_id=parent_run_id, prefect_flow_run_id=str(flow_run.get_id()))
+            upstream: dict[str, str] = {"source": source_fingerprint(params.ingest)}
+            for stage in STAGES:
+                record, cached = run_stage(stage, params, upstream, parent_run_id)
+                lock.stage_done(stage.name)
+                if stage.tracked:
+                    tracking.log_stage(params, parent_run_id, StageResult.load(Path(record.out_dir)),
+                                       stage_params(params, stage), cached, runner="prefect")
+                upstream[stage.name] = record.fingerprint
+                summary[stage.name] = {"out_dir": record.out_dir, "cached": cached, **record.info}
+            tracking.summarize_pipeline(params, parent_run_id, overrides or [])
+            summary["parent_run_id"] = parent_run_id
     return summary

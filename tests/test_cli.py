@@ -46,3 +46,14 @@ def test_bad_data_stops_the_flow_with_a_report_naming_the_file(tmp_path) -> None
     assert (tmp_path / "outputs/validate/report.md").is_file()
     assert not (tmp_path / "outputs/features").exists()
     assert sorted(p.name for p in source.rglob("*")) == before
+
+
+def test_a_data_error_in_a_retried_stage_fails_once_at_once(tmp_path) -> None:
+    from tests.conftest import small_params
+
+    (tmp_path / "labels.csv").write_text("file,label\na.png,x\n")  # no `path` column
+    params = small_params(tmp_path, ingest={"source": "csv", "path": str(tmp_path / "labels.csv"), "limit": None})
+    done = tlops("run", "--params", str(params), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "labels.csv" in done.stderr and "path" in done.stderr
+    assert "Retrying" not in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr

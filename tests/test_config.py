@@ -40,17 +40,3 @@ def test_bad_keys_and_types_fail_naming_the_key(override: str, named: str) -> No
 def test_missing_params_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")
-
-
-def test_a_stage_never_empties_a_folder_it_did_not_write(tmp_path: Path) -> None:
-    from tlops.stages import fresh_dir
-
-    precious = tmp_path / "mine"
-    precious.mkdir()
-    (precious / "thesis.tex").write_text("years of work")
-    with pytest.raises(FileExistsError, match="did not write"):
-        fresh_dir(precious)
-    assert (precious / "thesis.tex").read_text() == "years of work"
-    owned = fresh_dir(tmp_path / "stage")
-    (owned / "old.onnx").write_text("stale")
-    assert not (fresh_dir(owned) / "old.onnx").exists()

@@ -11,9 +11,14 @@ import mlflow
 import numpy as np
 import onnxruntime as ort
 import pytest
+import yaml
 from mlflow import MlflowClient
 
+from components.classifier import load_checkpoint
+from components.lineage import data_version
+from components.onnx_runtime import read_metadata
 from components.preprocess import load_batch
+from components.result import sha256_file
 from tests.conftest import REPO, small_params, venv_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -30,10 +35,24 @@ def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     model_version = client.get_model_version("tlops-elpv", version)
     assert model_version.tags["backbone"] == "efficientnet_lite0"
     assert str(client.get_model_version_by_alias("tlops-elpv", "challenger").version) == version
-    assert float(model_version.tags["test.accuracy"]) >= 0.0
+    metrics = json.loads((tmp_path / "outputs/evaluate/metrics.json").read_text())
+    assert float(model_version.tags["test.accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-4)
+    # What is registered is, byte for byte, the file evaluate scored.
+    assert model_version.tags["model_sha256"] == sha256_file(tmp_path / "outputs/compress/model.onnx")
+
+    # One data version everywhere: MLflow, checkpoint, ONNX metadata, registry, the MLflow dataset input.
+    version_hash = data_version(tmp_path / "outputs/validate/manifest.csv")
+    checkpoint = load_checkpoint(tmp_path / "outputs/finetune/model.pt")
+    assert checkpoint["data"]["version"] == version_hash
+    assert json.loads(read_metadata(tmp_path / "outputs/compress/model.onnx")["data"])["version"] == version_hash
+    assert model_version.tags["data.version"] == version_hash
 
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.tags["tlops.backbone"] == "efficientnet_lite0"
+    assert parent.data.tags["data.version"] == version_hash
+    assert parent.info.run_name.startswith("efficientnet_lite0/linear/") and version_hash[:8] in parent.info.run_name
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [version_hash]
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.metrics["test_accuracy"] == pytest.approx(float(model_version.tags["test.accuracy"]), abs=1e-4)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.data.tags["tlops.stage"] for r in children} >= {"ingest", "validate", "features", "select", "finetune",
@@ -69,13 +88,28 @@ def test_flow_on_your_own_imagefolder(tmp_path: Path) -> None:
     from tests.conftest import write_imagefolder
 
     source = write_imagefolder(tmp_path / "my_images", per_class=16)
+    (source / "dark" / "dark_999.png").write_bytes(b"\x89PNG truncated")  # excluded by validation
+    # A pinned backbone outside the candidates is extracted and ranked too.
     params = small_params(tmp_path, ingest={"source": "imagefolder", "path": str(source), "limit": None},
-                          validate={"min_per_class_split": 1}, register={"model_name": "my-images"})
+                          validate={"min_per_class_split": 1, "on_invalid": "exclude"},
+                          select={"candidates": ["efficientnet_lite0"], "backbone": "efficientnet_lite1"},
+                          register={"model_name": "my-images"})
     summary = train(params_file=str(params))
     metrics = json.loads((tmp_path / "outputs/evaluate/metrics.json").read_text())
     assert summary["validate"]["labels"] == ["bright", "dark"]
+    assert summary["select"]["selected"] == "efficientnet_lite1"
     assert metrics["accuracy"] >= 0.9  # dark vs bright is easy: a broken pipeline would sit near 0.5
-    assert MlflowClient().get_model_version("my-images", summary["register"]["version"]).tags["backbone"] == "efficientnet_lite0"
+    model_version = MlflowClient().get_model_version("my-images", summary["register"]["version"])
+    assert model_version.tags["backbone"] == "efficientnet_lite1"
+    # With images excluded, every record names the dataset that was trained on: the validated manifest.
+    validated = tmp_path / "outputs/validate/manifest.csv"
+    assert "dark_999.png" not in validated.read_text()
+    version_hash = data_version(validated)
+    assert version_hash != data_version(tmp_path / "outputs/ingest/manifest.csv")
+    assert model_version.tags["data.version"] == version_hash
+    assert load_checkpoint(tmp_path / "outputs/finetune/model.pt")["data"]["version"] == version_hash
+    assert json.loads(read_metadata(tmp_path / "outputs/compress/model.onnx")["data"])["version"] == version_hash
+    assert MlflowClient().get_run(summary["parent_run_id"]).data.tags["data.version"] == version_hash
 
 
 def dvc(args: list[str], cwd: Path) -> str:
@@ -100,7 +134,16 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
     first = dvc(["repro"], repo)
     assert "Running stage 'register'" in first
     metrics = json.loads((repo / "outputs/evaluate/metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    # DVC shows the run's metrics: in `metrics show` and in `exp show` (neither reads '!').
+    shown = json.loads(dvc(["metrics", "show", "--json"], repo))
+    assert next(iter(shown.values()))["data"]["outputs/evaluate/metrics.json"]["data"]["accuracy"] == metrics["accuracy"]
+    table = json.loads(dvc(["exp", "show", "--json"], repo))
+    workspace = next(row for row in table if row["rev"] == "workspace")["data"]["metrics"]
+    assert workspace["outputs/evaluate/metrics.json"]["data"]["accuracy"] == metrics["accuracy"]
+    # The data version the model carries is the hash DVC records for the validated manifest.
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    recorded = next(o["md5"] for o in lock["stages"]["validate"]["outs"] if o["path"].endswith("manifest.csv"))
+    assert json.loads(read_metadata(repo / "outputs/compress/model.onnx")["data"])["version"] == recorded
 
     assert "Running stage" not in dvc(["repro"], repo)
 
@@ -118,3 +161,10 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
     shutil.rmtree(repo / ".dvc/cache")
     dvc(["pull", "ingest"], repo)
     assert (repo / "outputs/ingest/manifest.csv").read_bytes() == manifest
+
+    # `tlops run` records its outputs with `dvc commit` + `dvc push`; a remote that refuses fails the command.
+    (repo / "not-a-folder").write_text("a file where the remote should be")
+    dvc(["remote", "modify", "local", "url", "not-a-folder"], repo)
+    done = subprocess.run(["tlops", "run"], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "tlops: error: `dvc push --quiet` failed" in done.stderr and "Traceback" not in done.stderr

@@ -16,6 +16,7 @@ from torch import nn
 
 from components.backbones import get_entry
 from components.classifier import save_checkpoint
+from components.lineage import data_version
 from components.manifest import Dataset, read_manifest, write_manifest
 from components.result import sha256_file
 
@@ -61,6 +62,6 @@ def make_checkpoint(path: Path, dataset: Dataset) -> Path:
         labels=list(dataset.labels),
         preprocessing=entry.preprocessing(IMAGE_SIZE),
         config={"strategy": "linear", "epochs": 0},
-        data={"manifest_sha256": sha256_file(dataset.root / "manifest.csv")},
+        data={"version": data_version(dataset.root / "manifest.csv")},
         strategy="linear",
     )

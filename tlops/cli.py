@@ -1,4 +1,8 @@
-"""`tlops` command line: run the whole flow, run one stage (what dvc.yaml calls), list backbones."""
+"""`tlops` command line: run the whole flow, run one stage (what dvc.yaml calls), list backbones.
+
+Bad input (a `UserError`) is printed as one line, `tlops: error: ...`, exit 1 (2 for a params
+error). Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tlops", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tlops", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("run", "run the whole pipeline as a Prefect flow"),
                             ("stage", "run one stage (this is what dvc.yaml calls)"),
@@ -29,31 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a dotted params key, e.g. --set finetune.lr=0.01 (repeatable)")
     sub.add_parser("backbones", help="list the backbone registry")
+    dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declaration (tlops/stages.py)")
+    dvc_yaml.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     return parser.parse_args(argv)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe bad input; shown as one message, not a traceback."""
-    from components.export import ExportParityError
-    from components.ingest import IngestError
-    from components.manifest import ManifestError
-    from components.validate import DataValidationError
-    from tlops.config import ConfigError
-
-    return (ConfigError, IngestError, ManifestError, DataValidationError, ExportParityError, KeyError,
-            FileNotFoundError, FileExistsError, ValueError)
-
-
-def run_stage(args: argparse.Namespace) -> None:
-    from tlops import tracking
-    from tlops.config import load_params
-    from tlops.stages import STAGES, stage_params
-
-    params = load_params(args.params, args.overrides)
-    result = STAGES[args.name](params, progress_bar())
-    if args.name != "register":
-        tracking.log_stage(params, None, result, stage_params(params, args.name), cached=False, runner="stage")
-    print(json.dumps({"stage": args.name, "out_dir": str(result.out_dir), "metrics": result.metrics}, indent=2, default=str))
 
 
 def progress_bar():  # noqa: ANN201 - a tqdm factory
@@ -64,19 +46,43 @@ def progress_bar():  # noqa: ANN201 - a tqdm factory
     return partial(tqdm, dynamic_ncols=True, mininterval=1.0)
 
 
+def run_stage(args: argparse.Namespace) -> None:
+    from tlops import tracking
+    from tlops.config import load_params
+    from tlops.run_state import RunLock
+    from tlops.stages import StageContext, execute, get_stage, stage_params
+
+    params = load_params(args.params, args.overrides)
+    stage = get_stage(args.name)
+    tracking.check_tracking_server()
+    with RunLock(params, f"tlops stage {stage.name}") as lock:
+        result = execute(stage, params, StageContext(progress=progress_bar()))
+        lock.stage_done(stage.name)
+    if stage.tracked:
+        tracking.log_stage(params, None, result, stage_params(params, stage), cached=False, runner="stage")
+    print(json.dumps({"stage": stage.name, "out_dir": str(result.out_dir), "metrics": result.metrics}, indent=2,
+                     default=str))
+
+
 def record_in_dvc() -> None:
     """After a flow run with params.yaml as is, record its outputs in dvc.lock and push them.
 
     The flow wrote exactly what `dvc repro` would, so `dvc commit` makes DVC agree without
     recomputing, and `dvc push` stores the data in the configured (local by default) remote.
+    A failure here fails the command: the run's outputs are not versioned until it succeeds.
     """
-    if not Path("dvc.yaml").exists() or shutil.which("dvc") is None:
+    from components.errors import UserError
+
+    if not Path("dvc.yaml").exists():
         return
+    if shutil.which("dvc") is None:
+        raise UserError("dvc is not on PATH; install the project (`make setup`) or activate .venv, then `dvc commit`.")
     for command in (["dvc", "commit", "--force", "--quiet"], ["dvc", "push", "--quiet"]):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            logging.getLogger("tlops").warning("`%s` failed: %s", " ".join(command), done.stderr.strip()[-500:])
-            return
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise UserError(f"`{' '.join(command)}` failed after the run: {detail[-1] if detail else 'no output'}; "
+                            f"fix it and run `{' '.join(command)}` again (the run's outputs are in place).")
     logging.getLogger("tlops").info("outputs recorded in dvc.lock and pushed to the DVC remote")
 
 
@@ -84,7 +90,9 @@ class HideUserErrorTracebacks(logging.Filter):
     """Prefect logs a failed task with its traceback; for bad input the message alone is the report."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], user_errors()):
+        from components.errors import UserError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -123,17 +131,36 @@ def list_backbones() -> None:
               f"top1={entry.imagenet_top1}  {entry.license}")
 
 
+def write_dvc_yaml(args: argparse.Namespace) -> int:
+    from tlops import dvc_pipeline
+
+    if args.check:
+        current = Path("dvc.yaml").exists() and Path("dvc.yaml").read_text() == dvc_pipeline.render()
+        print("dvc.yaml is current" if current else "dvc.yaml differs from tlops/stages.py: run `tlops dvc-yaml`")
+        return 0 if current else 1
+    print("dvc.yaml written" if dvc_pipeline.write() else "dvc.yaml already current")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Prefect's temporary server phones home on start; offline that is an error traceback in the
     # middle of every run. Opt back in by setting the variable yourself.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its default 20 s start-up limit is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # A tracking server that dies mid-run should cost seconds, not MLflow's default ~9 minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
     # one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for name in ("components", "tlops", "flows", "prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).setLevel(logging.INFO)
+    from components.errors import UserError
+    from tlops.config import ConfigError
+
     try:
         if args.command == "run":
             run_flow(args)
@@ -143,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             from tlops.config import load_params
 
             print(json.dumps(load_params(args.params, args.overrides).to_dict(), indent=2))
+        elif args.command == "dvc-yaml":
+            return write_dvc_yaml(args)
         else:
             list_backbones()
-    except user_errors() as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"tlops: error: {message}", file=sys.stderr)
-        return 2 if error.__class__.__name__ == "ConfigError" else 1
+    except UserError as error:
+        print(f"tlops: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
     return 0
 
 

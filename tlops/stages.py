@@ -1,70 +1,73 @@
-"""Stage wiring: where each stage reads its inputs and writes its outputs.
+"""The pipeline, declared once: each stage's code, params, inputs and outputs.
 
-One function per stage, `(params, progress) -> StageResult`. `tlops stage NAME` (what dvc.yaml
-calls), the Prefect flow and the tests all call these, so the three ways of running the
-pipeline cannot drift apart. Logic lives in `components/`; this module only passes paths.
+`STAGES` is the single declaration. The Prefect flow (`flows/train.py`) runs it and derives its
+cache keys from it; `dvc.yaml` is generated from it (`tlops dvc-yaml`, and a test checks that the
+committed file is current); `tlops stage NAME` and the tests call the same `execute`. Logic lives
+in `components/`; a stage here only says where its inputs are and where its outputs go.
+
+A stage writes into a sibling staging folder that replaces its output folder only when the
+stage has finished, so a killed or failed stage never leaves a half-written folder that could
+pass for a result.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from components import compress, evaluate, export, features, finetune, ingest, select, validate
-from components.progress import Progress, no_progress
+from components.errors import UserError
 from components.manifest import Dataset, read_manifest
+from components.progress import Progress, no_progress
 from components.result import RESULT_FILE, StageResult, write_json
 from tlops.config import Params
+from tlops.fingerprints import code_hash, library_versions, project_modules
 
 METRICS_FILE = "metrics.json"
-
-ORDER = ("ingest", "validate", "features", "select", "finetune", "export", "compress", "evaluate", "register")
-
-# The params blocks (or single keys) each stage depends on; dvc.yaml lists the same ones.
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "ingest": ("ingest",),
-    "validate": ("validate",),
-    "features": ("features", "select.candidates"),
-    "select": ("select",),
-    "finetune": ("finetune", "select.tap"),
-    "export": ("export", "compress.sparsity"),
-    "compress": ("compress",),
-    "evaluate": ("evaluate",),
-    "register": ("register",),
-}
+OWNED_MARKER = ".tlops-stage"  # marks a folder as a stage's output, so tlops may replace it
+# Files every stage depends on besides its component: the stage table and the params schema.
+WIRING = ("tlops/stages.py", "tlops/config.py", "tlops/fingerprints.py")
 
 
-def stage_params(params: Params, stage: str) -> dict[str, object]:
-    """The flat `block.key -> value` params a stage depends on (for cache keys and MLflow)."""
-    flat: dict[str, object] = {}
-    raw = params.to_dict()
-    for name in STAGE_PARAMS[stage]:
-        block, _, key = name.partition(".")
-        values = {key: raw[block][key]} if key else raw[block]
-        flat.update({f"{block}.{k}": v for k, v in values.items()})
-    return flat
+@dataclass(frozen=True)
+class StageContext:
+    """What a run passes to every stage besides params: progress bars and the MLflow parent run."""
+
+    progress: Progress = no_progress
+    parent_run_id: str | None = None
 
 
-def stage_dir(params: Params, stage: str) -> Path:
-    """The output folder of `stage` (ingest writes the dataset folder)."""
-    return params.path("dataset" if stage == "ingest" else stage)
+@dataclass(frozen=True)
+class Output:
+    """One DVC output of a stage, relative to the stage's folder ("" is the whole folder)."""
+
+    name: str = ""
+    kind: str = "outs"  # outs | metrics | plots
+    cache: bool = True
+    plot: dict[str, str] = field(default_factory=dict)
 
 
-OWNED_MARKER = ".tlops-stage"  # marks a folder as a stage's output, so tlops may empty it
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    component: str  # the module doing the work; it and its project imports are the stage's code
+    compute: Callable[[Params, StageContext, Path], StageResult]  # writes into the given folder
+    params: tuple[str, ...]  # params blocks or dotted keys it reads
+    reads: tuple[str, ...]  # upstream outputs: a `paths` key, optionally with a file ("validate/manifest.csv")
+    folder: str  # the `paths` key of its output folder
+    outputs: tuple[Output, ...] = (Output(),)
+    cached: bool = True  # False: runs every time (DVC: always_changed)
+    io_bound: bool = False  # retried on I/O errors (never on bad data)
+    tracked: bool = True  # False: the stage records its own MLflow run
+    # A cached result is reused only while this holds (its files are checked for every stage).
+    still_valid: Callable[[StageResult], bool] = lambda result: True
 
-
-def fresh_dir(path: Path) -> Path:
-    """Empty a stage's output folder, refusing to touch one tlops did not write."""
-    if path.exists() and any(path.iterdir()):
-        if not ((path / RESULT_FILE).exists() or (path / OWNED_MARKER).exists()):
-            raise FileExistsError(
-                f"{path} holds files tlops did not write; point this stage's paths.* key at a new or empty folder."
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / OWNED_MARKER).touch()
-    return path
+    def modules(self) -> tuple[str, ...]:
+        return tuple(sorted(set(project_modules(self.component)) | set(WIRING)))
 
 
 def validated_dataset(params: Params) -> Dataset:
@@ -75,68 +78,169 @@ def selected_backbone(params: Params) -> str:
     return StageResult.load(params.path("select")).info["selected"]
 
 
-def run_ingest(params: Params, progress: Progress = no_progress) -> StageResult:
-    return ingest.run(params.ingest, fresh_dir(stage_dir(params, "ingest")))
+def _ingest(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    return ingest.run(params.ingest, out)
 
 
-def run_validate(params: Params, progress: Progress = no_progress) -> StageResult:
+def _validate(params: Params, ctx: StageContext, out: Path) -> StageResult:
     dataset_dir = params.path("dataset")
-    return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, fresh_dir(params.path("validate")))
+    return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, out)
 
 
-def run_features(params: Params, progress: Progress = no_progress) -> StageResult:
-    return features.run(
-        params.features, params.select.candidates, validated_dataset(params),
-        params.path("feature_cache"), fresh_dir(params.path("features")), progress,
-    )
+def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    return features.run(params.features, params.select.scored(), validated_dataset(params),
+                        params.path("feature_cache"), out, ctx.progress)
 
 
-def run_select(params: Params, progress: Progress = no_progress) -> StageResult:
-    return select.run(params.select, validated_dataset(params), params.path("features"), fresh_dir(params.path("select")))
+def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    return select.run(params.select, validated_dataset(params), params.path("features"), out)
 
 
-def run_finetune(params: Params, progress: Progress = no_progress) -> StageResult:
-    return finetune.run(
-        params.finetune, selected_backbone(params), params.select.tap, params.path("features"),
-        validated_dataset(params), params.path("validate") / "manifest.csv", fresh_dir(params.path("finetune")), progress,
-    )
+def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    return finetune.run(params.finetune, selected_backbone(params), params.select.tap, params.path("features"),
+                        validated_dataset(params), params.path("validate") / "manifest.csv", out, ctx.progress)
 
 
-def run_export(params: Params, progress: Progress = no_progress) -> StageResult:
-    return export.run(
-        params.export, params.compress.sparsity, params.path("finetune") / finetune.CHECKPOINT_FILE,
-        validated_dataset(params), fresh_dir(params.path("export")),
-    )
+def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    return export.run(params.export, params.compress.sparsity, params.path("finetune") / finetune.CHECKPOINT_FILE,
+                      validated_dataset(params), out)
 
 
-def run_compress(params: Params, progress: Progress = no_progress) -> StageResult:
-    return compress.run(params.compress, params.path("export"), validated_dataset(params), fresh_dir(params.path("compress")))
+def _compress(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    return compress.run(params.compress, params.path("export"), validated_dataset(params), out)
 
 
-def run_evaluate(params: Params, progress: Progress = no_progress) -> StageResult:
-    result = evaluate.run(
-        params.evaluate, params.path("compress") / compress.SHIPPED_FILE, validated_dataset(params),
-        fresh_dir(params.path("evaluate")),
-    )
-    write_json(result.out_dir / METRICS_FILE, result.metrics)  # DVC metrics, beside the plots
+def _evaluate(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    result = evaluate.run(params.evaluate, params.path("compress") / compress.SHIPPED_FILE,
+                          validated_dataset(params), out)
+    write_json(out / METRICS_FILE, result.metrics)  # DVC metrics, beside the plots
     return result
 
 
-def run_register(params: Params, progress: Progress = no_progress, parent_run_id: str | None = None) -> StageResult:
-    """Register the shipped model; under the flow, as a nested run of its pipeline run."""
+def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from tlops import tracking  # MLflow is imported only by the stages that talk to it
+
+    return tracking.register_model(params, out, ctx.parent_run_id)
+
+
+def _version_exists(result: StageResult) -> bool:
     from tlops import tracking
 
-    return tracking.register_model(params, fresh_dir(params.path("register")), parent_run_id)
+    return tracking.version_exists(result.info["model_name"], result.info["version"])
 
 
-STAGES: dict[str, Callable[[Params, Progress], StageResult]] = {
-    "ingest": run_ingest,
-    "validate": run_validate,
-    "features": run_features,
-    "select": run_select,
-    "finetune": run_finetune,
-    "export": run_export,
-    "compress": run_compress,
-    "evaluate": run_evaluate,
-    "register": run_register,
-}
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "components.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
+    Stage("validate", "components.validate", _validate, ("validate",), ("dataset",), "validate",
+          tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
+    Stage("features", "components.features", _features, ("features", "select.candidates", "select.backbone"),
+          ("dataset", "validate/manifest.csv"), "features"),
+    Stage("select", "components.select", _select, ("select",), ("features", "validate/manifest.csv"), "select",
+          (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
+           Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
+                                                               "template": "bar_horizontal"}))),
+    Stage("finetune", "components.finetune", _finetune, ("finetune", "select.tap"),
+          ("features", f"select/{RESULT_FILE}", "validate/manifest.csv"), "finetune"),
+    Stage("export", "components.export", _export, ("export", "compress.sparsity"),
+          ("finetune", "dataset", "validate/manifest.csv"), "export"),
+    Stage("compress", "components.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
+          "compress"),
+    Stage("evaluate", "components.evaluate", _evaluate, ("evaluate",),
+          (f"compress/{compress.SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
+          (Output("confusion_matrix.png"), Output("reliability.png"), Output(RESULT_FILE),
+           Output(METRICS_FILE, "metrics"),
+           Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
+                                                                  "y": "predicted"}))),
+    Stage("register", "tlops.tracking", _register, ("register",),
+          (f"compress/{compress.SHIPPED_FILE}", f"evaluate/{METRICS_FILE}", "validate/manifest.csv"), "register",
+          (Output(cache=False),), io_bound=True, tracked=False, still_valid=_version_exists),
+)
+ORDER = tuple(stage.name for stage in STAGES)
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise UserError(f"unknown stage {name!r}; stages are {list(ORDER)}.")
+    return BY_NAME[name]
+
+
+def stage_params(params: Params, stage: Stage) -> dict[str, Any]:
+    """The flat `block.key -> value` params a stage depends on (for cache keys and MLflow)."""
+    flat: dict[str, Any] = {}
+    raw = params.to_dict()
+    for name in stage.params:
+        block, _, key = name.partition(".")
+        values = {key: raw[block][key]} if key else raw[block]
+        flat.update({f"{block}.{k}": v for k, v in values.items()})
+    return flat
+
+
+def cache_inputs(params: Params, stage: Stage, upstream: dict[str, str]) -> dict[str, Any]:
+    """Everything a stage's result depends on: params, upstream content, code, libraries, paths.
+
+    `upstream` maps each earlier stage (and "source") to the content fingerprint of its output.
+    The code covers the stage's modules (as in dvc.yaml) plus the flow that runs it.
+    """
+    flow_files = tuple(str(p.relative_to(p.parents[1])) for p in sorted(Path(__file__).parents[1].glob("flows/*.py")))
+    return {
+        "stage": stage.name,
+        "params": stage_params(params, stage),
+        "paths": params.to_dict()["paths"],
+        "upstream": upstream,
+        "code": code_hash(stage.modules() + flow_files),
+        "libraries": library_versions(),
+    }
+
+
+def stage_dir(params: Params, stage: Stage) -> Path:
+    return params.path(stage.folder)
+
+
+def check_owned(path: Path) -> None:
+    """Refuse to replace a folder holding files tlops did not write."""
+    if path.exists() and any(path.iterdir()) and not (
+        (path / RESULT_FILE).exists() or (path / OWNED_MARKER).exists()
+    ):
+        raise UserError(f"{path} holds files tlops did not write; point this stage's paths.* key at a new or empty folder.")
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh sibling of `target` to write into (a sibling, so relative paths between stages hold)."""
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    (staging / OWNED_MARKER).touch()
+    return staging
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Put a finished stage folder in place: the old folder goes only once the new one is complete."""
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(retired)
+    staging.rename(target)
+    if retired.exists():
+        shutil.rmtree(retired)
+
+
+def execute(stage: Stage, params: Params, ctx: StageContext = StageContext()) -> StageResult:
+    """Run one stage into a staging folder, then publish it; returns the published result."""
+    target = stage_dir(params, stage)
+    check_owned(target)
+    for leftover in target.parent.glob(f".{target.name}.partial-*") if target.parent.exists() else ():
+        shutil.rmtree(leftover, ignore_errors=True)  # a killed run's half-written folder, never read
+    staging = staging_dir(target)
+    try:
+        stage.compute(params, ctx, staging)
+    except BaseException as error:
+        if (staging / RESULT_FILE).exists():  # a report worth keeping (e.g. a failed validation)
+            publish(staging, target)
+            if isinstance(error, UserError):  # point the message at where the report now is
+                error.args = tuple(str(a).replace(str(staging), str(target)) for a in error.args)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish(staging, target)
+    return StageResult.load(target)

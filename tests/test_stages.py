@@ -1,0 +1,122 @@
+"""The stage declaration: one source for dvc.yaml and the cache keys; staged, locked writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.errors import UserError
+from components.result import StageResult
+from tests.conftest import REPO, small_params, venv_env
+from tlops import dvc_pipeline, fingerprints
+from tlops.config import load_params
+from tlops.run_state import STATE_FILE, RunInProgressError, RunLock, killed_run
+from tlops.stages import BY_NAME, STAGES, Output, Stage, StageContext, cache_inputs, execute
+
+
+def test_committed_dvc_yaml_is_generated_from_the_declaration() -> None:
+    assert (REPO / "dvc.yaml").read_text() == dvc_pipeline.render(), "run `tlops dvc-yaml` and commit dvc.yaml"
+
+
+def test_dvc_yaml_deps_cover_every_project_module_a_stage_imports() -> None:
+    # Import each stage's component for real, in a clean interpreter, and list the project modules loaded.
+    for stage in STAGES:
+        code = (f"import sys, {stage.component}; print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items() "
+                f"if n.split('.')[0] in ('components', 'tlops', 'flows') and getattr(m, '__file__', None))))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=venv_env(), capture_output=True, text=True,
+                              check=True)
+        loaded = {str(Path(f).resolve().relative_to(REPO)) for f in done.stdout.split()}
+        loaded = {f for f in loaded if not f.endswith("__init__.py")}
+        deps = set(dvc_pipeline.stage_entry(stage)["deps"])
+        assert loaded <= deps, f"{stage.name}: dvc.yaml misses {sorted(loaded - deps)}"
+
+
+def test_cache_key_changes_with_code_libraries_params_and_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    params = load_params(REPO / "params.yaml")
+    features = BY_NAME["features"]
+    base = cache_inputs(params, features, {"validate": "abc"})
+    assert cache_inputs(params, features, {"validate": "abc"}) == base
+    # A param the stage does not read leaves its key alone; one it reads changes it.
+    assert cache_inputs(load_params(REPO / "params.yaml", ["finetune.lr=0.5"]), features, {"validate": "abc"}) == base
+    assert cache_inputs(load_params(REPO / "params.yaml", ["features.opset=18"]), features, {"validate": "abc"}) != base
+    assert cache_inputs(params, features, {"validate": "abd"}) != base
+    # Editing the preprocessing code (a module features imports) changes the key; the code is hashed, not versioned.
+    copy = tmp_path / "repo"
+    for name in features.modules() + tuple(str(p.relative_to(REPO)) for p in REPO.glob("flows/*.py")):
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes((REPO / name).read_bytes())
+    monkeypatch.setattr(fingerprints, "ROOT", copy)
+    assert cache_inputs(params, features, {"validate": "abc"})["code"] == base["code"]
+    (copy / "components/preprocess.py").write_text((REPO / "components/preprocess.py").read_text() + "\n# edit\n")
+    assert cache_inputs(params, features, {"validate": "abc"})["code"] != base["code"]
+    monkeypatch.setattr(fingerprints, "ROOT", REPO)
+    # A library upgrade changes it too.
+    fingerprints.library_versions.cache_clear()
+    monkeypatch.setattr(fingerprints, "library_versions", lambda: (("onnxruntime", "9.9.9"),))
+    import tlops.stages
+
+    monkeypatch.setattr(tlops.stages, "library_versions", fingerprints.library_versions)
+    assert cache_inputs(params, features, {"validate": "abc"}) != base
+
+
+def writer(content: str, fail: bool = False) -> Stage:
+    def compute(params, ctx, out: Path) -> StageResult:
+        (out / "model.bin").write_text(content)
+        if fail:
+            raise RuntimeError("stage broke halfway")
+        result = StageResult(stage="demo", out_dir=out, artifacts={"model": out / "model.bin"})
+        result.save()
+        return result
+
+    return Stage("demo", "components.result", compute, (), (), "export", (Output(),))
+
+
+def test_a_stage_publishes_whole_or_not_at_all(tmp_path: Path) -> None:
+    params = load_params(small_params(tmp_path))
+    first = execute(writer("v1"), params)
+    assert first.out_dir == params.path("export") and (first.out_dir / "model.bin").read_text() == "v1"
+    with pytest.raises(RuntimeError, match="halfway"):
+        execute(writer("v2", fail=True), params)
+    assert (params.path("export") / "model.bin").read_text() == "v1"  # the failed run left the last good result
+    assert not list(params.path("export").parent.glob(".export.partial-*"))
+    assert StageResult.load(params.path("export")).is_intact()
+
+
+def test_a_stage_never_replaces_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    params = load_params(small_params(tmp_path))
+    precious = params.path("export")
+    precious.mkdir(parents=True)
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="did not write"):
+        execute(writer("v1"), params)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_second_run_in_the_same_outputs_fails_fast_naming_the_holder(tmp_path: Path) -> None:
+    params_file = small_params(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from tlops.config import load_params; from tlops.run_state import RunLock\n"
+         f"with RunLock(load_params({str(params_file)!r}), 'tlops run'):\n    print('held', flush=True); time.sleep(60)"],
+        cwd=REPO, env=venv_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInProgressError, match=f"pid {holder.pid}"):
+            with RunLock(load_params(params_file), "tlops run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the dead holder's lock; its record says it was running, so it was killed.
+    with RunLock(load_params(params_file), "tlops run") as lock:
+        assert killed_run(lock) is not None and killed_run(lock)["status"] == "killed"
+    state = json.loads((tmp_path / "outputs" / STATE_FILE).read_text())
+    assert state["status"] == "completed" and state["previous"]["status"] == "killed"
+    with RunLock(load_params(params_file), "tlops run") as lock:
+        assert killed_run(lock) is None  # a run that finished is not taken for a killed one

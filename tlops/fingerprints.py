@@ -1,0 +1,78 @@
+"""What a cached stage result depends on besides its params: its code, the libraries, the data.
+
+Code is found, not listed: a stage's modules are its component and every project module that
+component imports, transitively (read from the source with `ast`, nothing is imported). The
+same list feeds `dvc.yaml`'s `deps` and the Prefect cache keys, so both runners agree on what a
+code change invalidates.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.metadata
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("components", "tlops", "flows")
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a project module (`components.features`), or None for anything else."""
+    if name.split(".")[0] not in PROJECT_PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module named by an import statement in `path` (at any depth: lazy imports count)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+# Wiring that imports every component: listed as a file where it is a dependency, never
+# followed, or every stage would depend on every other stage's code.
+NOT_FOLLOWED = ("tlops.config", "tlops.stages")
+
+
+@cache
+def project_modules(*roots: str) -> tuple[str, ...]:
+    """The files (relative to the repo, sorted) of `roots` and every project module they import."""
+    seen: dict[str, Path] = {}
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        path = module_file(name)
+        if path is None or name in seen:
+            continue
+        seen[name] = path
+        if name not in NOT_FOLLOWED:
+            pending.extend(imported_modules(path))
+    files = {path for name, path in seen.items() if not path.name == "__init__.py" or path.read_text().strip()}
+    return tuple(sorted(str(p.relative_to(ROOT)) for p in files))
+
+
+def code_hash(files: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@cache
+def library_versions() -> tuple[tuple[str, str], ...]:
+    """Every installed distribution and its version: a library upgrade invalidates cached results."""
+    found = {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()}
+    return tuple(sorted((name, version) for name, version in found.items() if name and name != "tlops"))
