@@ -8,8 +8,9 @@ tracks. Every write is atomic (a temporary name, then a rename).
 What does not get in:
 - **Files outside the source.** A CSV row whose path resolves outside the CSV's folder (`../`,
   an absolute path, or a symlink pointing out) and an ImageFolder file that is a symlink
-  resolving outside the root are refused, naming the row or file, unless
-  `ingest.allow_outside_root` is true. Hidden entries (names starting with `.`, such as
+  resolving outside the root are refused, naming the row (counted from 1 after the header) or
+  file, unless `ingest.allow_outside_root` is true. Broken symlinks and rows naming no file are
+  refused the same way. Hidden entries (names starting with `.`, such as
   `.ipynb_checkpoints/`) are not classes or images of an ImageFolder.
 - **Labels as paths.** A label is data, never a path component: images are stored under
   `images/<folder>/` where `<folder>` is the label itself when it is made only of ASCII
@@ -290,11 +291,11 @@ def csv_rows(csv_path: Path, allow_outside_root: bool = False) -> tuple[Path, pd
                 escaping.append(where)
             elif not (root / path).is_file():
                 absent.append(where)
-        except (ValueError, OSError):  # a NUL byte, a name too long for the file system
+        except (ValueError, OSError, RuntimeError):  # a NUL byte, a name too long, a symlink loop (3.11)
             invalid.append(where)
     problems = [
         (blank, "an empty path", "fill it in"),
-        (invalid, "a path that is not a valid file name", "fix it"),
+        (invalid, "a path that cannot be resolved (invalid name or symlink loop)", "fix it"),
         (escaping, "a path resolving outside the CSV's folder",
          "copy those images next to the CSV, or set ingest.allow_outside_root=true to read them there"),
         (absent, "a path to no file", "fix the path (relative to the CSV's folder) or drop the row"),
@@ -302,8 +303,6 @@ def csv_rows(csv_path: Path, allow_outside_root: bool = False) -> tuple[Path, pd
     for rows, what, fix in problems:
         if rows:
             raise IngestError(f"{csv_path}: {len(rows)} row(s) with {what}: {examples(rows)}; {fix}.")
-    for label in frame["label"].dropna():
-        utf8_or_refuse(label, str(csv_path))
     return root, frame.rename(columns={"path": "source_path", "split": "source_split"})
 
 

@@ -113,13 +113,15 @@ def assign_split(sha256: str, seed: int, test_fraction: float, val_fraction: flo
 
 
 def stratified_subset(frame: pd.DataFrame, limit: int, seed: int, strata: list[str]) -> pd.DataFrame:
-    """A deterministic subset of about `limit` rows keeping each stratum's share."""
+    """A deterministic subset of about `limit` rows keeping each stratum's share (a missing label is a
+    stratum too, so validation still sees and names those rows)."""
     if limit >= len(frame):
         return frame
     order = frame["sha256"].map(lambda s: unit_hash("subset", seed, s))
     ranked = frame.assign(_order=order).sort_values("_order")
     share = limit / len(frame)
     parts = [
-        group.head(max(1, round(len(group) * share))) for _, group in ranked.groupby(strata, sort=True)
+        group.head(max(1, round(len(group) * share)))
+        for _, group in ranked.groupby(strata, sort=True, dropna=False)
     ]
     return pd.concat(parts).drop(columns="_order").sort_index()

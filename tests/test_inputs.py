@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from components.errors import UserError
-from components.ingest import MAX_PIXELS, IngestConfig, IngestError
+from components.ingest import MAX_PIXELS, IngestConfig, IngestError, source_fingerprint
 from components.ingest import run as ingest
-from components.manifest import ManifestError, read_manifest, write_manifest
+from components.manifest import ManifestError, read_manifest, stratified_subset, write_manifest
 from components.validate import DataValidationError, ValidateConfig
 from components.validate import run as validate
 from tests.conftest import write_imagefolder
@@ -399,3 +399,23 @@ def test_boundary_values_load() -> None:
     assert params.validate.min_side == params.validate.max_side == 64
     assert params.validate.allowed_modes == ("L", "I;16")
 
+
+
+def test_a_subset_keeps_rows_without_a_label_so_validation_can_name_them() -> None:
+    frame = pd.DataFrame(
+        {"label": ["a"] * 10 + ["b"] * 10 + [np.nan] * 4, "sha256": [f"{i:064x}" for i in range(24)]}
+    )
+    subset = stratified_subset(frame, 12, seed=0, strata=["label"])
+    assert subset["label"].isna().sum() == 2 and (subset["label"] == "a").sum() == 5
+
+
+def test_source_fingerprint_follows_every_listed_file_even_outside(csv_source, tmp_path: Path) -> None:
+    folder, outside = csv_source
+    rows = good_rows(folder) + [{"path": str(outside), "label": "dark"}]
+    cfg = IngestConfig(source="csv", path=str(write_csv(folder / "list.csv", rows)), allow_outside_root=True)
+    before = source_fingerprint(cfg)
+    assert source_fingerprint(cfg) == before
+    add_image(outside, seed=1234)  # the same name, new pixels
+    assert source_fingerprint(cfg) != before
+    with pytest.raises(IngestError, match="allow_outside_root"):
+        source_fingerprint(cfg.model_copy(update={"allow_outside_root": False}))
