@@ -252,11 +252,16 @@ def imagefolder_rows(root: Path, allow_outside_root: bool = False) -> tuple[Path
 def read_source_csv(csv_path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(csv_path, dtype=str, encoding="utf-8", keep_default_na=False, na_values=[""])
-    except UnicodeDecodeError as error:
-        raise IngestError(
-            f"{csv_path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
-            "save it as UTF-8."
-        ) from None
+    except UnicodeDecodeError:
+        # pandas reports an offset within its read buffer; decoding the file finds the line itself.
+        data = csv_path.read_bytes()
+        try:
+            data.decode("utf-8")
+            where = "somewhere"
+        except UnicodeDecodeError as error:
+            line = data[: error.start].count(b"\n") + 1
+            where = f"byte 0x{data[error.start]:02x} on line {line}"
+        raise IngestError(f"{csv_path}: not UTF-8 text ({where}); save it as UTF-8.") from None
     except pd.errors.EmptyDataError:
         raise IngestError(f"{csv_path}: empty file; a CSV source needs a header with `path` and `label`.") from None
     except pd.errors.ParserError as error:

@@ -204,7 +204,8 @@ def test_non_utf8_csv_fails_in_one_line_naming_the_file(csv_source, tmp_path: Pa
     with pytest.raises(IngestError) as error:
         ingest(IngestConfig(source="csv", path=str(folder / "latin1.csv")), tmp_path / "out")
     assert isinstance(error.value, UserError)
-    assert "latin1.csv: not UTF-8 text (byte 0xe9" in str(error.value) and "\n" not in str(error.value)
+    assert "latin1.csv: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8." in str(error.value)
+    assert "\n" not in str(error.value)
     # The same rows in UTF-8 (with a byte-order mark, as spreadsheets write it) are read.
     (folder / "utf8.csv").write_bytes(text.encode("utf-8-sig"))
     result = ingest(IngestConfig(source="csv", path=str(folder / "utf8.csv")), tmp_path / "ok")
