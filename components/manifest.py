@@ -2,11 +2,17 @@
 
 Paths in the manifest are relative to the dataset root (the folder holding the images), so
 the dataset can move, be pushed and pulled by DVC, and still resolve.
+
+Labels are data: any string (commas, quotes, slashes, line breaks, any Unicode) is written and
+read back exactly. Every text field is quoted, and only an empty field reads as missing, so a
+label such as `NA`, `None` or `007` stays that string. An empty label is a missing label.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +21,8 @@ import pandas as pd
 from components.errors import UserError
 
 REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
+# Read as text whatever they look like: a label `1.0` or `007` is not a number.
+TEXT_COLUMNS = ("path", "label", "split", "sha256", "mode", "source_path", "source_sha256", "source_mode")
 SPLITS = ("train", "val", "test")
 
 
@@ -46,20 +54,38 @@ def read_manifest(csv_path: Path, root: Path | None = None) -> Dataset:
     csv_path = Path(csv_path)
     if not csv_path.exists():
         raise ManifestError(f"{csv_path}: manifest not found; run the ingest stage first.")
-    frame = pd.read_csv(csv_path, dtype={"label": str, "split": str, "sha256": str, "mode": str})
+    try:
+        frame = pd.read_csv(
+            csv_path,
+            dtype={c: str for c in TEXT_COLUMNS},
+            encoding="utf-8",
+            keep_default_na=False,  # `NA`, `null`, `None` are labels like any other
+            na_values=[""],
+        )
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = f"{csv_path}: not a readable UTF-8 CSV manifest ({reason}); rerun the ingest stage."
+        raise ManifestError(message) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ManifestError(
             f"{csv_path}: missing column(s) {missing}; a manifest needs {list(REQUIRED_COLUMNS)}."
         )
-    labels = tuple(sorted(frame["label"].unique()))
+    labels = tuple(sorted(frame["label"].dropna().unique()))
     return Dataset(manifest=frame, root=Path(root) if root else csv_path.parent, labels=labels)
 
 
 def write_manifest(frame: pd.DataFrame, csv_path: Path) -> Path:
+    """Write atomically (a temporary name, then a rename), sorted by path, required columns first."""
     ordered = list(REQUIRED_COLUMNS) + [c for c in frame.columns if c not in REQUIRED_COLUMNS]
+    csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    frame[ordered].sort_values("path").to_csv(csv_path, index=False)
+    partial = csv_path.with_name(f".{csv_path.name}.partial")
+    # Quoting every text field keeps a carriage return inside a label from ending the row.
+    frame[ordered].sort_values("path").to_csv(
+        partial, index=False, encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
+    )
+    os.replace(partial, csv_path)
     return csv_path
 
 
@@ -87,13 +113,15 @@ def assign_split(sha256: str, seed: int, test_fraction: float, val_fraction: flo
 
 
 def stratified_subset(frame: pd.DataFrame, limit: int, seed: int, strata: list[str]) -> pd.DataFrame:
-    """A deterministic subset of about `limit` rows keeping each stratum's share."""
+    """A deterministic subset of about `limit` rows keeping each stratum's share (a missing label is a
+    stratum too, so validation still sees and names those rows)."""
     if limit >= len(frame):
         return frame
     order = frame["sha256"].map(lambda s: unit_hash("subset", seed, s))
     ranked = frame.assign(_order=order).sort_values("_order")
     share = limit / len(frame)
     parts = [
-        group.head(max(1, round(len(group) * share))) for _, group in ranked.groupby(strata, sort=True)
+        group.head(max(1, round(len(group) * share)))
+        for _, group in ranked.groupby(strata, sort=True, dropna=False)
     ]
     return pd.concat(parts).drop(columns="_order").sort_index()

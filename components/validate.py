@@ -1,10 +1,14 @@
 """Validate: check a manifest and the images it lists with a Great Expectations suite.
 
 Every file is re-opened, because the manifest records what ingest saw, not what is on disk now.
-Two tables are validated: one row per image (per-image rules) and one row per (label, split)
-with its image count (the minimum-count rule). With `on_invalid="exclude"` the rows that broke a
-per-image rule are dropped from the output manifest and the count rule is checked on what is
-left, since exclusion cannot add images. The dataset folder and the input manifest are only read.
+Two tables are validated: one row per image (per-image rules: the file decodes, within the
+size and mode bounds, a non-blank label, a known split, unique content) and one row per
+(label, split) with its image count (the minimum-count rule, and at least two labels: a
+classifier of one class is refused). Images are decoded with ingest's decompression-bomb guard
+(`components.ingest.MAX_PIXELS`), so an oversized file is reported, never decoded. With
+`on_invalid="exclude"` the rows that broke a per-image rule are dropped from the output manifest
+and the count rules are checked on what is left, since exclusion cannot add images. The dataset
+folder and the input manifest are only read.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from great_expectations.data_context.types.base import (
     InMemoryStoreBackendDefaults,
     ProgressBarsConfig,
 )
-from PIL import Image, UnidentifiedImageError
+from PIL import ImageMode
+from pydantic import Field, ValidationInfo, field_validator
 
 from components.config import StageConfig
 from components.errors import UserError
+from components.ingest import read_image
 from components.manifest import SPLITS, read_manifest, write_manifest
 from components.result import RESULT_FILE, StageResult, write_json
 
@@ -39,13 +45,49 @@ DOCS_SITE = "validate"
 OUTPUTS = ("manifest.csv", "excluded.csv", "report.json", "report.md", RESULT_FILE, "data_docs")
 
 
+# Why a mode that ingest leaves alone is refused, and what to do about it.
+MODE_HINTS = {
+    "I": "32-bit integer pixels have no fixed range; convert the source images to 8-bit yourself",
+    "F": "floating-point pixels have no fixed range; convert the source images to 8-bit yourself",
+}
+
+
 class ValidateConfig(StageConfig):
     on_invalid: Literal["fail", "exclude"] = "fail"
-    labels: tuple[str, ...] | None = None  # None accepts the labels ingest produced
-    min_per_class_split: int = 5
-    min_side: int = 32
-    max_side: int = 4096
-    allowed_modes: tuple[str, ...] = ("L", "RGB")
+    # None accepts the labels ingest produced; a declared set needs two or more distinct labels.
+    labels: tuple[str, ...] | None = Field(default=None, min_length=2)
+    min_per_class_split: int = Field(default=5, ge=1)
+    min_side: int = Field(default=32, ge=1)
+    max_side: int = Field(default=4096, ge=1)
+    allowed_modes: tuple[str, ...] = Field(default=("L", "RGB"), min_length=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if labels is not None:
+            if any(not label.strip() for label in labels):
+                raise ValueError("a declared label may not be empty")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"labels repeat in {list(labels)}")
+        return labels
+
+    @field_validator("max_side")
+    @classmethod
+    def _max_not_below_min(cls, max_side: int, info: ValidationInfo) -> int:
+        min_side = info.data.get("min_side")
+        if min_side is not None and max_side < min_side:
+            raise ValueError(f"max_side {max_side} is below min_side {min_side}")
+        return max_side
+
+    @field_validator("allowed_modes")
+    @classmethod
+    def _known_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
+        for mode in modes:
+            try:
+                ImageMode.getmode(mode)
+            except KeyError:
+                raise ValueError(f"{mode!r} is not a Pillow image mode (e.g. L, RGB)") from None
+        return modes
 
 
 class DataValidationError(UserError):
@@ -57,10 +99,12 @@ class Failure:
     rule: str
     detail: str
     path: str | None = None  # None for a dataset-level rule such as the minimum count
+    source: str | None = None  # the file the user gave (manifest `source_path`), when known
 
     def line(self) -> str:
         subject = f"`{self.path}`" if self.path is not None else "dataset"
-        return f"- {subject}: {self.rule}: {self.detail}"
+        origin = f" (from `{self.source}`)" if self.source and self.source != self.path else ""
+        return f"- {subject}{origin}: {self.rule}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -77,23 +121,17 @@ class Outcome:
 
 
 def inspect_image(root: Path, relative: str) -> dict[str, object]:
-    """What the file decodes to; blanks and the error when it does not."""
+    """What the file decodes to; the header's size (when readable) and the error when it does not."""
     path = root / relative
-    try:
-        with Image.open(path) as image:
-            image.load()
-            size, mode, channels = image.size, image.mode, len(image.getbands())
-        error = ""
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as failure:
-        size, mode, channels = (None, None), None, None
-        error = str(failure).replace(str(path), relative)  # keeps this machine's folders out of reports
+    facts = read_image(path)
+    channels = len(ImageMode.getmode(facts.mode).bands) if facts.mode and not facts.error else None
     return {
-        "decodes": not error,
-        "error": error,
-        "actual_mode": mode,
+        "decodes": not facts.error,
+        "error": facts.error.replace(str(path), relative),  # keeps this machine's folders out of reports
+        "actual_mode": facts.mode if not facts.error else None,
         "channels": channels,
-        "actual_width": size[0],
-        "actual_height": size[1],
+        "actual_width": facts.width,
+        "actual_height": facts.height,
     }
 
 
@@ -111,6 +149,7 @@ def image_expectations(cfg: ValidateConfig) -> list[gxe.Expectation]:
         for c in ("path", "label", "split", "sha256")
     ]
     rules += [
+        gxe.ExpectColumnValuesToNotMatchRegex(column="label", regex=r"^\s*$", meta={"rule": "label_not_blank"}),
         gxe.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True], meta={"rule": "decodes"}),
         gxe.ExpectColumnValuesToBeInSet(
             column="actual_mode", value_set=list(cfg.allowed_modes), meta={"rule": "mode_allowed"}
@@ -181,7 +220,8 @@ def failing_ids(result: ExpectationSuiteValidationResult) -> dict[str, list[dict
         crashes = [r for r in ([info] if "raised_exception" in info else info.values()) if r["raised_exception"]]
         if crashes:
             raise RuntimeError(f"validate rule {rule} could not run: {crashes[0]['exception_message']}")
-        failing[rule] = [] if outcome.success else outcome.result["unexpected_index_list"]
+        # A table-level rule (two_labels) has no failing rows; one empty id stands for "failed".
+        failing[rule] = [] if outcome.success else outcome.result.get("unexpected_index_list", [{}])
     return failing
 
 
@@ -189,7 +229,8 @@ def image_detail(rule: str, row: pd.Series, table: pd.DataFrame, cfg: ValidateCo
     if rule == "decodes":
         return f"does not decode ({row['error']})"
     if rule == "mode_allowed":
-        return f"mode {row['actual_mode']} is not one of {list(cfg.allowed_modes)}"
+        hint = f"; {MODE_HINTS[row['actual_mode']]}" if row["actual_mode"] in MODE_HINTS else ""
+        return f"mode {row['actual_mode']} is not one of {list(cfg.allowed_modes)}{hint}"
     if rule in ("width_in_range", "height_in_range"):
         side = rule.split("_")[0]
         return f"{side} {int(row[f'actual_{side}'])} is outside [{cfg.min_side}, {cfg.max_side}]"
@@ -202,7 +243,14 @@ def image_detail(rule: str, row: pd.Series, table: pd.DataFrame, cfg: ValidateCo
         return f"split {row['split']!r} is not one of {list(SPLITS)}"
     if rule == "label_declared":
         return f"label {row['label']!r} is not one of {list(cfg.labels or ())}"
+    if rule == "label_not_blank":
+        return f"label {row['label']!r} is blank; give the image a class"
     return f"column {rule.removesuffix('_present')} is blank"
+
+
+def source_of(row: pd.Series) -> str | None:
+    source = row.get("source_path")
+    return source if isinstance(source, str) else None
 
 
 def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: ValidateConfig) -> Outcome:
@@ -211,23 +259,32 @@ def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: Validat
     for rule, ids in failing_ids(result).items():
         rows = table[table["path"].isin([i["path"] for i in ids])]
         rules[rule] = [
-            Failure(rule, image_detail(rule, row, table, cfg), str(row["path"])) for _, row in rows.iterrows()
+            Failure(rule, image_detail(rule, row, table, cfg), str(row["path"]), source_of(row))
+            for _, row in rows.iterrows()
         ]
     return Outcome(bool(result.success), rules)
 
 
 def check_counts(context: AbstractDataContext, counts: pd.DataFrame, cfg: ValidateConfig) -> Outcome:
-    rule = "min_per_class_split"
     minimum = gxe.ExpectColumnValuesToBeBetween(
-        column="n_images", min_value=cfg.min_per_class_split, meta={"rule": rule}
+        column="n_images", min_value=cfg.min_per_class_split, meta={"rule": "min_per_class_split"}
     )
-    result = run_suite(context, "class_counts", counts, [minimum], ["label", "split"])
+    # With declared labels the grid holds them all (two or more), and min_per_class_split finds the absent ones.
+    two_labels = gxe.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2, meta={"rule": "two_labels"})
+    result = run_suite(context, "class_counts", counts, [minimum, two_labels], ["label", "split"])
+    failing = failing_ids(result)
     need = f"need at least {cfg.min_per_class_split}"
-    failures = [
-        Failure(rule, f"{i['n_images']} image(s) of label {i['label']!r} in split {i['split']!r}; {need}")
-        for i in failing_ids(result)[rule]
+    too_few = [
+        Failure("min_per_class_split", f"{i['n_images']} image(s) of label {i['label']!r} in split {i['split']!r}; "
+                f"{need}")
+        for i in failing["min_per_class_split"]
     ]
-    return Outcome(bool(result.success), {rule: failures})
+    found = sorted(counts["label"].unique())
+    one_class = [
+        Failure("two_labels", f"{len(found)} label(s) {found}; a classifier needs at least two: add images of "
+                "another class, or check the source's labels")
+    ] if failing["two_labels"] else []
+    return Outcome(bool(result.success), {"min_per_class_split": too_few, "two_labels": one_class})
 
 
 def excluded_rows(table: pd.DataFrame, failures: list[Failure]) -> pd.Series:
@@ -318,7 +375,7 @@ def write_reports(
     artifacts["report_md"].write_text(f"{text}\n{balance_table(balance)}\n{docs}\n")
     if cfg.on_invalid == "exclude":
         artifacts["excluded"] = out_dir / "excluded.csv"
-        frame = pd.DataFrame([asdict(f) for f in excluded], columns=["path", "rule", "detail"])
+        frame = pd.DataFrame([asdict(f) for f in excluded], columns=["path", "rule", "detail", "source"])
         frame.to_csv(artifacts["excluded"], index=False)
     return artifacts
 
@@ -338,7 +395,7 @@ def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Pa
     drop = excluded_rows(table, images.failures) if exclude else pd.Series(False, index=table.index)
     kept = manifest[~drop]
     excluded = [f for f in images.failures if f.path in set(table.loc[drop, "path"])]
-    labels = cfg.labels or tuple(sorted(kept["label"].dropna().unique()))
+    labels = cfg.labels or tuple(sorted(label for label in kept["label"].dropna().unique() if label.strip()))
     counts = count_table(kept, labels, [s for s in SPLITS if s in set(manifest["split"])])
     class_counts = check_counts(context, counts, cfg)
     context.build_data_docs(site_names=[DOCS_SITE])

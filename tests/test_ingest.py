@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from components.ingest import IngestConfig, IngestError, run
 from components.manifest import REQUIRED_COLUMNS, assign_split, read_manifest
@@ -62,5 +63,5 @@ def test_bad_sources_fail_with_the_file_named(tmp_path: Path) -> None:
         run(IngestConfig(source="csv", path=str(tmp_path / "bad.csv")), tmp_path / "out")
     with pytest.raises(IngestError, match="ingest.path"):
         run(IngestConfig(source="imagefolder", path=str(tmp_path / "missing")), tmp_path / "out")
-    with pytest.raises(IngestError, match="needs ingest.path"):
-        run(IngestConfig(source="imagefolder"), tmp_path / "out")
+    with pytest.raises(ValidationError, match="needed when ingest.source=imagefolder"):
+        IngestConfig(source="imagefolder")
