@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from pydantic import Field
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from components.config import StageConfig
@@ -29,8 +30,8 @@ RELIABILITY_FILE = "reliability.png"
 
 
 class EvaluateConfig(StageConfig):
-    batch_size: int = 32
-    calibration_bins: int = 10
+    batch_size: int = Field(32, ge=1)
+    calibration_bins: int = Field(10, ge=1)
 
 
 def calibration_table(confidence: np.ndarray, correct: np.ndarray, bins: int) -> pd.DataFrame:
@@ -108,8 +109,6 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
 
 
 def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
-    if cfg.batch_size < 1 or cfg.calibration_bins < 1:
-        raise ValueError("evaluate.batch_size and evaluate.calibration_bins must be >= 1.")
     test = dataset.split("test")
     if test.empty:
         raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")

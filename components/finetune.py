@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from pydantic import Field
 from torch import nn
 
 from components.backbones import get_entry
@@ -37,11 +38,11 @@ CHECKPOINT_FILE = "model.pt"
 
 class FinetuneConfig(StageConfig):
     strategy: Literal["linear"] = "linear"
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    patience: int = 20  # epochs without a better val loss before stopping
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(20, ge=1)  # epochs without a better val loss before stopping
     class_weights: Literal["balanced", "none"] = "balanced"
     seed: int = 0
 

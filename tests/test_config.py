@@ -30,6 +30,14 @@ def test_override_parses_yaml_values() -> None:
         ("validate.on_invalid=ignore", "validate.on_invalid"),
         ("nonsense.key=1", "nonsense"),
         ("compress.quantize=maybe", "compress.quantize"),
+        # Ranges are checked when params load, before any stage runs.
+        ("compress.sparsity=2", "compress.sparsity"),
+        ("ingest.test_fraction=1.5", "ingest.test_fraction"),
+        ("finetune.epochs=0", "finetune.epochs"),
+        ("evaluate.batch_size=0", "evaluate.batch_size"),
+        ("export.parity_atol=-1", "export.parity_atol"),
+        ("register.alias=v3", "register.alias"),
+        ("select.backbone=resnet_50", "select"),
     ],
 )
 def test_bad_keys_and_types_fail_naming_the_key(override: str, named: str) -> None:

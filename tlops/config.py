@@ -6,11 +6,12 @@ the dotted key. Overrides use the same dotted keys as `dvc exp run -S`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from components.compress import CompressConfig
 from components.config import StageConfig
@@ -44,9 +45,16 @@ class PathsConfig(StageConfig):
 
 
 class RegisterConfig(StageConfig):
-    experiment: str = "tlops"
-    model_name: str = "tlops-elpv"
-    alias: str = "challenger"
+    experiment: str = Field("tlops", min_length=1)
+    model_name: str = Field("tlops-elpv", min_length=1)
+    alias: str = Field("challenger", pattern=r"^[\w\-]+$")  # MLflow's alias characters
+
+    @field_validator("alias")
+    @classmethod
+    def _not_a_version(cls, alias: str) -> str:
+        if re.fullmatch(r"[vV]\d+", alias):
+            raise ValueError(f"{alias!r} reads as a version number to MLflow; choose an alias like 'challenger'")
+        return alias
 
 
 class Params(StageConfig):
