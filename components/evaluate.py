@@ -8,6 +8,7 @@ labelled confusion matrix and a reliability diagram.
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -136,7 +137,8 @@ def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) 
         "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / CONFUSION_FILE),
         "reliability": plot_reliability(table, metrics["ece"], out_dir / RELIABILITY_FILE),
     }
-    predictions.to_csv(artifacts["predictions"], index=False, float_format="%.6f")
+    # Labels are free text (commas, quotes, line breaks): quote every text field so the CSV always parses.
+    predictions.to_csv(artifacts["predictions"], index=False, float_format="%.6f", quoting=csv.QUOTE_NONNUMERIC)
     log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images with %s",
              metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(test), model_path.name)
 
