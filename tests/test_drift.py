@@ -25,6 +25,7 @@ from components.drift import (
 from components.ingest import IngestConfig
 from components.ingest import run as ingest_run
 from components.manifest import read_manifest
+from components.result import StageResult
 
 BACKBONE = "efficientnet_lite0"
 FEATURES = features.FeaturesConfig(image_size=64)
@@ -184,3 +185,49 @@ def test_unusable_inputs_are_refused_with_one_line(cells: Cells, tmp_path: Path)
     with pytest.raises(DriftInputError, match="'auto'"):
         run(DriftConfig(), cells.train, cells.held_out, tmp_path / "out")
     assert not (tmp_path / "out" / HISTORY_FILE).exists()  # nothing recorded for a refused check
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_flagged_check_emits_the_event_that_starts_the_retraining_deployment(cells: Cells, tmp_path: Path) -> None:
+    import time
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
+
+    from flows.drift import DRIFT_EVENT, check_drift, emit_drift_event, retrain_trigger
+    from flows.train import train
+
+    # The retraining deployment, started by Prefect's automations when the event arrives (nobody runs it here).
+    deployment_id = train.to_deployment(name="retrain-on-drift", triggers=[retrain_trigger("tlops-elpv")]).apply()
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"paths": {"features": str(cells.features_dir),
+                                                "feature_cache": str(cells.cache_dir)},
+                                      "features": {"image_size": 64}}))
+    calm = check_drift(images=str(save_each(cells.held_out, tmp_path / "calm", lambda image: image)),
+                       params_file=str(params), drift_cfg=DriftConfig(backbone=BACKBONE), out_dir=str(tmp_path / "drift"))
+    assert not calm["flagged"] and calm["event_id"] is None
+    shifted = check_drift(images=str(gradient_noise_images(tmp_path / "gradients", count=30)), params_file=str(params),
+                          drift_cfg=DriftConfig(backbone=BACKBONE), out_dir=str(tmp_path / "drift"))
+    assert shifted["flagged"] and shifted["event_id"] is not None
+    assert Path(shifted["plot"]).is_file() and len(read_history(tmp_path / "drift" / HISTORY_FILE)) == 2
+    EventsWorker.drain_all()
+
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            events = client.read_events(EventFilter(event=EventNameFilter(name=[DRIFT_EVENT])), limit=50).events
+            ours = [e for e in events if str(e.id) == shifted["event_id"]]
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [deployment_id]}))
+            if (ours and runs) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        client.delete_deployment(deployment_id)
+    assert ours and ours[0].payload["p_value"] == pytest.approx(shifted["p_value"])
+    assert ours[0].resource.id == "tlops.model.tlops-elpv"
+    assert len(runs) == 1 and runs[0].parameters == {"params_file": "params.yaml"}
+    assert emit_drift_event(StageResult(stage="drift", out_dir=tmp_path, info={"flagged": False}), "tlops-elpv") is None
