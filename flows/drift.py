@@ -18,9 +18,10 @@ from prefect import flow
 from prefect.events import DeploymentEventTrigger, Event, emit_event
 
 from components import drift
+from components.features import split_features
 from components.result import StageResult
 from tlops.config import load_params
-from tlops.stages import selected_backbone
+from tlops.stages import selected_backbone, validated_dataset
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,14 @@ def check_drift(
     drift_cfg: drift.DriftConfig | None = None,
     out_dir: str = "outputs/drift",
 ) -> dict[str, Any]:
-    """Compare the images in `images` with the training features; emit the drift event when flagged."""
+    """Compare the images in `images` with the train split's features; emit the drift event when flagged."""
     params = load_params(Path(params_file), overrides or [])
     cfg = drift_cfg or drift.DriftConfig()
     if cfg.backbone == "auto":
         cfg = cfg.model_copy(update={"backbone": selected_backbone(params)})
-    result = drift.run(cfg, params.path("features"), Path(images), Path(out_dir),
+    # The reference is what the model was trained on: the train split's cached features.
+    reference = split_features(validated_dataset(params), params.path("features"), cfg.backbone, cfg.tap, "train")
+    result = drift.run(cfg, reference, Path(images), Path(out_dir),
                        features_cfg=params.features, cache_dir=params.path("feature_cache"))
     plot = drift.plot_history(result.artifacts["history"])
     event = emit_drift_event(result, params.register.model_name)

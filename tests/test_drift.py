@@ -205,12 +205,15 @@ def test_flagged_check_emits_the_event_that_starts_the_retraining_deployment(cel
     deployment_id = train.to_deployment(name="retrain-on-drift", triggers=[retrain_trigger("tlops-elpv")]).apply()
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"paths": {"features": str(cells.features_dir),
+    params.write_text(yaml.safe_dump({"paths": {"dataset": str(cells.root / "ingest"),
+                                                "validate": str(cells.root / "ingest"),
+                                                "features": str(cells.features_dir),
                                                 "feature_cache": str(cells.cache_dir)},
                                       "features": {"image_size": 64}}))
     calm = check_drift(images=str(save_each(cells.held_out, tmp_path / "calm", lambda image: image)),
                        params_file=str(params), drift_cfg=DriftConfig(backbone=BACKBONE), out_dir=str(tmp_path / "drift"))
     assert not calm["flagged"] and calm["event_id"] is None
+    assert calm["n_reference"] == len(cells.train)  # the train split, not every cached row
     shifted = check_drift(images=str(gradient_noise_images(tmp_path / "gradients", count=30)), params_file=str(params),
                           drift_cfg=DriftConfig(backbone=BACKBONE), out_dir=str(tmp_path / "drift"))
     assert shifted["flagged"] and shifted["event_id"] is not None
