@@ -310,6 +310,8 @@ def plot_history(history: Path, out_path: Path | None = None) -> Path:
     top.set_title(f"Embedding drift, {records[-1]['backbone']}/{records[-1]['tap']}")
     aucs = np.array([r["auc"] for r in records])
     bottom.plot(times, aucs, "-o", color="tab:green", label="domain-classifier AUC")
+    bottom.scatter(np.array(times)[flagged], aucs[flagged], s=90, facecolors="none", edgecolors="tab:red",
+                   linewidths=2, zorder=3)
     if records[-1]["auc_threshold"] is not None:
         bottom.axhline(records[-1]["auc_threshold"], color="tab:red", ls="--", label="AUC threshold")
     bottom.axhline(0.5, color="grey", lw=0.8)
