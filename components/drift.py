@@ -274,16 +274,20 @@ def sha256_of_list(values: np.ndarray) -> str:
 
 
 def tracking_record(result: StageResult) -> dict[str, Any]:
-    """What the caller logs to MLflow for one check: metrics at step = batch index, plus params and tags."""
+    """What the caller logs to MLflow for one check: metrics at step = batch index, and tags.
+
+    The settings are tags, not params: one monitoring run collects many checks, and MLflow
+    refuses a param whose value changes within a run.
+    """
     info = result.info
     return {
         "metrics": {f"drift_{k}": v for k, v in result.metrics.items()},
         "step": int(info["batch"]),
         "timestamp_ms": int(datetime.fromisoformat(info["time"]).timestamp() * 1000),
-        "params": {"drift.backbone": info["backbone"], "drift.tap": info["tap"],
-                   "drift.p_value_threshold": info["p_value_threshold"], "drift.auc_threshold": info["auc_threshold"]},
         "tags": {"tlops.stage": "drift", "tlops.drift.flagged": str(info["flagged"]).lower(),
-                 "tlops.drift.images": info["images"]},
+                 "tlops.drift.images": info["images"], "tlops.drift.backbone": info["backbone"],
+                 "tlops.drift.tap": info["tap"], "tlops.drift.p_value_threshold": str(info["p_value_threshold"]),
+                 "tlops.drift.auc_threshold": str(info["auc_threshold"])},
     }
 
 
