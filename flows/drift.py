@@ -20,6 +20,7 @@ from prefect.events import DeploymentEventTrigger, Event, emit_event
 from components import drift
 from components.features import split_features
 from components.result import StageResult
+from tlops import tracking
 from tlops.config import load_params
 from tlops.stages import selected_backbone, validated_dataset
 
@@ -66,18 +67,19 @@ def check_drift(
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
     drift_cfg: drift.DriftConfig | None = None,
-    out_dir: str = "outputs/drift",
+    out_dir: str | None = None,
 ) -> dict[str, Any]:
     """Compare the images in `images` with the train split's features; emit the drift event when flagged."""
     params = load_params(Path(params_file), overrides or [])
-    cfg = drift_cfg or drift.DriftConfig()
+    cfg = drift_cfg or params.drift
     if cfg.backbone == "auto":
         cfg = cfg.model_copy(update={"backbone": selected_backbone(params)})
     # The reference is what the model was trained on: the train split's cached features.
     reference = split_features(validated_dataset(params), params.path("features"), cfg.backbone, cfg.tap, "train")
-    result = drift.run(cfg, reference, Path(images), Path(out_dir),
+    result = drift.run(cfg, reference, Path(images), Path(out_dir) if out_dir else params.path("drift"),
                        features_cfg=params.features, cache_dir=params.path("feature_cache"))
     plot = drift.plot_history(result.artifacts["history"])
+    tracking.log_drift(params, drift.tracking_record(result), plot)
     event = emit_drift_event(result, params.register.model_name)
     if event is not None:
         log.warning("drift detected (p=%.3g, AUC %.3f): emitted %s", result.info["p_value"], result.info["auc"],

@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a dotted params key, e.g. --set finetune.lr=0.01 (repeatable)")
     sub.add_parser("backbones", help="list the backbone registry")
+    drift = sub.add_parser("drift", help="compare a folder of new images with the training features; flag drift")
+    drift.add_argument("--images", required=True, help="folder of new images (searched recursively)")
+    drift.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    drift.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declaration (tlops/stages.py)")
     dvc_yaml.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     return parser.parse_args(argv)
@@ -142,6 +146,19 @@ def write_dvc_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_drift(args: argparse.Namespace) -> None:
+    from flows.drift import check_drift as drift_flow
+    from tlops import tracking
+    from tlops.config import load_params
+
+    load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    tracking.check_tracking_server()
+    s = drift_flow(images=args.images, params_file=str(args.params), overrides=args.overrides)
+    verdict = "FLAGGED (event tlops.drift.detected)" if s["flagged"] else "no drift"
+    auc = "off" if s["auc"] is None else f"{s['auc']:.3f}"
+    print(f"drift: MMD p={s['p_value']:.3g}, AUC {auc} on {s['n_new']} images -> {verdict}; plot {s['plot']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Prefect's temporary server phones home on start; offline that is an error traceback in the
@@ -170,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             from tlops.config import load_params
 
             print(json.dumps(load_params(args.params, args.overrides).to_dict(), indent=2))
+        elif args.command == "drift":
+            check_drift(args)
         elif args.command == "dvc-yaml":
             return write_dvc_yaml(args)
         else:

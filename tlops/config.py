@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from components.compress import CompressConfig
+from components.drift import DriftConfig
 from components.config import StageConfig
 from components.errors import UserError
 from components.evaluate import EvaluateConfig
@@ -42,6 +43,7 @@ class PathsConfig(StageConfig):
     compress: str = "outputs/compress"
     evaluate: str = "outputs/evaluate"
     register: str = "outputs/register"
+    drift: str = "outputs/drift"  # appended to by `tlops drift`, never emptied
 
 
 class RegisterConfig(StageConfig):
@@ -68,6 +70,7 @@ class Params(StageConfig):
     compress: CompressConfig = CompressConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
+    drift: DriftConfig = DriftConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

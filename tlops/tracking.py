@@ -156,6 +156,21 @@ def summarize_pipeline(params: Params, parent_run_id: str, overrides: list[str] 
             client.log_metric(parent_run_id, metric_key(f"test_{key}"), float(value))
 
 
+def log_drift(params: Params, record: dict[str, Any], plot: Path) -> str:
+    """Drift checks in one long-lived run per model: metrics at step = check number, so MLflow
+    charts them over time, with the latest drift_over_time.png."""
+    experiment_id = experiment(params)
+    name = f"drift-{params.register.model_name}"
+    found = MlflowClient().search_runs(
+        [experiment_id], f"tags.`tlops.kind` = 'drift-monitor' and attributes.run_name = '{name}'", max_results=1)
+    with mlflow.start_run(run_id=found[0].info.run_id if found else None, run_name=None if found else name,
+                          tags={"tlops.kind": "drift-monitor"}) as run:
+        mlflow.set_tags(record["tags"])
+        mlflow.log_metrics(record["metrics"], step=record["step"], timestamp=record["timestamp_ms"])
+        mlflow.log_artifact(str(plot))
+        return run.info.run_id
+
+
 def mark_killed(previous: dict[str, Any]) -> None:
     """A run whose process died while running: KILLED in MLflow (with its stage runs), Crashed in Prefect."""
     client = MlflowClient()
