@@ -85,6 +85,7 @@ def test_an_unreachable_tracking_server_fails_at_once_in_one_line(tmp_path: Path
     done = tlops("run", "--params", str(small_params(tmp_path)), cwd=tmp_path, env=env)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith(f"tlops: error: MLFLOW_TRACKING_URI=http://127.0.0.1:{port}")
+    assert "Beginning flow run" not in done.stdout + done.stderr  # checked before Prefect starts
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "outputs/ingest").exists()  # checked before any work
 

@@ -49,7 +49,7 @@ def test_cache_key_changes_with_code_libraries_params_and_upstream(monkeypatch: 
     assert cache_inputs(params, features, {"validate": "abd"}) != base
     # Editing the preprocessing code (a module features imports) changes the key; the code is hashed, not versioned.
     copy = tmp_path / "repo"
-    for name in features.modules() + tuple(str(p.relative_to(REPO)) for p in REPO.glob("flows/*.py")):
+    for name in features.modules() + ("flows/train.py",):
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         (copy / name).write_bytes((REPO / name).read_bytes())
     monkeypatch.setattr(fingerprints, "ROOT", copy)

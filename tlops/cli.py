@@ -103,10 +103,12 @@ class HideUserErrorTracebacks(logging.Filter):
 
 def run_flow(args: argparse.Namespace) -> None:
     from flows.train import train  # importing Prefect configures its loggers, so filter after
+    from tlops import tracking
     from tlops.config import load_params
     from tlops.stages import METRICS_FILE
 
     load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    tracking.check_tracking_server()  # and on a tracking server that is not there
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     summary = train(params_file=str(args.params), overrides=list(args.overrides))
