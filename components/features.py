@@ -382,7 +382,10 @@ def read_record(features_dir: Path, backbone: str) -> dict[str, Any]:
     path = Path(features_dir) / backbone / RECORD_FILE
     if not path.exists():
         raise FeatureCacheError(f"{path}: not found (backbone {backbone!r}); {RERUN_FEATURES}.")
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FeatureCacheError(f"{path}: not valid JSON ({error}); {RERUN_FEATURES}.") from None
     missing = [k for k in ("preprocessing", "taps", "cache_key", "cache_key_inputs") if k not in record]
     if missing:
         raise FeatureCacheError(f"{path}: lacks {missing}, written by an older tlops; {RERUN_FEATURES}.")
