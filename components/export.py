@@ -145,8 +145,8 @@ def parity_images(dataset: Dataset, count: int, preprocessing: Preprocessing) ->
     return load_batch([dataset.image_path(p) for p in held_out(dataset, count)["path"]], preprocessing)
 
 
-def _listed(differences: dict[str, tuple[object, object]]) -> str:
-    return ", ".join(f"{name} {a!r} vs {b!r}" for name, (a, b) in differences.items())
+def _listed(differences: dict[str, tuple[object, object]], first: str, second: str) -> str:
+    return "; ".join(f"{name}: {first} {a!r}, {second} {b!r}" for name, (a, b) in differences.items())
 
 
 def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_path: Path, dataset: Dataset,
@@ -162,8 +162,8 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
     served = model_preprocessing(served_path, read_metadata(served_path))
     if served != trained:
         raise TrainServeSkewError(
-            f"{served_path}: preprocessing mismatch: its metadata_props declare {_listed(served.differences(trained))} "
-            f"where the checkpoint {checkpoint_path.name} was trained with the latter; re-export the model."
+            f"{served_path}: preprocessing mismatch between the metadata_props and the checkpoint {checkpoint_path.name} "
+            f"({_listed(served.differences(trained), 'metadata', 'checkpoint')}); re-export the model."
         )
     record_path = Path(features_dir) / backbone / RECORD_FILE
     record = read_record(features_dir, backbone)
@@ -172,8 +172,8 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
     cached = Preprocessing.of(record["preprocessing"])
     if cached != trained:
         raise TrainServeSkewError(
-            f"{stale} holds features preprocessed with {_listed(cached.differences(trained))} "
-            f"(checkpoint's second); {rerun}."
+            f"{stale} describes features preprocessed otherwise than the checkpoint was trained with "
+            f"({_listed(cached.differences(trained), 'features', 'checkpoint')}); {rerun}."
         )
     if record["cache_key_inputs"]["weights_sha256"] != checkpoint["backbone"]["weights_sha256"] or tap not in record["taps"]:
         raise TrainServeSkewError(

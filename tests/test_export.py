@@ -109,7 +109,7 @@ def test_served_preprocessing_that_differs_from_training_fails(exported, tmp_pat
     shutil.copyfile(exported[0].artifacts["fp32"], served)
     assert train_serve(exported, served) <= ExportConfig().train_serve_atol
     stamp_metadata(served, {"interpolation": "bilinear"})
-    with pytest.raises(TrainServeSkewError, match=r"model_fp32\.onnx: preprocessing mismatch: .*interpolation 'bilinear' vs 'bicubic'"):
+    with pytest.raises(TrainServeSkewError, match=r"model_fp32\.onnx: preprocessing mismatch .*interpolation: metadata 'bilinear', checkpoint 'bicubic'"):
         train_serve(exported, served)
 
 
@@ -134,10 +134,19 @@ def test_features_of_other_provenance_fail_naming_it(exported, tmp_path: Path) -
     with pytest.raises(TrainServeSkewError, match=r"stale feature cache: .*backbone\.json .*versions\.onnxruntime: 1\.0\.0 ->"):
         train_serve(exported, features_dir=features_dir)
 
+    record_path.write_text(json.dumps(record))
+    result, dataset, checkpoint, _ = exported
+    # A checkpoint that records the features it was trained on (finetune's `features_cache_key`).
+    trained_on_other = load_checkpoint(checkpoint) | {"features_cache_key": "0" * 20}
+    with pytest.raises(TrainServeSkewError, match=r"has cache_key \w+, the checkpoint was trained on features with cache_key 0{20}"):
+        check_train_serve(trained_on_other, checkpoint, result.artifacts["fp32"], dataset, features_dir, 4, 1e-3)
+    same = load_checkpoint(checkpoint) | {"features_cache_key": record["cache_key"]}
+    assert check_train_serve(same, checkpoint, result.artifacts["fp32"], dataset, features_dir, 4, 1e-3) <= 1e-3
+
     resized = json.loads(json.dumps(record))
     resized["preprocessing"]["input_size"] = 96
     record_path.write_text(json.dumps(resized))
-    with pytest.raises(TrainServeSkewError, match=r"stale feature cache: .*preprocessed with input_size 96 vs 64"):
+    with pytest.raises(TrainServeSkewError, match=r"stale feature cache: .*input_size: features 96, checkpoint 64"):
         train_serve(exported, features_dir=features_dir)
 
 
