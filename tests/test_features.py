@@ -1,6 +1,5 @@
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
