@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from components.preprocess import Preprocessing
 from components.result import sha256_file
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,11 @@ class BackboneEntry:
     license: str = ""
     imagenet_top1: float | None = None
 
-    def preprocessing(self, image_size: int | None = None) -> dict[str, object]:
+    def preprocessing(self, image_size: int | None = None) -> Preprocessing:
         """The exact preprocessing the weights expect; `image_size` overrides the native size."""
-        return {
-            "input_size": image_size or self.input_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "color": "RGB",
-        }
+        return Preprocessing(
+            input_size=image_size or self.input_size, mean=self.mean, std=self.std, interpolation=self.interpolation
+        )
 
     def describe(self) -> dict[str, object]:
         return asdict(self)

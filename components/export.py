@@ -3,7 +3,14 @@
 Each file written here passes `onnx.checker` (full check), loads in ONNX Runtime, matches
 the PyTorch model's logits on held-out images within a tolerance, and carries in its
 metadata_props everything a consumer needs: labels, preprocessing, backbone and weights hash,
-data version, training strategy, sparsity and the tlops version.
+the cache key of the features it was trained on, data version, training strategy, sparsity
+and the tlops version.
+
+The FP32 file is also checked against what was trained and evaluated (`check_train_serve`):
+read back the way a server reads it (its own metadata -> preprocessing -> raw image files ->
+ONNX Runtime), it must give the logits of the trained head on the cached features of the
+same images. A stale feature cache, a preprocessing mismatch or wrong metadata fails the
+export with a message that says which.
 """
 
 from __future__ import annotations
@@ -16,16 +23,22 @@ from typing import Any
 
 import numpy as np
 import onnx
+import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 
+from components.backbones import get_entry
 from components.classifier import build_model, load_checkpoint
 from components.compress import prune_model
 from components.config import StageConfig
 from components.errors import UserError
+from components.features import (
+    FEATURES_FILE, MAX_OPSET, MIN_OPSET, RECORD_FILE, load_features, read_record, rows_by_sha256, stale_inputs,
+)
 from components.manifest import Dataset
-from components.onnx_runtime import open_session, stamp_metadata
-from components.preprocess import load_batch, onnx_metadata
+from components.onnx_runtime import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
+from components.preprocess import Preprocessing, load_batch
 from components.result import StageResult, sha256_file
 
 log = logging.getLogger(__name__)
@@ -35,13 +48,19 @@ PRUNED_FILE = "model_pruned.onnx"
 
 
 class ExportConfig(StageConfig):
-    opset: int = 17
-    parity_images: int = 16  # held-out (val split) images for the parity check
-    parity_atol: float = 1e-4  # max |logit_torch - logit_onnx|
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
+    parity_images: int = Field(16, ge=1)  # held-out (val split) images for the parity checks
+    parity_atol: float = Field(1e-4, ge=0)  # max |logit_torch - logit_onnx|
+    # max |served logit - trained head on cached features|: two ONNX graphs of the same trunk
+    train_serve_atol: float = Field(1e-3, ge=0)
 
 
 class ExportParityError(UserError):
     """An exported model whose outputs differ from the PyTorch model's beyond the tolerance."""
+
+
+class TrainServeSkewError(UserError):
+    """The model as served does not compute what was trained: the message says which input drifted."""
 
 
 def tlops_version() -> str:
@@ -91,10 +110,12 @@ def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: fl
     return diff
 
 
-def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: float) -> dict[str, str]:
+def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: float,
+                   features_cache_key: str) -> dict[str, str]:
     backbone = checkpoint["backbone"]
     return {
-        **onnx_metadata(checkpoint["preprocessing"]),
+        **Preprocessing.of(checkpoint["preprocessing"]).to_metadata(),
+        "features_cache_key": features_cache_key,
         "labels": json.dumps(list(checkpoint["labels"])),
         "backbone": str(backbone["name"]),
         "backbone_weights_sha256": str(backbone["weights_sha256"]),
@@ -108,7 +129,8 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: 
     }
 
 
-def parity_images(dataset: Dataset, count: int, preprocessing: dict) -> np.ndarray:
+def held_out(dataset: Dataset, count: int) -> pd.DataFrame:
+    """`count` val rows, the same ones on every run."""
     val = dataset.split("val")
     if val.empty:
         raise ValueError(
@@ -116,8 +138,77 @@ def parity_images(dataset: Dataset, count: int, preprocessing: dict) -> np.ndarr
             "ingest.val_fraction > 0."
         )
     # Ordering by content hash mixes labels; the manifest itself is sorted by label folder.
-    chosen = val.sort_values("sha256").head(count)
-    return load_batch([dataset.image_path(p) for p in chosen["path"]], preprocessing)
+    return val.sort_values("sha256").head(count).reset_index(drop=True)
+
+
+def parity_images(dataset: Dataset, count: int, preprocessing: Preprocessing) -> np.ndarray:
+    return load_batch([dataset.image_path(p) for p in held_out(dataset, count)["path"]], preprocessing)
+
+
+def _listed(differences: dict[str, tuple[object, object]], first: str, second: str) -> str:
+    return "; ".join(f"{name}: {first} {a!r}, {second} {b!r}" for name, (a, b) in differences.items())
+
+
+def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_path: Path, dataset: Dataset,
+                      features_dir: Path, count: int, atol: float) -> float:
+    """Max |served logit - trained logit| on `count` held-out images; raises `TrainServeSkewError` naming the cause.
+
+    Served: `served_path` read back through its own metadata_props, on the raw image files, in
+    ONNX Runtime. Trained: the checkpoint's head on the cached features the features stage wrote
+    for the same images, i.e. what finetune trained and select ranked on.
+    """
+    backbone, tap = str(checkpoint["backbone"]["name"]), str(checkpoint["tap"])
+    trained = Preprocessing.of(checkpoint["preprocessing"])
+    served = model_preprocessing(served_path, read_metadata(served_path))
+    if served != trained:
+        raise TrainServeSkewError(
+            f"{served_path}: preprocessing mismatch between the metadata_props and the checkpoint {checkpoint_path.name} "
+            f"({_listed(served.differences(trained), 'metadata', 'checkpoint')}); re-export the model."
+        )
+    record_path = Path(features_dir) / backbone / RECORD_FILE
+    record = read_record(features_dir, backbone)
+    stale = f"stale feature cache: {record_path}"
+    rerun = "rerun the features stage, then finetune"
+    cached = Preprocessing.of(record["preprocessing"])
+    if cached != trained:
+        raise TrainServeSkewError(
+            f"{stale} describes features preprocessed otherwise than the checkpoint was trained with "
+            f"({_listed(cached.differences(trained), 'features', 'checkpoint')}); {rerun}."
+        )
+    if record["cache_key_inputs"]["weights_sha256"] != checkpoint["backbone"]["weights_sha256"] or tap not in record["taps"]:
+        raise TrainServeSkewError(
+            f"{stale} was computed with weights {record['cache_key_inputs']['weights_sha256'][:12]} and taps "
+            f"{record['taps']}, the checkpoint uses {checkpoint['backbone']['weights_sha256'][:12]} and tap {tap!r}; {rerun}."
+        )
+    if checkpoint.get("features_cache_key", record["cache_key"]) != record["cache_key"]:
+        raise TrainServeSkewError(
+            f"{stale} has cache_key {record['cache_key']}, the checkpoint was trained on features with cache_key "
+            f"{checkpoint['features_cache_key']}; {rerun}."
+        )
+    drift = stale_inputs(record, get_entry(backbone))
+    if drift:
+        raise TrainServeSkewError(
+            f"{stale} was computed by other code or library versions than this export uses "
+            f"({'; '.join(drift[:3])}{'; ...' if len(drift) > 3 else ''}); {rerun}."
+        )
+    frame = held_out(dataset, count)
+    sha256, features = load_features(features_dir, backbone, tap)
+    head_state = checkpoint["head"]
+    head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
+    head.load_state_dict(head_state)
+    with torch.no_grad():
+        trained_logits = head(torch.from_numpy(rows_by_sha256(sha256, features, frame["sha256"], backbone, "val"))).numpy()
+    served_logits = predict_frame(served_path, dataset, frame, batch_size=count)
+    worst = int(np.abs(served_logits - trained_logits).max(axis=1).argmax())
+    diff = float(np.abs(served_logits - trained_logits).max())
+    if not diff <= atol:  # also true for NaN
+        raise TrainServeSkewError(
+            f"train/serve skew: {served_path.name} on the raw images differs by {diff:.3g} (max |logit|, "
+            f"e.g. {frame['path'][worst]}) from the trained head on {record_path.parent / FEATURES_FILE}, above "
+            f"export.train_serve_atol={atol:g}; preprocessing and provenance agree, so the cached features "
+            f"themselves are stale or altered; {rerun}."
+        )
+    return diff
 
 
 def zero_fraction(model: nn.Module) -> float:
@@ -126,13 +217,13 @@ def zero_fraction(model: nn.Module) -> float:
     return float(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights))
 
 
-def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
-    if cfg.parity_images < 1 or cfg.parity_atol < 0:
-        raise ValueError("export.parity_images must be >= 1 and export.parity_atol >= 0.")
+def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Dataset, out_dir: Path, *,
+        features_dir: Path) -> StageResult:
+    """Export FP32 (and pruned) ONNX; `features_dir` is the features stage's output the head was trained on."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = build_model(checkpoint)
-    preprocessing = checkpoint["preprocessing"]
-    input_size = int(preprocessing["input_size"])
+    preprocessing = Preprocessing.of(checkpoint["preprocessing"])
+    features_cache_key = str(read_record(features_dir, checkpoint["backbone"]["name"])["cache_key"])
     images = parity_images(dataset, cfg.parity_images, preprocessing)
 
     variants: dict[str, tuple[nn.Module, Path, float]] = {"fp32": (model, out_dir / FP32_FILE, 0.0)}
@@ -142,8 +233,8 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
     metrics: dict[str, float] = {"n_params": float(sum(p.numel() for p in model.parameters()))}
     artifacts: dict[str, Path] = {}
     for name, (variant, path, variant_sparsity) in variants.items():
-        metadata = model_metadata(checkpoint, checkpoint_path, variant_sparsity)
-        export_onnx(variant, path, metadata, input_size, cfg.opset)
+        metadata = model_metadata(checkpoint, checkpoint_path, variant_sparsity, features_cache_key)
+        export_onnx(variant, path, metadata, preprocessing.input_size, cfg.opset)
         diff = check_parity(variant, path, images, cfg.parity_atol)
         metrics[f"parity_max_diff_{name}"] = diff
         metrics[f"size_mb_{name}"] = path.stat().st_size / 1e6
@@ -151,6 +242,13 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
         artifacts[name] = path
         log.info("exported %s (%.1f MB), parity max diff %.2e on %d images", path, path.stat().st_size / 1e6,
                  diff, len(images))
+    if checkpoint.get("trunk") is None:  # the head was trained on cached features: the served file must agree
+        metrics["train_serve_max_diff"] = check_train_serve(
+            checkpoint, checkpoint_path, artifacts["fp32"], dataset, features_dir, cfg.parity_images,
+            cfg.train_serve_atol,
+        )
+    else:
+        log.info("trunk weights were trained too: cached features do not describe this model, no train/serve check")
 
     result = StageResult(
         stage="export",
@@ -160,6 +258,8 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
         info={
             "files": {name: path.name for name, path in artifacts.items()},
             "parity_atol": cfg.parity_atol,
+            "train_serve_atol": cfg.train_serve_atol,
+            "features_cache_key": features_cache_key,
             "parity_images": len(images),
             "opset": cfg.opset,
             "sparsity": sparsity,

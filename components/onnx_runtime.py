@@ -19,11 +19,9 @@ import pandas as pd
 
 from components.errors import UserError
 from components.manifest import Dataset
-from components.preprocess import load_batch
+from components.preprocess import Preprocessing, PreprocessingError, load_batch
 
 log = logging.getLogger(__name__)
-
-PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "color")
 
 
 class LabelMismatchError(UserError):
@@ -46,21 +44,14 @@ def stamp_metadata(model_path: Path, props: Mapping[str, str]) -> Path:
     return model_path
 
 
-def model_preprocessing(model_path: Path, metadata: Mapping[str, str]) -> dict[str, object]:
-    """The inverse of `preprocess.onnx_metadata`: the preprocessing dict `load_batch` takes."""
-    missing = [k for k in PREPROCESSING_KEYS if k not in metadata]
-    if missing:
-        raise KeyError(
-            f"{model_path}: metadata_props lack {missing}; it was not exported by tlops (or was stripped). "
-            f"Re-export it with the export stage."
-        )
-    return {
-        "input_size": int(metadata["input_size"]),
-        "mean": [float(v) for v in metadata["mean"].split(",")],
-        "std": [float(v) for v in metadata["std"].split(",")],
-        "interpolation": metadata["interpolation"],
-        "color": metadata["color"],
-    }
+def model_preprocessing(model_path: Path, metadata: Mapping[str, str]) -> Preprocessing:
+    """The preprocessing a model declares in its metadata_props; the error names the file."""
+    try:
+        return Preprocessing.from_metadata(metadata)
+    except PreprocessingError as error:
+        raise PreprocessingError(
+            f"{model_path}: {error}; it was not exported by tlops (or was stripped). Re-export it with the export stage."
+        ) from None
 
 
 def model_labels(model_path: Path, metadata: Mapping[str, str]) -> tuple[str, ...]:
@@ -80,12 +71,12 @@ def open_session(model_path: Path, num_threads: int = 0) -> ort.InferenceSession
 
 
 def predict_logits(
-    session: ort.InferenceSession, paths: list[Path], preprocessing: Mapping[str, object], batch_size: int
+    session: ort.InferenceSession, paths: list[Path], preprocessing: Preprocessing, batch_size: int
 ) -> np.ndarray:
     """Logits for each image, decoded and preprocessed `batch_size` at a time."""
     input_name = session.get_inputs()[0].name
     batches = [
-        session.run(None, {input_name: load_batch(paths[start : start + batch_size], dict(preprocessing))})[0]
+        session.run(None, {input_name: load_batch(paths[start : start + batch_size], preprocessing)})[0]
         for start in range(0, len(paths), batch_size)
     ]
     return np.concatenate(batches).astype(np.float32)

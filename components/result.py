@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 RESULT_FILE = "result.json"
 
@@ -19,9 +25,35 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _json_default(value: Any) -> Any:
+    # Typed values (Preprocessing, configs) serialise as their JSON form, not as their repr.
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else str(value)
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, indent=indent, sort_keys=True, default=_json_default)
+
+
 def sha256_json(value: Any) -> str:
     """A stable hash of a JSON-able value (sorted keys), for cache keys."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(to_json(value).encode()).hexdigest()
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; it replaces `path` only if the block completes.
+
+    A reader therefore sees the old file or the whole new one, never a half-written file, and
+    an interrupted write leaves `path` as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -49,9 +81,7 @@ class StageResult:
             "info": self.info,
             "artifact_sha256": self.artifact_hashes(),
         }
-        path = self.out_dir / RESULT_FILE
-        path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        return path
+        return write_json(self.out_dir / RESULT_FILE, record)
 
     @classmethod
     def load(cls, out_dir: Path) -> StageResult:
@@ -83,6 +113,7 @@ class StageResult:
 
 
 def write_json(path: Path, value: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-    return path
+    """`value` as indented JSON with sorted keys, written atomically."""
+    with atomic_path(path) as partial:
+        partial.write_text(to_json(value, indent=2) + "\n")
+    return Path(path)

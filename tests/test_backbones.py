@@ -8,7 +8,7 @@ def test_registry_holds_the_three_lite_models_with_verified_weights() -> None:
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(REGISTRY)
     sizes = {name: REGISTRY[name].input_size for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
     assert sizes == {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
-    assert get_entry("efficientnet_lite0").preprocessing(64)["input_size"] == 64
+    assert get_entry("efficientnet_lite0").preprocessing(64).input_size == 64
 
 
 def test_weight_mapping_matches_the_reference_implementation() -> None:

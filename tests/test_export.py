@@ -1,4 +1,5 @@
-"""Export: checked, self-describing ONNX files that compute what the PyTorch model computes."""
+"""Export: checked, self-describing ONNX files that compute what the PyTorch model computes,
+and what the head was trained on (the cached features)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from pydantic import ValidationError
 
 from components.classifier import build_model, load_checkpoint
-from components.export import ExportConfig, ExportParityError, check_parity, parity_images, run
-from components.onnx_runtime import open_session, read_metadata
+from components.export import (
+    ExportConfig, ExportParityError, TrainServeSkewError, check_parity, check_train_serve, parity_images, run,
+)
+from components.onnx_runtime import open_session, read_metadata, stamp_metadata
+from components.preprocess import Preprocessing
 from components.result import StageResult
+from tests.tiny_features import BACKBONE, make_features
 from tests.tiny_model import IMAGE_SIZE, make_checkpoint, make_dataset
 
 SPARSITY = 0.3
@@ -24,14 +30,16 @@ SPARSITY = 0.3
 def exported(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("export")
     dataset = make_dataset(root / "data")
+    features_dir = make_features(dataset, root)
     checkpoint = make_checkpoint(root / "model.pt", dataset)
-    result = run(ExportConfig(), SPARSITY, checkpoint, dataset, root / "export")
-    return result, dataset, checkpoint
+    result = run(ExportConfig(), SPARSITY, checkpoint, dataset, root / "export", features_dir=features_dir)
+    return result, dataset, checkpoint, features_dir
 
 
 def test_export_writes_checked_models_that_describe_themselves(exported) -> None:
-    result, dataset, _ = exported
+    result, dataset, _, features_dir = exported
     assert set(result.artifacts) == {"fp32", "pruned"}
+    record = json.loads((features_dir / BACKBONE / "backbone.json").read_text())
     for name, path in result.artifacts.items():
         onnx.checker.check_model(str(path), full_check=True)
         session = open_session(path)
@@ -41,6 +49,8 @@ def test_export_writes_checked_models_that_describe_themselves(exported) -> None
         assert json.loads(metadata["labels"]) == list(dataset.labels)
         assert metadata["input_size"] == str(IMAGE_SIZE)
         assert metadata["mean"] == metadata["std"] == "0.5,0.5,0.5"
+        assert Preprocessing.from_metadata(metadata) == Preprocessing.of(record["preprocessing"])
+        assert metadata["features_cache_key"] == record["cache_key"]
         assert metadata["backbone"] == "efficientnet_lite0"
         assert len(metadata["backbone_weights_sha256"]) == 64
         assert "manifest_sha256" in json.loads(metadata["data"])
@@ -51,11 +61,13 @@ def test_export_writes_checked_models_that_describe_themselves(exported) -> None
     assert read_metadata(result.artifacts["pruned"])["sparsity"] == f"{SPARSITY:g}"
     assert result.metrics["zero_weight_fraction_pruned"] >= SPARSITY
     assert result.metrics["zero_weight_fraction_fp32"] < 0.01
+    # The served FP32 file, on raw images, gives the trained head's logits on the cached features.
+    assert result.metrics["train_serve_max_diff"] <= ExportConfig().train_serve_atol
     assert StageResult.load(result.out_dir).is_intact()
 
 
 def test_pruned_onnx_weights_are_actually_sparse(exported) -> None:
-    result, _, _ = exported
+    result = exported[0]
     def zero_share(path: Path) -> float:
         weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == 1]
         weights = [w for w in weights if w.ndim >= 2]  # conv and linear kernels, not biases
@@ -65,9 +77,9 @@ def test_pruned_onnx_weights_are_actually_sparse(exported) -> None:
 
 
 def test_parity_check_rejects_a_tampered_model(exported, tmp_path: Path) -> None:
-    result, dataset, checkpoint = exported
+    result, dataset, checkpoint, _ = exported
     model = build_model(load_checkpoint(checkpoint))
-    images = parity_images(dataset, 4, load_checkpoint(checkpoint)["preprocessing"])
+    images = parity_images(dataset, 4, Preprocessing.of(load_checkpoint(checkpoint)["preprocessing"]))
     assert check_parity(model, result.artifacts["fp32"], images, atol=1e-4) <= 1e-4
 
     tampered_path = tmp_path / "tampered.onnx"
@@ -79,3 +91,70 @@ def test_parity_check_rejects_a_tampered_model(exported, tmp_path: Path) -> None
     onnx.save(tampered, str(tampered_path))
     with pytest.raises(ExportParityError, match="tampered.onnx.*above export.parity_atol=0.0001"):
         check_parity(model, tampered_path, images, atol=1e-4)
+
+
+def train_serve(exported, served: Path | None = None, features_dir: Path | None = None) -> float:
+    result, dataset, checkpoint, features = exported
+    return check_train_serve(load_checkpoint(checkpoint), checkpoint, served or result.artifacts["fp32"], dataset,
+                             features_dir or features, count=4, atol=ExportConfig().train_serve_atol)
+
+
+def copy_features(exported, tmp_path: Path) -> Path:
+    shutil.copytree(exported[3], tmp_path / "features")
+    return tmp_path / "features"
+
+
+def test_served_preprocessing_that_differs_from_training_fails(exported, tmp_path: Path) -> None:
+    served = tmp_path / "model_fp32.onnx"
+    shutil.copyfile(exported[0].artifacts["fp32"], served)
+    assert train_serve(exported, served) <= ExportConfig().train_serve_atol
+    stamp_metadata(served, {"interpolation": "bilinear"})
+    with pytest.raises(TrainServeSkewError, match=r"model_fp32\.onnx: preprocessing mismatch .*interpolation: metadata 'bilinear', checkpoint 'bicubic'"):
+        train_serve(exported, served)
+
+
+def test_stale_cached_features_fail_the_export(exported, tmp_path: Path) -> None:
+    """Features computed at another resolution, left in place of the ones the head was trained on."""
+    result, dataset, checkpoint, _ = exported
+    features_dir = copy_features(exported, tmp_path)
+    other = make_features(dataset, tmp_path / "other", image_size=96)
+    shutil.copyfile(other / BACKBONE / "features.npz", features_dir / BACKBONE / "features.npz")
+    with pytest.raises(TrainServeSkewError, match=r"train/serve skew: model_fp32\.onnx .* cached features themselves are stale"):
+        run(ExportConfig(parity_images=4), 0.0, checkpoint, dataset, tmp_path / "export", features_dir=features_dir)
+
+
+def test_features_of_other_provenance_fail_naming_it(exported, tmp_path: Path) -> None:
+    features_dir = copy_features(exported, tmp_path)
+    record_path = features_dir / BACKBONE / "backbone.json"
+    record = json.loads(record_path.read_text())
+
+    drifted = json.loads(json.dumps(record))
+    drifted["cache_key_inputs"]["versions"]["onnxruntime"] = "1.0.0"
+    record_path.write_text(json.dumps(drifted))
+    with pytest.raises(TrainServeSkewError, match=r"stale feature cache: .*backbone\.json .*versions\.onnxruntime: 1\.0\.0 ->"):
+        train_serve(exported, features_dir=features_dir)
+
+    record_path.write_text(json.dumps(record))
+    result, dataset, checkpoint, _ = exported
+    # A checkpoint that records the features it was trained on (finetune's `features_cache_key`).
+    trained_on_other = load_checkpoint(checkpoint) | {"features_cache_key": "0" * 20}
+    with pytest.raises(TrainServeSkewError, match=r"has cache_key \w+, the checkpoint was trained on features with cache_key 0{20}"):
+        check_train_serve(trained_on_other, checkpoint, result.artifacts["fp32"], dataset, features_dir, 4, 1e-3)
+    same = load_checkpoint(checkpoint) | {"features_cache_key": record["cache_key"]}
+    assert check_train_serve(same, checkpoint, result.artifacts["fp32"], dataset, features_dir, 4, 1e-3) <= 1e-3
+
+    resized = json.loads(json.dumps(record))
+    resized["preprocessing"]["input_size"] = 96
+    record_path.write_text(json.dumps(resized))
+    with pytest.raises(TrainServeSkewError, match=r"stale feature cache: .*input_size: features 96, checkpoint 64"):
+        train_serve(exported, features_dir=features_dir)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("opset", 12), ("opset", 21), ("parity_images", 0), ("parity_atol", -1.0), ("train_serve_atol", -1e-6)],
+)
+def test_config_ranges_fail_at_load(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        ExportConfig(**{field: value})
+    assert ExportConfig(opset=13, parity_images=1, parity_atol=0.0).opset == 13

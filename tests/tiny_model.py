@@ -60,7 +60,7 @@ def make_checkpoint(path: Path, dataset: Dataset) -> Path:
         backbone=entry.describe(),
         tap="pooled",
         labels=list(dataset.labels),
-        preprocessing=entry.preprocessing(IMAGE_SIZE),
+        preprocessing=entry.preprocessing(IMAGE_SIZE).model_dump(mode="json"),  # checkpoints hold plain JSON
         config={"strategy": "linear", "epochs": 0},
         data={"version": data_version(dataset.root / "manifest.csv")},
         strategy="linear",
