@@ -119,7 +119,8 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Path:
 def run(cfg: FinetuneConfig, backbone: str, tap: str, features_dir: Path, dataset: Dataset,
         manifest_path: Path, out_dir: Path, progress: Progress = no_progress) -> StageResult:
     entry = get_entry(backbone)
-    preprocessing = json.loads((features_dir / backbone / "backbone.json").read_text())["preprocessing"]
+    described = json.loads((features_dir / backbone / "backbone.json").read_text())
+    preprocessing = described["preprocessing"]
     train = labelled_features(features_dir, backbone, tap, dataset, "train")
     val = labelled_features(features_dir, backbone, tap, dataset, "val")
     head, history = STRATEGIES[cfg.strategy](cfg, train, val, len(dataset.labels), progress)
@@ -130,6 +131,7 @@ def run(cfg: FinetuneConfig, backbone: str, tap: str, features_dir: Path, datase
         out_dir / CHECKPOINT_FILE, head, None,
         backbone=entry.describe(), tap=tap, labels=list(dataset.labels), preprocessing=preprocessing,
         config=cfg.model_dump(mode="json"), strategy=cfg.strategy, data={"version": data_version(manifest_path)},
+        features_cache_key=described["cache_key"],
     )
     write_json(out_dir / "history.json", history)
     plot = plot_history(history, out_dir / "training_curves.png")

@@ -60,6 +60,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from components.config import StageConfig
 from components.errors import UserError
 from components.manifest import SPLITS, assign_split, stratified_subset, write_manifest
+from components.preprocess import model_mode
 from components.result import StageResult, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,6 @@ ELPV_FOUR_CLASS = {0.0: "p000", 1 / 3: "p033", 2 / 3: "p067", 1.0: "p100"}
 # 8192 x 8192: no image with more pixels is ever decoded (Pillow's default limit is process-wide
 # state that any library may change, so it is not relied on).
 MAX_PIXELS = 8192 * 8192
-MODEL_MODES = ("L", "RGB")
-TO_L = ("1", "LA")
-TO_RGB = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 # What Pillow raises on a malformed file: OSError (UnidentifiedImageError, "truncated"), and the rest
 # its decoders let through on bytes they do not expect.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError, struct.error,
@@ -169,18 +166,6 @@ def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> ImageFacts:
             return ImageFacts(image.width, image.height, image.mode)
     except UndecodableImage as failure:
         return failure.facts
-
-
-def model_mode(image: Image.Image) -> Image.Image | None:
-    """`image` in `L` or `RGB` by the rule in the module docstring; None when no rule applies."""
-    if image.mode in MODEL_MODES:
-        return image
-    if image.mode in SIXTEEN_BIT:
-        pixels = np.asarray(image).astype(np.uint32)
-        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
-    if image.mode in TO_L or image.mode in TO_RGB:
-        return image.convert("L" if image.mode in TO_L else "RGB")
-    return None
 
 
 def elpv_rows(label_mode: str) -> tuple[Path, pd.DataFrame]:

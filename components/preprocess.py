@@ -85,12 +85,32 @@ def _first_error(error: ValidationError) -> str:
     return f"{'.'.join(map(str, first['loc'])) or 'value'}: {first['msg']} (got {first.get('input')!r})"
 
 
+# Modes the model takes as they are, and how every other mode becomes one of them: the one rule
+# ingest applies to the dataset copy and preprocessing applies to an image it is served.
+MODEL_MODES = ("L", "RGB")
+TO_L = ("1", "LA")
+TO_RGB = ("P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def model_mode(image: Image.Image) -> Image.Image | None:
+    """`image` in `L` or `RGB` by the rule in the module docstring; None when no rule applies."""
+    if image.mode in MODEL_MODES:
+        return image
+    if image.mode in SIXTEEN_BIT:
+        pixels = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if image.mode in TO_L or image.mode in TO_RGB:
+        return image.convert("L" if image.mode in TO_L else "RGB")
+    return None
+
+
 def build_transform(preprocessing: Preprocessing) -> transforms.Compose:
     """PIL image -> normalised CHW float tensor."""
     size = preprocessing.input_size
     return transforms.Compose(
         [
-            transforms.Lambda(lambda image: image.convert(preprocessing.color)),
+            transforms.Lambda(lambda image: (model_mode(image) or image).convert(preprocessing.color)),
             transforms.Resize(
                 (size, size), interpolation=transforms.InterpolationMode[preprocessing.interpolation.upper()],
                 antialias=True,

@@ -11,6 +11,7 @@ from torch import nn
 from components import export
 from components.compress import CompressConfig, choose, prune_model, run
 from components.onnx_runtime import read_metadata
+from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 
 
@@ -19,7 +20,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("compress")
     dataset = make_dataset(root / "data")
     checkpoint = make_checkpoint(root / "model.pt", dataset)
-    export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export")
+    export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export",
+               features_dir=make_features(dataset, root))
     return root, dataset
 
 

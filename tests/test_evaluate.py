@@ -11,6 +11,7 @@ import pytest
 from components import export
 from components.evaluate import EvaluateConfig, calibration_table, expected_calibration_error, run
 from components.onnx_runtime import LabelMismatchError
+from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,7 +22,8 @@ def shipped(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("evaluate")
     dataset = make_dataset(root / "data")
     checkpoint = make_checkpoint(root / "model.pt", dataset)
-    result = export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export")
+    result = export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export",
+               features_dir=make_features(dataset, root))
     return root, dataset, result.artifacts["fp32"]
 
 

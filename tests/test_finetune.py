@@ -28,7 +28,8 @@ def synthetic(tmp_path: Path, n: int = 60, informative: bool = True) -> tuple[Da
     folder = tmp_path / "features" / "efficientnet_lite0"
     folder.mkdir(parents=True)
     np.savez(folder / "features.npz", sha256=np.array(shas), pooled=features)
-    write_json(folder / "backbone.json", {"preprocessing": get_entry("efficientnet_lite0").preprocessing(64)})
+    write_json(folder / "backbone.json", {"preprocessing": get_entry("efficientnet_lite0").preprocessing(64).model_dump(mode="json"),
+                                          "cache_key": "synthetic"})
     return Dataset(frame, tmp_path, ("a", "b")), tmp_path / "features", manifest
 
 

@@ -104,7 +104,7 @@ def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return export.run(params.export, params.compress.sparsity, params.path("finetune") / finetune.CHECKPOINT_FILE,
-                      validated_dataset(params), out)
+                      validated_dataset(params), out, features_dir=params.path("features"))
 
 
 def _compress(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -143,7 +143,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("finetune", "components.finetune", _finetune, ("finetune", "select.tap"),
           ("features", f"select/{RESULT_FILE}", "validate/manifest.csv"), "finetune"),
     Stage("export", "components.export", _export, ("export", "compress.sparsity"),
-          ("finetune", "dataset", "validate/manifest.csv"), "export"),
+          ("finetune", "features", "dataset", "validate/manifest.csv"), "export"),
     Stage("compress", "components.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
           "compress"),
     Stage("evaluate", "components.evaluate", _evaluate, ("evaluate",),
