@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,8 @@ def decode_base64(text: object, position: int) -> bytes:
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
-        return base64.b64decode(text, validate=True)
+        # Whitespace is dropped first: `base64` and most mail-era encoders wrap lines at 76 characters.
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as error:
         raise BadInputError("bad_base64", f"images[{position}] is not valid base64: {error}", 400) from None
 
@@ -369,10 +371,13 @@ class _Job:
 class MicroBatcher:
     """Collects images from concurrent requests into batches of at most `max_batch`.
 
-    A batch runs as soon as it is full, or `max_wait_s` after its first image arrived. The
-    queue is bounded in images; a request that does not fit as a whole is refused at once
-    rather than left to time out. One worker thread runs the batches: ONNX Runtime already
-    spreads one call over the cores.
+    A batch runs as soon as it is full; otherwise it waits for company, at most `max_wait_s`
+    after its first image arrived, and only while other requests are known to be on their way
+    (`arriving`: reading their body or decoding). A lone client therefore never pays the wait,
+    and under load batches fill with what queued while the previous one ran. The queue is
+    bounded in images; a request that does not fit as a whole is refused at once rather than
+    left to time out. One worker thread runs the batches: ONNX Runtime already spreads one call
+    over the cores.
     """
 
     def __init__(self, max_batch: int, max_wait_s: float, queue_size: int, metrics: ServeMetrics) -> None:
@@ -383,12 +388,29 @@ class MicroBatcher:
         self._queue: deque[tuple[float, _Job]] = deque()
         self._ready = threading.Condition()
         self._stopping = False
+        self._arriving = 0
         self._batch_seconds = 0.0  # moving average, for Retry-After
         self._worker: threading.Thread | None = None
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def arriving_requests(self) -> int:
+        return self._arriving
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Marks a request that will submit soon, so a batch that is not full waits for it."""
+        with self._ready:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._ready:
+                self._arriving -= 1
+                self._ready.notify()
 
     def start(self) -> None:
         if self._worker is None:
@@ -429,7 +451,7 @@ class MicroBatcher:
                     return None
                 self._ready.wait()
             deadline = self._queue[0][0] + self.max_wait_s
-            while len(self._queue) < self.max_batch and not self._stopping:
+            while len(self._queue) < self.max_batch and self._arriving > 0 and not self._stopping:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

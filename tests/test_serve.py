@@ -11,7 +11,7 @@ import io
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,6 +97,13 @@ def metric(client: httpx.Client, name: str, **labels: str) -> float:
     return 0.0
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
@@ -146,7 +153,8 @@ def test_predictions_match_onnx_runtime_in_every_request_format(tiny_onnx: Path,
         encoded = [base64.b64encode(p.read_bytes()).decode() for p in images[:5]]
         answer = client.post("/predict", json={"images": encoded})
         check_answers(answer.json(), expected, list(range(5)), version)
-        answer = client.post("/predict", json={"image": f"data:image/png;base64,{encoded[3]}"})
+        wrapped = "\n".join(encoded[3][i : i + 76] for i in range(0, len(encoded[3]), 76))  # as `base64` prints it
+        answer = client.post("/predict", json={"image": f"data:image/png;base64,{wrapped}"})
         check_answers(answer.json(), expected, [3], version)
 
         labels, probabilities = expected
@@ -220,27 +228,37 @@ def test_malformed_input_gets_4xx_json_and_the_service_stays_ready(tiny_onnx: Pa
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_onnx: Path, images: list[Path]) -> None:
-    # A long max_wait holds the first three images in the queue, so the queue state is known.
-    with service(model_uri=str(tiny_onnx), max_batch=4, queue_size=4, max_wait_ms=5000) as (client, server):
-        files = [("f", (p.name, p.read_bytes(), "image/png")) for p in images[:3]]
-        first: list[httpx.Response] = []
-        waiting = threading.Thread(target=lambda: first.append(client.post("/predict", files=files)))
-        waiting.start()
-        deadline = time.monotonic() + 30
-        while server.batcher.depth < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert server.batcher.depth == 3
+    # A client still uploading makes the batcher hold a part-full batch (up to max_wait), so the
+    # queue's state is known: three images wait while the slow upload is under way.
+    with service(model_uri=str(tiny_onnx), max_batch=4, queue_size=4, max_wait_ms=10_000) as (client, server):
+        slow_image = images[5].read_bytes()
+        host, port = client.base_url.host, client.base_url.port
+        with socket.create_connection((host, port)) as slow:
+            slow.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+                         f"Content-Length: {len(slow_image)}\r\n\r\n".encode() + slow_image[:10])
+            wait_for(lambda: server.batcher.arriving_requests == 1)
 
-        refused = client.post("/predict", files=[("f", (p.name, p.read_bytes(), "image/png")) for p in images[3:5]])
-        assert (refused.status_code, refused.json()["error"]) == (503, "queue_full")
-        assert int(refused.headers["retry-after"]) >= 1
+            files = [("f", (p.name, p.read_bytes(), "image/png")) for p in images[:3]]
+            first: list[httpx.Response] = []
+            waiting = threading.Thread(target=lambda: first.append(client.post("/predict", files=files)))
+            waiting.start()
+            wait_for(lambda: server.batcher.depth == 3)
 
-        fits = client.post("/predict", content=images[3].read_bytes(), headers={"content-type": "image/png"})
-        waiting.join()
-        assert fits.status_code == 200 and first[0].status_code == 200
-        assert len(first[0].json()["predictions"]) == 3
-        assert metric(client, "tlops_serve_batch_size_count") == 1  # the fourth image completed the waiting batch
+            refused = client.post("/predict", files=[("f", (p.name, p.read_bytes(), "image/png")) for p in images[3:5]])
+            assert (refused.status_code, refused.json()["error"]) == (503, "queue_full")
+            assert int(refused.headers["retry-after"]) >= 1
+            assert server.batcher.depth == 3  # the refused request queued nothing
+
+            fits = client.post("/predict", content=images[3].read_bytes(), headers={"content-type": "image/png"})
+            waiting.join()
+            assert fits.status_code == 200 and first[0].status_code == 200
+            assert len(first[0].json()["predictions"]) == 3
+            assert metric(client, "tlops_serve_batch_size_count") == 1  # the fourth image completed the waiting batch
+
+            slow.sendall(slow_image[10:])
+            assert slow.recv(65536).startswith(b"HTTP/1.1 200")
         assert metric(client, "tlops_serve_errors_total", kind="queue_full") == 1
+        assert metric(client, "tlops_serve_batch_size_sum") == 5
         assert client.get("/readyz").status_code == 200
 
 
@@ -279,16 +297,16 @@ def test_reload_follows_the_alias_without_failing_requests_in_flight(registered:
         threads = [threading.Thread(target=keep_asking, args=(i,)) for i in range(3)]
         for thread in threads:
             thread.start()
-        while len(answers) < 6:
-            time.sleep(0.01)
-        registry.set_registered_model_alias(registered, "champion", "2")
-        assert client.post("/admin/reload").json() == {"changed": True, "previous_version": "1", "version": "2"}
-        reloaded_at = time.monotonic()
-        while sum(sent > reloaded_at for sent, _, _ in answers) < 6:
-            time.sleep(0.01)
-        stop.set()
-        for thread in threads:
-            thread.join()
+        try:
+            wait_for(lambda: len(answers) >= 6)
+            registry.set_registered_model_alias(registered, "champion", "2")
+            assert client.post("/admin/reload").json() == {"changed": True, "previous_version": "1", "version": "2"}
+            reloaded_at = time.monotonic()
+            wait_for(lambda: sum(sent > reloaded_at for sent, _, _ in answers) >= 6)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
 
         assert {status for _, status, _ in answers} == {200}
         assert {version for sent, _, version in answers if sent > reloaded_at} == {"2"}
@@ -309,10 +327,7 @@ def test_polling_picks_up_a_moved_alias(registered: str) -> None:
     with service(model_uri=f"models:/{registered}@champion", poll_seconds=0.2) as (client, _):
         assert client.get("/model").json()["version"] == "1"
         registry.set_registered_model_alias(registered, "champion", "2")
-        deadline = time.monotonic() + 60
-        while client.get("/model").json()["version"] != "2" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.get("/model").json()["version"] == "2"
+        wait_for(lambda: client.get("/model").json()["version"] == "2", timeout_s=60)
     registry.set_registered_model_alias(registered, "champion", "1")
 
 

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from components.errors import UserError
 from components.serve import BadInputError, ModelServer, NotReadyError, QueueFullError, ServeConfig, images_from_json
@@ -112,8 +113,9 @@ def create_app(server: ModelServer) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request) -> Response:
         try:
-            payloads = await request_images(request, server.cfg)
-            futures = await anyio.to_thread.run_sync(server.submit, payloads)
+            with server.batcher.arriving():
+                payloads = await request_images(request, server.cfg)
+                futures = await anyio.to_thread.run_sync(server.submit, payloads)
             predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except BadInputError as error:
             return error_response(server, error.status, error.kind, str(error))
@@ -121,6 +123,8 @@ def create_app(server: ModelServer) -> FastAPI:
             return error_response(server, 503, "queue_full", str(error), {"Retry-After": str(error.retry_after_s)})
         except NotReadyError as error:
             return error_response(server, 503, "not_ready", str(error), {"Retry-After": "1"})
+        except ClientDisconnect:
+            return error_response(server, 400, "client_disconnected", "the client went away before sending the body")
         except Exception as error:  # noqa: BLE001 - a server fault is answered and counted, never a dropped connection
             log.exception("prediction failed")
             return error_response(server, 500, "internal", f"{type(error).__name__}: {error}")
