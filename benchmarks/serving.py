@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -278,11 +279,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224, help="model input size (Lite0 native: 224)")
     parser.add_argument("--requests", type=int, default=400, help="requests per server and concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each server takes per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--robustness", type=int, default=10_000, help="requests in the malformed-input run")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped too
 
     with tempfile.TemporaryDirectory(prefix="tlops-bench-serving-") as tmp:
         work = Path(tmp)
@@ -309,31 +312,43 @@ def main() -> None:
             "mlflow": ([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                         "-h", "127.0.0.1", "-p", "{port}"], "/ping", mlflow_request),
         }
-        table: dict[str, dict[int, dict[str, float]]] = {}
-        robust: dict[str, object] = {}
-        for name, (command, probe, send) in servers.items():
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            process = start_server([part.replace("{port}", str(port)) for part in command], url + probe, env,
-                                   work / f"{name}.log")
-            try:
-                table[name] = {}
-                for concurrency in args.concurrency:
-                    answers, wall = load(url, send, refs, concurrency, args.requests)
-                    table[name][concurrency] = summarize(answers, wall)
+        urls: dict[str, str] = {}
+        processes: dict[str, subprocess.Popen] = {}
+        try:
+            for name, (command, probe, _) in servers.items():
+                port = free_port()
+                urls[name] = f"http://127.0.0.1:{port}"
+                processes[name] = start_server([part.replace("{port}", str(port)) for part in command],
+                                               urls[name] + probe, env, work / f"{name}.log")
+            # Both servers stay up and take turns in short rounds (order alternating), so a change in
+            # the load of this shared machine hits both alike instead of skewing one side's figures.
+            table: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
+            for concurrency in args.concurrency:
+                answers: dict[str, list[Answer]] = {name: [] for name in servers}
+                walls = dict.fromkeys(servers, 0.0)
+                for round_ in range(args.rounds):
+                    for name in list(servers)[:: 1 if round_ % 2 == 0 else -1]:
+                        got, wall = load(urls[name], servers[name][2], refs, concurrency, args.requests // args.rounds)
+                        answers[name] += got
+                        walls[name] += wall
+                for name in servers:
+                    table[name][concurrency] = summarize(answers[name], walls[name])
                     print(name, concurrency, table[name][concurrency], flush=True)
-                if name == "tlops" and args.robustness:
-                    robust = robustness(url, refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
-                    batches = httpx.get(f"{url}/metrics").text
-                    robust["mean_batch_size"] = mean_batch_size(batches)
-                    print("robustness", robust, flush=True)
-            finally:
+            stop_server(processes.pop("mlflow"))
+            robust: dict[str, object] = {}
+            if args.robustness:
+                robust = robustness(urls["tlops"], refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
+                robust["mean_batch_size_whole_run"] = mean_batch_size(httpx.get(f"{urls['tlops']}/metrics").text)
+                print("robustness", robust, flush=True)
+        finally:
+            for process in processes.values():
                 stop_server(process)
 
     report = {
         "cpu": cpu_description(),
         "model": f"{BACKBONE} + linear head, FP32 ONNX, {args.image_size} px, ELPV cells (300x300 PNG) as base64 JSON",
         "requests_per_level": args.requests,
+        "rounds": args.rounds,
         "tlops_settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "onnxruntime_threads": "all"},
         "mlflow_settings": {"workers": 1, "env_manager": "local"},
         "results": {name: {str(c): row for c, row in rows.items()} for name, rows in table.items()},

@@ -38,7 +38,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image, UnidentifiedImageError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from components.config import StageConfig
 from components.errors import UserError
@@ -64,6 +64,16 @@ class ServeConfig(StageConfig):
     max_image_megapixels: float = Field(16.0, gt=0, le=1000)  # decoded size; above it is a decompression bomb
     poll_seconds: float = Field(0.0, ge=0, le=86_400)  # 0 = reload only on POST /admin/reload
     num_threads: int = Field(0, ge=0, le=256)  # ONNX Runtime intra-op threads, 0 = all cores
+
+    @field_validator("model_uri")
+    @classmethod
+    def _registry_uri_is_well_formed(cls, uri: str) -> str:
+        if uri.startswith("models:/"):
+            try:
+                parse_registry_uri(uri)
+            except UserError as error:
+                raise ValueError(str(error)) from None
+        return uri
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> ServeConfig:
@@ -201,14 +211,11 @@ class LoadedModel:
     source: ModelSource
     session: ort.InferenceSession
     labels: tuple[str, ...]
-    preprocessing: dict[str, Any]
+    input_size: int
+    preprocessing: dict[str, Any]  # as read from the metadata, for /model
     transform: Callable[[Image.Image], Any]
     metadata: dict[str, str]
     sha256: str
-
-    @property
-    def input_size(self) -> int:
-        return int(self.preprocessing["input_size"])
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """A decoded image -> the CHW float32 array this model takes."""
@@ -269,17 +276,19 @@ def sha256_of(path: Path) -> str:
 
 def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedModel:
     """An ONNX file exported by tlops -> a ready session with its labels and preprocessing."""
+    # The one place that reads preprocessing: the model's metadata_props decide, nothing else.
     metadata = read_metadata(path)
     try:
         labels = model_labels(path, metadata)
-        preprocessing = dict(model_preprocessing(path, metadata))
+        preprocessing = model_preprocessing(path, metadata)
     except KeyError as error:
         raise UserError(f"{source.uri}: {error.args[0]}") from None
     return LoadedModel(
         source=source,
         session=open_session(path, num_threads),
         labels=labels,
-        preprocessing=preprocessing,
+        input_size=int(preprocessing["input_size"]),
+        preprocessing=dict(preprocessing),
         transform=build_transform(preprocessing),
         metadata=metadata,
         sha256=sha256_of(path),

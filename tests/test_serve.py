@@ -127,6 +127,8 @@ def test_config_ranges_are_checked_at_load() -> None:
         ServeConfig(max_batch=32, queue_size=8)
     with pytest.raises(ValidationError, match="port"):
         ServeConfig(port=70_000)
+    with pytest.raises(ValidationError, match="model_uri"):
+        ServeConfig(model_uri="models:/tlops-elpv")  # neither @alias nor /version
     with pytest.raises(ValidationError, match="max_batchsize"):
         ServeConfig(max_batchsize=8)
 
