@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -45,7 +46,7 @@ from components.config import StageConfig
 from components.manifest import Dataset
 from components.onnx_runtime import model_labels, model_preprocessing, open_session, predict_frame, read_metadata
 from components.preprocess import load_batch
-from components.result import StageResult, sha256_file
+from components.result import StageResult, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
         "max_p95_latency_ms": record["config"]["max_p95_latency_ms"],
         "parity_max_diff": candidate.get("parity_max_diff"),
         "n_test": record["n_test"],
-        "dataset_manifest_sha256": record["dataset_manifest_sha256"],
+        "test_split_sha256": record["test_split_sha256"],
         "decided_at": record["decided_at"],
     }
     return {TAG_PREFIX + k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in tags.items() if v is not None}
@@ -309,9 +310,11 @@ def summary_line(record: dict[str, Any]) -> str:
     p = f", {record['config']['test']} p={test['p_value']:.3g}" if test else ""
     latency = candidate.get("p95_latency_ms")
     timing = f", p95 {latency:.1f} ms (budget {record['config']['max_p95_latency_ms']:g})" if latency is not None else ""
-    accuracy = f"accuracy {candidate['accuracy']:.4f}" if candidate.get("accuracy") is not None else "not scored"
     verdict = {"promoted": f"promoted to @{record['alias']}", "first": f"first @{record['alias']}",
                "kept": f"not promoted; @{record['alias']} stays {('v' + champion['version']) if champion else 'unset'}"}
+    if candidate.get("accuracy") is None:  # refused before scoring, or already the champion
+        return f"{name} v{candidate['version']} {verdict[record['decision']]}: {record['reason']}"
+    accuracy = f"accuracy {candidate['accuracy']:.4f}"
     return f"{name} v{candidate['version']} {verdict[record['decision']]}: {accuracy}{against}{p}{timing}"
 
 
@@ -325,7 +328,7 @@ def run(cfg: PromoteConfig, model_name: str, candidate_version: str, dataset: Da
     client.get_model_version(model_name, candidate_version)  # fails early, naming the missing version
     champion_version = current_champion(client, model_name, cfg.alias)
     base = {"model_name": model_name, "alias": cfg.alias, "config": cfg.model_dump(mode="json"),
-            "n_test": len(test_split), "dataset_manifest_sha256": manifest_sha256(dataset),
+            "n_test": len(test_split), "test_split_sha256": scored_images_sha256(test_split),
             "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
     if champion_version == candidate_version:
@@ -356,9 +359,9 @@ def run(cfg: PromoteConfig, model_name: str, candidate_version: str, dataset: Da
     return finish(record, out_dir, tags=version_tags(record), client=client)
 
 
-def manifest_sha256(dataset: Dataset) -> str:
-    manifest = dataset.root / "manifest.csv"
-    return sha256_file(manifest) if manifest.exists() else "unknown"
+def scored_images_sha256(test: pd.DataFrame) -> str:
+    """Identity of exactly the images both models were scored on (paths, contents, labels)."""
+    return sha256_json(test[["path", "sha256", "label"]].to_dict("records"))
 
 
 def finish(record: dict[str, Any], out_dir: Path, tags: dict[str, str] | None, client: MlflowClient) -> StageResult:

@@ -26,6 +26,8 @@ from pydantic import ValidationError
 from flows.deploy import ENTRYPOINT, DeployError, ScheduleConfig, create_deployment, next_steps
 from tests.conftest import REPO, small_params, venv_env, write_imagefolder
 
+# The gate as configured for this run: few timed images, a latency budget a busy CI box cannot miss.
+PROMOTE = {"latency_images": 8, "max_p95_latency_ms": 10_000.0}
 RUN_TIMEOUT_S = 900  # one retrain on 24-36 generated images takes ~1-3 min on two busy cores
 
 
@@ -118,7 +120,7 @@ def test_scheduled_retrain_picks_up_new_images_and_ends_in_a_promotion_decision(
 
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         deployment_id = create_deployment(schedule, {"params_file": str(params),
-                                                     "promote_config": {"latency_images": 8}}, REPO, ENTRYPOINT)
+                                                     "promote_config": PROMOTE}, REPO, ENTRYPOINT)
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment(deployment_id)
             pool = client.read_work_pool("test-pool")
@@ -127,7 +129,7 @@ def test_scheduled_retrain_picks_up_new_images_and_ends_in_a_promotion_decision(
             [("0 3 * * 1", "Europe/Berlin", True)]
         assert deployment.global_concurrency_limit.limit == 1  # two retrains never write outputs/ at once
         # Deploying again updates the same deployment rather than adding one.
-        assert create_deployment(schedule, {"params_file": str(params), "promote_config": {"latency_images": 8}},
+        assert create_deployment(schedule, {"params_file": str(params), "promote_config": PROMOTE},
                                  REPO, ENTRYPOINT) == deployment_id
 
         worker = start(["prefect", "worker", "start", "--pool", "test-pool", "--type", "process"],
@@ -166,3 +168,23 @@ def test_next_steps_name_the_pool_and_the_deployment() -> None:
     assert "prefect worker start --pool gpu-box" in text
     assert "prefect deployment run 'tlops-retrain/weekly'" in text
     assert "cron '0 3 * * 1' (UTC)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("schedule" not in __import__("tlops.config").config.Params.model_fields,
+                    reason="runs once tlops/config.py carries the `schedule` params block")
+def test_tlops_deploy_reads_the_schedule_from_params(prefect_api: str, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import deploy
+
+    params = small_params(tmp_path, schedule={"cron": "15 4 * * *", "timezone": "UTC", "work_pool": "from-params",
+                                              "deployment": "daily"})
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        text = deploy(str(params), ["finetune.lr=0.01"])
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("tlops-retrain/daily")
+    assert "prefect worker start --pool from-params" in text
+    assert deployment.schedules[0].schedule.cron == "15 4 * * *"
+    assert deployment.parameters == {"params_file": str(params), "overrides": ["finetune.lr=0.01"]}

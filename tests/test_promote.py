@@ -30,7 +30,9 @@ from components.promote import PromoteConfig, paired_test, run
 from tests.conftest import write_imagefolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = {"latency_images": 8}
+# Few timed images; a budget no real run misses, since p95 on a shared, busy CPU swings by 10x.
+# The latency gate has its own test with a budget no model can meet.
+FAST = {"latency_images": 8, "max_p95_latency_ms": 10_000.0}
 
 
 def constant_checkpoint(path: Path, dataset: Dataset, labels: list[str], favoured: int) -> Path:
@@ -112,6 +114,9 @@ def test_first_becomes_champion_and_a_worse_challenger_is_never_promoted(models,
     assert float(recorded["promote.discordant_champion_only"]) == n_test_of(dataset, 1)
     assert float(recorded["promote.discordant_candidate_only"]) == 0
     assert float(recorded["promote.p95_latency_ms"]) > 0
+    # Both decisions scored exactly the same images.
+    assert recorded["promote.test_split_sha256"] == tags("first-then-worse", good)["promote.test_split_sha256"]
+    assert len(recorded["promote.test_split_sha256"]) == 64
 
     decision = json.loads((tmp_path / "worse" / "promotion.json").read_text())
     assert decision["decision"] == "kept" and decision["champion"]["version"] == good
@@ -125,7 +130,8 @@ def test_a_clearly_better_challenger_is_promoted(models, tmp_path: Path, test: s
     dataset, onnx_files = models
     name = f"better-{test}"
     bad = register(name, onnx_files["bad"])
-    assert run(PromoteConfig(**FAST), name, bad, dataset, tmp_path / "first").info["decision"] == "first"
+    first = run(PromoteConfig(**FAST), name, bad, dataset, tmp_path / "first")
+    assert first.info["decision"] == "first", first.info["reason"]
     good = register(name, onnx_files["good"])
     result = run(PromoteConfig(test=test, **FAST), name, good, dataset, tmp_path / "better")
 
@@ -146,7 +152,7 @@ def test_a_latency_budget_too_small_refuses_even_a_better_model(models, tmp_path
     bad = register("slow-budget", onnx_files["bad"])
     run(PromoteConfig(**FAST), "slow-budget", bad, dataset, tmp_path / "first")
     good = register("slow-budget", onnx_files["good"])
-    result = run(PromoteConfig(max_p95_latency_ms=0.001, **FAST), "slow-budget", good, dataset, tmp_path / "tight")
+    result = run(PromoteConfig(**{**FAST, "max_p95_latency_ms": 0.001}), "slow-budget", good, dataset, tmp_path / "tight")
     assert result.info["decision"] == "kept"
     assert alias_version("slow-budget") == bad
     assert "p95 latency" in tags("slow-budget", good)["promote.reason"]
@@ -189,6 +195,7 @@ def test_a_candidate_with_other_labels_is_refused_and_a_rerun_changes_nothing(mo
     assert run(PromoteConfig(**FAST), "refused", good, dataset, tmp_path / "good").info["decision"] == "first"
     again = run(PromoteConfig(**FAST), "refused", good, dataset, tmp_path / "again")
     assert again.info["decision"] == "kept" and "already holds @champion" in again.info["reason"]
+    assert again.info["summary"] == f"refused v{good} not promoted; @champion stays v{good}: v{good} already holds @champion"
     assert tags("refused", good)["promote.decision"] == "first"  # the rerun did not overwrite the record
 
 
