@@ -66,7 +66,9 @@ class PromoteConfig(StageConfig):
     test: Literal["mcnemar", "bootstrap"] = "mcnemar"
     bootstrap_samples: int = Field(10_000, ge=100)
     seed: int = 0
-    max_p95_latency_ms: float = Field(100.0, gt=0.0)
+    # A bound for one request on one CPU core: Lite0 at 224 px measured 52-72 ms median, 74-89 ms p95 on
+    # one core of a 2-core AVX2 machine at load average 12, so 250 leaves room for a busy box.
+    max_p95_latency_ms: float = Field(250.0, gt=0.0)
     latency_images: int = Field(50, ge=5)
     # One thread: the latency of a single request on one core, steady on a shared machine.
     latency_threads: int = Field(1, ge=0)
