@@ -32,6 +32,8 @@ from components.config import StageConfig
 from components.errors import UserError
 from components.promote import PromoteConfig
 from flows.train import train
+from tlops.config import load_params
+from tlops.stages import fresh_dir, validated_dataset
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,6 @@ class DeployError(UserError):
 @task(name="promote", cache_policy=NO_CACHE, persist_result=False)  # the champion moves between runs
 def promote_stage(cfg: PromoteConfig, model_name: str, version: str, params_file: str,
                   overrides: list[str], out_dir: str) -> dict[str, Any]:
-    from tlops.config import load_params
-    from tlops.stages import fresh_dir, validated_dataset
-
     dataset = validated_dataset(load_params(Path(params_file), overrides))
     result = promote.run(cfg, model_name, version, dataset, fresh_dir(Path(out_dir)))
     return {"out_dir": str(result.out_dir), "cached": False, **result.info}
@@ -182,8 +181,6 @@ def next_steps(cfg: ScheduleConfig, url: str) -> str:
 
 def deploy(params_file: str = "params.yaml", overrides: list[str] | None = None, serve: bool = False) -> str:
     """`tlops deploy`: create/update the scheduled deployment (or, with `serve`, serve it in this process)."""
-    from tlops.config import load_params
-
     params = load_params(Path(params_file), overrides or [])
     cfg: ScheduleConfig = params.schedule
     parameters = deployment_parameters(params_file, overrides or [])
