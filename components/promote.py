@@ -208,7 +208,8 @@ def decide(cfg: PromoteConfig, candidate: Scored, champion: Scored | None, test:
     assert test is not None and candidate.accuracy is not None and champion.accuracy is not None
     gain = candidate.accuracy - champion.accuracy
     if gain <= 0 or gain < cfg.min_improvement:
-        return "kept", (f"accuracy gain {gain:+.4f} is not above promote.min_improvement={cfg.min_improvement:g}")
+        return "kept", (f"accuracy gain {gain:+.4f} does not beat the champion by "
+                        f"promote.min_improvement={cfg.min_improvement:g}")
     if test["p_value"] >= cfg.significance:
         return "kept", (f"accuracy gain {gain:+.4f} is not significant ({cfg.test} p={test['p_value']:.3g} "
                         f">= promote.significance={cfg.significance:g})")
@@ -238,6 +239,7 @@ def plot(record: dict[str, Any], path: Path) -> Path:
         pairs_ax.bar([0, 1], counts, color=["tab:gray", "tab:blue"])
         for i, count in enumerate(counts):
             pairs_ax.text(i, count, f"{int(count)}", ha="center", va="bottom")
+        pairs_ax.set_ylim(0, max(counts + [1]) * 1.2)  # counts: no negative axis when both are zero
         pairs_ax.set_xticks([0, 1], ["only champion\nright", "only candidate\nright"])
         pairs_ax.set_title(f"discordant pairs, {record['config']['test']} p={test['p_value']:.3g}")
     else:
