@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
-import zoneinfo
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field, field_validator
 
 from components import promote
-from components.config import StageConfig
 from components.errors import UserError
 from components.promote import PromoteConfig
 from flows.train import train
-from tlops.config import load_params
-from tlops.stages import fresh_dir, validated_dataset
+from tlops.config import ScheduleConfig, load_params
+from tlops.stages import check_owned, validated_dataset
 
 log = logging.getLogger(__name__)
 
@@ -41,34 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The flow a scheduled run executes: training, then the promotion gate.
 ENTRYPOINT = "flows/deploy.py:retrain"
 WORK_POOL_TYPE = "process"  # runs each flow in a subprocess of the worker, in this checkout
-
-
-class ScheduleConfig(StageConfig):
-    deployment: str = Field("tlops-retrain", min_length=1)
-    cron: str = "0 3 * * 1"  # Mondays at 03:00
-    timezone: str = "UTC"
-    work_pool: str = Field("tlops", min_length=1)
-    work_queue: str | None = None  # None = the pool's default queue
-    active: bool = True  # false keeps the deployment but creates no scheduled runs
-    concurrency_limit: int = Field(1, ge=1)  # retrains write the same outputs/: never two at once
-
-    @field_validator("cron")
-    @classmethod
-    def five_fields(cls, value: str) -> str:
-        # Prefect checks the expression itself when the deployment is created; this catches the shape
-        # at load time without importing Prefect for every `tlops stage`.
-        if len(value.split()) != 5:
-            raise ValueError(f"{value!r} is not a 5-field cron expression (minute hour day month weekday)")
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def known_timezone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
-        return value
 
 
 class DeployError(UserError):
@@ -79,7 +48,9 @@ class DeployError(UserError):
 def promote_stage(cfg: PromoteConfig, model_name: str, version: str, params_file: str,
                   overrides: list[str], out_dir: str) -> dict[str, Any]:
     dataset = validated_dataset(load_params(Path(params_file), overrides))
-    result = promote.run(cfg, model_name, version, dataset, fresh_dir(Path(out_dir)))
+    check_owned(Path(out_dir))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    result = promote.run(cfg, model_name, version, dataset, Path(out_dir))
     return {"out_dir": str(result.out_dir), "cached": False, **result.info}
 
 

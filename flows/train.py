@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.tasks import Task
@@ -67,8 +68,10 @@ def stage_task(stage: Stage) -> Task:
         return StageRecord(stage=stage.name, out_dir=str(result.out_dir), fingerprint=result.fingerprint(),
                            info=result.info)
 
+    caching = {"cache_key_fn": stage_key, "persist_result": True} if stage.cached else {"cache_policy": NO_CACHE,
+                                                                                         "persist_result": False}
     return task(
-        run, name=stage.name, cache_key_fn=stage_key if stage.cached else None, persist_result=stage.cached,
+        run, name=stage.name, **caching,
         retries=2 if stage.io_bound else 0, retry_delay_seconds=5, retry_condition_fn=io_errors_only,
     )
 
@@ -103,7 +106,7 @@ def run_stage(stage: Stage, params: Params, upstream: dict[str, str], parent_run
 
 @flow(name="tlops-train")
 def train(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Ingest -> validate -> features -> select -> finetune -> export -> compress -> evaluate -> register."""
+    """Ingest -> validate -> features -> select -> finetune -> export -> compress -> evaluate -> register -> promote."""
     params = load_params(Path(params_file), overrides or [])
     tracking.check_tracking_server()
     with RunLock(params, "tlops run") as lock:

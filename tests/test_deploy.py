@@ -157,7 +157,7 @@ def test_scheduled_retrain_picks_up_new_images_and_ends_in_a_promotion_decision(
     second_tags = client.get_model_version("scheduled", "2").tags
     assert second_tags["promote.decision"] in {"promoted", "kept"}
     assert second_tags["promote.champion_version"] == "1"
-    assert second_tags["dvc.manifest_md5"] != champion.tags["dvc.manifest_md5"]
+    assert second_tags["data.version"] != champion.tags["data.version"]
     assert (tmp_path / "outputs/promote/promotion.json").exists()
     expected = "1" if second_tags["promote.decision"] == "kept" else "2"
     assert str(client.get_model_version_by_alias("scheduled", "champion").version) == expected

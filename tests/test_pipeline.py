@@ -27,14 +27,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     from flows.train import train
 
-    params_file = small_params(tmp_path)
+    params_file = small_params(tmp_path, register={"model_name": "flow-test"})
     summary = train(params_file=str(params_file))
 
     version = summary["register"]["version"]
     client = MlflowClient()
-    model_version = client.get_model_version("tlops-elpv", version)
+    model_version = client.get_model_version("flow-test", version)
     assert model_version.tags["backbone"] == "efficientnet_lite0"
-    assert str(client.get_model_version_by_alias("tlops-elpv", "challenger").version) == version
+    assert str(client.get_model_version_by_alias("flow-test", "challenger").version) == version
     metrics = json.loads((tmp_path / "outputs/evaluate/metrics.json").read_text())
     assert float(model_version.tags["test.accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-4)
     # What is registered is, byte for byte, the file evaluate scored.
@@ -62,7 +62,7 @@ def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     assert "images" not in logged["ingest"]  # the data stays with DVC, not copied into MLflow per run
 
     # The registered model, fetched back from the registry, loads in ONNX Runtime and predicts.
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/tlops-elpv/{version}", dst_path=str(tmp_path / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/flow-test/{version}", dst_path=str(tmp_path / "dl")))
     session = ort.InferenceSession(str(next(local.rglob("*.onnx"))), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
     labels = json.loads(meta["labels"])
@@ -72,8 +72,13 @@ def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     logits = session.run(None, {session.get_inputs()[0].name: load_batch(images, preprocessing)})[0]
     assert logits.shape == (5, len(labels)) and np.isfinite(logits).all()
 
+    # The first version ever registered becomes champion.
+    assert summary["promote"]["decision"] == "first"
+    assert str(client.get_model_version_by_alias("flow-test", "champion").version) == version
+
     # Nothing changed: every stage replays from Prefect's cache and no new version is registered.
     again = train(params_file=str(params_file))
+    assert not again["promote"]["cached"] and again["promote"]["decision"] == "kept"
     assert all(again[stage]["cached"] for stage in ("ingest", "features", "finetune", "evaluate", "register"))
     assert again["register"]["version"] == version
 
@@ -145,7 +150,10 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
     recorded = next(o["md5"] for o in lock["stages"]["validate"]["outs"] if o["path"].endswith("manifest.csv"))
     assert json.loads(read_metadata(repo / "outputs/compress/model.onnx")["data"])["version"] == recorded
 
-    assert "Running stage" not in dvc(["repro"], repo)
+    # Nothing changed: only the promotion gate runs again (the champion lives in the registry, outside DVC).
+    again = dvc(["repro"], repo)
+    assert "Running stage 'promote'" in again and "Running stage 'register'" not in again
+    assert again.count("Running stage") == 1
 
     # A head hyperparameter reruns finetune and what follows, not ingest/features.
     (repo / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))

@@ -33,6 +33,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                              help="override a dotted params key, e.g. --set finetune.lr=0.01 (repeatable)")
     sub.add_parser("backbones", help="list the backbone registry")
+    serve = sub.add_parser("serve", help="serve a model over HTTP (ONNX Runtime, micro-batched)")
+    serve.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    serve.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or an ONNX file")
+    serve.add_argument("--host", help="address to listen on (default serve.host)")
+    serve.add_argument("--port", type=int, help="port (default serve.port)")
+    deploy = sub.add_parser("deploy", help="put retraining on a schedule: a Prefect deployment (params `schedule`)")
+    deploy.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    deploy.add_argument("--serve", action="store_true", help="serve the deployment in this process instead of a work pool")
     drift = sub.add_parser("drift", help="compare a folder of new images with the training features; flag drift")
     drift.add_argument("--images", required=True, help="folder of new images (searched recursively)")
     drift.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
@@ -124,6 +134,7 @@ def run_flow(args: argparse.Namespace) -> None:
         f"  test accuracy  {evaluate['accuracy']:.4f}   macro-F1 {evaluate['macro_f1']:.4f}",
         f"  metrics/plots  {summary['evaluate']['out_dir']}/",
         f"  registered     {register.get('model_uri')}",
+        f"  promotion      {summary['promote']['summary']}",
         f"  MLflow run     {summary['parent_run_id']}  (open with: make ui)",
     ]
     print("\n".join(lines))
@@ -146,6 +157,15 @@ def write_dvc_yaml(args: argparse.Namespace) -> int:
         return 0 if current else 1
     print("dvc.yaml written" if dvc_pipeline.write() else "dvc.yaml already current")
     return 0
+
+
+def serve_model(args: argparse.Namespace) -> None:
+    from tlops.config import load_params
+    from tlops.serve_app import serve
+
+    flags = {"model_uri": args.model, "host": args.host, "port": args.port}
+    params = load_params(args.params, [*args.overrides, *(f"serve.{k}={v}" for k, v in flags.items() if v is not None)])
+    serve(params.serve)
 
 
 def check_drift(args: argparse.Namespace) -> None:
@@ -189,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             from tlops.config import load_params
 
             print(json.dumps(load_params(args.params, args.overrides).to_dict(), indent=2))
+        elif args.command == "serve":
+            serve_model(args)
+        elif args.command == "deploy":
+            from flows.deploy import deploy
+
+            print(deploy(str(args.params), args.overrides, serve=args.serve))
         elif args.command == "drift":
             check_drift(args)
         elif args.command == "dvc-yaml":

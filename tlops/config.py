@@ -7,22 +7,25 @@ the dotted key. Overrides use the same dotted keys as `dvc exp run -S`.
 from __future__ import annotations
 
 import re
+import zoneinfo
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from components.compress import CompressConfig
-from components.drift import DriftConfig
 from components.config import StageConfig
+from components.drift import DriftConfig
 from components.errors import UserError
 from components.evaluate import EvaluateConfig
 from components.export import ExportConfig
 from components.features import FeaturesConfig
 from components.finetune import FinetuneConfig
 from components.ingest import IngestConfig
+from components.promote import PromoteConfig
 from components.select import SelectConfig
+from components.serve import ServeConfig
 from components.validate import ValidateConfig
 
 
@@ -43,6 +46,7 @@ class PathsConfig(StageConfig):
     compress: str = "outputs/compress"
     evaluate: str = "outputs/evaluate"
     register: str = "outputs/register"
+    promote: str = "outputs/promote"
     drift: str = "outputs/drift"  # appended to by `tlops drift`, never emptied
 
 
@@ -59,6 +63,34 @@ class RegisterConfig(StageConfig):
         return alias
 
 
+class ScheduleConfig(StageConfig):
+    deployment: str = Field("tlops-retrain", min_length=1)
+    cron: str = "0 3 * * 1"  # Mondays at 03:00
+    timezone: str = "UTC"
+    work_pool: str = Field("tlops", min_length=1)
+    work_queue: str | None = None  # None = the pool's default queue
+    active: bool = True  # false keeps the deployment but creates no scheduled runs
+    concurrency_limit: int = Field(1, ge=1)  # retrains write the same outputs/: never two at once
+
+    @field_validator("cron")
+    @classmethod
+    def five_fields(cls, value: str) -> str:
+        # Prefect checks the expression itself when the deployment is created; this catches the shape
+        # at load time without importing Prefect for every `tlops stage`.
+        if len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a 5-field cron expression (minute hour day month weekday)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def known_timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+
 class Params(StageConfig):
     paths: PathsConfig = PathsConfig()
     ingest: IngestConfig = IngestConfig()
@@ -70,7 +102,17 @@ class Params(StageConfig):
     compress: CompressConfig = CompressConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register: RegisterConfig = RegisterConfig()
+    promote: PromoteConfig = PromoteConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    serve: ServeConfig = ServeConfig()
     drift: DriftConfig = DriftConfig()
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> Params:
+        if self.promote.alias == self.register.alias:
+            raise ValueError(f"promote.alias and register.alias are both {self.register.alias!r}: every new version "
+                             f"would take the alias the promotion gate guards; give them different names")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components import compress, evaluate, export, features, finetune, ingest, select, validate
+from components import compress, evaluate, export, features, finetune, ingest, promote, select, validate
 from components.errors import UserError
 from components.manifest import Dataset, read_manifest
 from components.progress import Progress, no_progress
@@ -124,6 +124,12 @@ def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return tracking.register_model(params, out, ctx.parent_run_id)
 
 
+def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    registered = StageResult.load(params.path("register"))
+    return promote.run(params.promote, registered.info["model_name"], registered.info["version"],
+                       validated_dataset(params), out)
+
+
 def _version_exists(result: StageResult) -> bool:
     from tlops import tracking
 
@@ -155,6 +161,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("register", "tlops.tracking", _register, ("register",),
           (f"compress/{compress.SHIPPED_FILE}", f"evaluate/{METRICS_FILE}", "validate/manifest.csv"), "register",
           (Output(cache=False),), io_bound=True, tracked=False, still_valid=_version_exists),
+    # Never cached: the champion it is judged against lives in the registry and moves between runs.
+    Stage("promote", "components.promote", _promote, ("promote",),
+          (f"register/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "promote",
+          (Output(cache=False),), cached=False, io_bound=True),
 )
 ORDER = tuple(stage.name for stage in STAGES)
 BY_NAME = {stage.name: stage for stage in STAGES}

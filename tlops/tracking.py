@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-import onnx
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
+from components import pyfunc_model
 from components.compress import SHIPPED_FILE
 from components.errors import UserError
 from components.lineage import data_version as manifest_version
@@ -260,11 +260,9 @@ def register_model(params: Params, out_dir: Path, parent_run_id: str | None = No
                           tags={"tlops.kind": "stage", "tlops.stage": "register", "git.commit": git_commit(),
                                 "data.version": data_version(params)}):
         log_dataset(params)
-        # One self-contained file: what is registered hashes to what evaluate scored.
-        info = mlflow.onnx.log_model(
-            onnx.load(str(model_path)), name="model", registered_model_name=name, save_as_external_data=False,
-            onnx_execution_providers=["CPUExecutionProvider"],
-        )
+        # A pyfunc whose artifact is the ONNX file byte for byte: `mlflow models serve` takes images,
+        # and what is registered hashes to what evaluate scored.
+        info = pyfunc_model.log_model(model_path, registered_model_name=name)
         mlflow.log_metrics({metric_key(f"test_{k}"): v for k, v in test_metrics.items()})
     client = MlflowClient()
     version = str(info.registered_model_version)
