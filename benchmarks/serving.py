@@ -44,6 +44,7 @@ from torch import nn
 
 from components.backbones import get_entry
 from components.classifier import save_checkpoint
+from components import features
 from components.export import ExportConfig
 from components.export import run as export_run
 from components.ingest import IngestConfig
@@ -95,10 +96,13 @@ def build_model(work: Path, image_size: int) -> tuple[Path, Dataset]:
     checkpoint = save_checkpoint(
         work / "model.pt", nn.Linear(entry.feature_dim, len(dataset.labels)), None,
         backbone=entry.describe(), tap="pooled", labels=list(dataset.labels),
-        preprocessing=entry.preprocessing(image_size), config={"strategy": "linear", "benchmark": True},
+        preprocessing=entry.preprocessing(image_size).model_dump(mode="json"), config={"strategy": "linear", "benchmark": True},
         data={"benchmark": "serving"}, strategy="linear",
     )
-    exported = export_run(ExportConfig(parity_images=4), 0.0, checkpoint, dataset, work / "export")
+    # Export checks the served model against the head on the features stage's output: compute it.
+    features.run(features.FeaturesConfig(image_size=image_size), (BACKBONE,), dataset, work / "cache", work / "features")
+    exported = export_run(ExportConfig(parity_images=4), 0.0, checkpoint, dataset, work / "export",
+                          features_dir=work / "features")
     return exported.artifacts["fp32"], dataset
 
 

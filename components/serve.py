@@ -300,14 +300,14 @@ def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedMo
     try:
         labels = model_labels(path, metadata)
         preprocessing = model_preprocessing(path, metadata)
-    except KeyError as error:
+    except (KeyError, UserError) as error:
         raise UserError(f"{source.uri}: {error.args[0]}") from None
     return LoadedModel(
         source=source,
         session=open_session(path, num_threads),
         labels=labels,
-        input_size=int(preprocessing["input_size"]),
-        preprocessing=dict(preprocessing),
+        input_size=preprocessing.input_size,
+        preprocessing=preprocessing.model_dump(mode="json"),
         transform=build_transform(preprocessing),
         metadata=metadata,
         sha256=sha256_of(path),

@@ -17,6 +17,7 @@ from components.classifier import build_model, load_checkpoint
 from components.export import (
     ExportConfig, ExportParityError, TrainServeSkewError, check_parity, check_train_serve, parity_images, run,
 )
+from components.lineage import data_version
 from components.onnx_runtime import open_session, read_metadata, stamp_metadata
 from components.preprocess import Preprocessing
 from components.result import StageResult
@@ -53,7 +54,7 @@ def test_export_writes_checked_models_that_describe_themselves(exported) -> None
         assert metadata["features_cache_key"] == record["cache_key"]
         assert metadata["backbone"] == "efficientnet_lite0"
         assert len(metadata["backbone_weights_sha256"]) == 64
-        assert "manifest_sha256" in json.loads(metadata["data"])
+        assert json.loads(metadata["data"])["version"] == data_version(dataset.root / "manifest.csv")
         assert metadata["strategy"] == "linear" and metadata["tap"] == "pooled"
         assert metadata["tlops_version"] not in ("", "unknown")
         assert result.metrics[f"parity_max_diff_{name}"] <= ExportConfig().parity_atol

@@ -43,8 +43,8 @@ def constant_checkpoint(path: Path, dataset: Dataset, labels: list[str], favoure
         head.weight.zero_()
         head.bias.copy_(torch.tensor([3.0 if i == favoured else 0.0 for i in range(len(labels))]))
     return save_checkpoint(path, head, None, backbone=entry.describe(), tap="pooled", labels=labels,
-                           preprocessing=entry.preprocessing(64), config={"strategy": "linear"},
-                           data={"manifest_sha256": "none"}, strategy="linear")
+                           preprocessing=entry.preprocessing(64).model_dump(mode="json"), config={"strategy": "linear"},
+                           data={"version": "none"}, strategy="linear")
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, dict[str,
         "bad": constant_checkpoint(root / "bad.pt", dataset, list(dataset.labels), favoured=0),
         "foreign": constant_checkpoint(root / "foreign.pt", dataset, ["cracked", "intact"], favoured=0),
     }
-    onnx_files = {name: export.run(export.ExportConfig(parity_images=4), 0.0, ckpt, dataset, root / f"export_{name}")
-                  .artifacts["fp32"] for name, ckpt in checkpoints.items()}
+    # The foreign model was trained for other labels: it exports against the same images under those labels.
+    renamed = dict(zip(dataset.labels, ("cracked", "intact")))
+    foreign = Dataset(dataset.manifest.assign(label=dataset.manifest["label"].map(renamed)), dataset.root,
+                      ("cracked", "intact"))
+    onnx_files = {name: export.run(export.ExportConfig(parity_images=4), 0.0, ckpt,
+                                   foreign if name == "foreign" else dataset, root / f"export_{name}",
+                                   features_dir=root / "features").artifacts["fp32"]
+                  for name, ckpt in checkpoints.items()}
     return dataset, onnx_files
 
 

@@ -33,6 +33,7 @@ from components.onnx_runtime import model_labels, model_preprocessing, open_sess
 from components.preprocess import load_batch
 from components.pyfunc_model import log_model
 from components.serve import ModelServer, ServeConfig, sha256_of
+from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 from tlops.serve_app import running_service
 
@@ -44,7 +45,8 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("serve_model")
     dataset = make_dataset(root / "data")
     checkpoint = make_checkpoint(root / "model.pt", dataset)
-    return export_run(ExportConfig(parity_images=2), 0.0, checkpoint, dataset, root / "export").artifacts["fp32"]
+    return export_run(ExportConfig(parity_images=2), 0.0, checkpoint, dataset, root / "export",
+                      features_dir=make_features(dataset, root)).artifacts["fp32"]
 
 
 @pytest.fixture(scope="module")
