@@ -16,6 +16,7 @@ full 8-bit weights overflow it; on ELPV that alone cost 9 points of val accuracy
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import os
@@ -89,8 +90,6 @@ def prune_model(model: nn.Module, sparsity: float) -> nn.Module:
     Global (not per-layer) L1 magnitude pruning; the masks are folded into the weights, so the
     copy is a plain module that exports like the original.
     """
-    import copy
-
     if not 0 <= sparsity < 1:
         raise ValueError(f"compress.sparsity must be in [0, 1), got {sparsity}; 0 turns pruning off.")
     pruned = copy.deepcopy(model)
@@ -154,9 +153,10 @@ class Quantizer:
 
     def quantize(self, target: Path, excluded: Sequence[str] = ()) -> Path:
         cfg = self.cfg
+        partial = target.with_name(target.stem + ".partial.onnx")  # renamed once checked: no half-written model
         quantize_static(
             str(self.prepared),
-            str(target),
+            str(partial),
             ArrayCalibrationReader(self.input_name, self.images, CALIBRATION_BATCH),
             quant_format=QuantFormat.QDQ,
             per_channel=cfg.per_channel,
@@ -167,9 +167,10 @@ class Quantizer:
             nodes_to_exclude=self.shape_nodes + list(excluded),
             calibration_cache_path=self.cache,
         )
-        stamp_metadata(target, self.metadata | {"quantization": self.recipe(excluded),
-                                                "fp32_nodes": ",".join(excluded)})
-        onnx.checker.check_model(str(target), full_check=True)
+        stamp_metadata(partial, self.metadata | {"quantization": self.recipe(excluded),
+                                                 "fp32_nodes": ",".join(excluded)})
+        onnx.checker.check_model(str(partial), full_check=True)
+        os.replace(partial, target)
         log.info("quantized -> %s (%s)", target.name, self.recipe(excluded))
         return target
 
