@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
+import onnx
+import pydantic
 import pytest
 import torch
 from torch import nn
 
 from components import export
-from components.compress import CompressConfig, choose, prune_model, run
-from components.onnx_runtime import read_metadata
+from components.classifier import load_checkpoint
+from components.compress import (
+    CompressConfig, ExportChangedError, choose, compression_order, exclusion_steps, prune_model, run,
+    shape_arithmetic_nodes,
+)
+from components.onnx_runtime import predict_frame, read_metadata
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
+from tlops.config import ConfigError, load_params
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +72,56 @@ def test_choose_ships_the_most_compressed_candidate_within_budget() -> None:
     assert choose({"fp32": 0.90}, max_drop=0.01)[0] == "fp32"
 
 
+def test_choose_prefers_fewer_fp32_nodes_and_says_when_nothing_fits() -> None:
+    assert compression_order(["fp32", "int8_fp32x4", "pruned", "int8_fp32x1", "int8"]) == [
+        "int8", "int8_fp32x1", "int8_fp32x4", "pruned", "fp32"]
+    shipped, reason, _ = choose({"fp32": 0.90, "int8": 0.80, "int8_fp32x1": 0.88, "int8_fp32x2": 0.895}, 0.01)
+    assert shipped == "int8_fp32x2" and "int8 0.8000, int8_fp32x1 0.8800" in reason
+    shipped, reason, within = choose({"fp32": 0.90, "int8": 0.80}, 0.0)
+    assert shipped == "fp32" and within == {"fp32": True, "int8": False}
+    assert reason.startswith("fp32 is the most compressed candidate with val accuracy >= 0.9000")
+    assert reason.endswith("more compressed but over budget: int8 0.8000")
+    assert exclusion_steps(16) == [1, 2, 4, 8, 16] and exclusion_steps(3) == [1, 2, 3] and exclusion_steps(0) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("sparsity", 1.0), ("max_accuracy_drop", -1.0), ("max_accuracy_drop", 1.5), ("calibration_images", 0),
+     ("calibration_method", "kl"), ("max_fp32_nodes", -1), ("activation_type", "int4")],
+)
+def test_bad_compress_config_is_refused_when_params_load(key: str, value: object) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        CompressConfig(**{key: value})
+    with pytest.raises(ConfigError, match=f"compress.{key}"):
+        load_params(None, [f"compress.{key}={json.dumps(value)}"])
+
+
+def test_an_export_whose_files_changed_is_refused(exported, tmp_path: Path) -> None:
+    root, dataset = exported
+    copied = shutil.copytree(root / "export", tmp_path / "export")
+    with open(copied / "model_fp32.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ExportChangedError, match="re-run export"):
+        run(CompressConfig(calibration_images=4), copied, dataset, tmp_path / "compress")
+    assert not (tmp_path / "compress" / "compress.json").exists()
+
+
 def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> None:
     root, dataset = exported
     # A budget of 1.0 admits any accuracy, so the decision cannot depend on a random head.
-    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4), root / "export", dataset,
-                 root / "lenient")
+    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1), root / "export",
+                 dataset, root / "lenient")
     report = json.loads((root / "lenient" / "compress.json").read_text())
     assert set(report["candidates"]) == {"fp32", "int8"}
     assert report["candidates"]["int8"]["size_mb"] < 0.5 * report["candidates"]["fp32"]["size_mb"]
     assert report["shipped"] == result.info["shipped"] == "int8"
     assert result.metrics["size_ratio_int8"] < 0.5
-    for name in ("fp32", "int8"):
-        assert 0.0 <= result.metrics[f"val_accuracy_{name}"] <= 1.0
+    # Full INT8 met the budget: no node was kept in FP32 and no sensitivity search ran.
+    assert report["int8_search"]["fp32_nodes"] == [] and report["int8_search"]["stopped"] == "full int8 within budget"
+    assert not (root / "lenient" / "sensitivity.csv").exists()
+    for name, entry in report["candidates"].items():
+        assert entry["latency_ms_batch1"] > 0 and entry["latency_ms_batch32"] > entry["latency_ms_batch1"]
+        assert result.metrics[f"latency_ms_b32_{name}"] == entry["latency_ms_batch32"]
     shipped = read_metadata(result.artifacts["model"])
     assert shipped["compression"] == "int8"
     assert shipped["labels"] == json.dumps(list(dataset.labels))
@@ -80,13 +129,78 @@ def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> No
     assert float(shipped["val_accuracy"]) == pytest.approx(result.metrics["val_accuracy_int8"], abs=1e-6)
 
 
-def test_an_impossible_budget_ships_fp32_and_says_why(exported) -> None:
+def test_shape_arithmetic_is_left_in_float(exported) -> None:
+    """TF-style padding computes pad widths from Shape in float; quantizing that math breaks the pads."""
+    root, _ = exported
+    prepared = onnx.load(str(root / "export" / "model_fp32.onnx")).graph
+    shape_nodes = set(shape_arithmetic_nodes(prepared))
+    assert any(name.endswith("/Shape") for name in shape_nodes)
+    assert not any(node.op_type == "Conv" for node in prepared.node if node.name in shape_nodes)
+    int8 = onnx.load(str(root / "lenient" / "model_int8.onnx")).graph
+    dequantized = {o for node in int8.node if node.op_type == "DequantizeLinear" for o in node.output}
+    pads = [node for node in int8.node if node.op_type == "Pad"]
+    assert pads and all(node.input[1] not in dequantized for node in pads)
+    assert any(node.input[0] in dequantized for node in pads)  # the feature maps themselves are quantized
+
+
+def near_boundary_checkpoint(root: Path, dataset, source: Path) -> Path:
+    """The tiny model's head with its bias moved so that INT8 noise flips a val image FP32 gets right.
+
+    A random head on 4 val images rarely loses accuracy to INT8; this one does, so a zero budget
+    forces the mixed-precision search on a real model instead of faking it.
+    """
+    frame = dataset.split("val")
+    truth = np.asarray(dataset.label_index(frame))
+    margins = {}
+    for name in ("model_fp32.onnx", "model_int8.onnx"):
+        folder = root / ("export" if name == "model_fp32.onnx" else "lenient")
+        logits = predict_frame(folder / name, dataset, frame)
+        margins[name] = logits[:, 0] - logits[:, 1]
+    fp32, int8 = margins["model_fp32.onnx"], margins["model_int8.onnx"]
+
+    def accuracy(margin: np.ndarray, shift: float) -> float:
+        return float(np.mean(np.where(margin + shift > 0, 0, 1) == truth))
+
+    edges = np.sort(np.concatenate([-fp32, -int8]))
+    shifts = (edges[:-1] + edges[1:]) / 2
+    # Largest FP32-over-INT8 gap; among those, the shift farthest from any flip point.
+    best = max(shifts, key=lambda s: (accuracy(fp32, s) - accuracy(int8, s), np.min(np.abs(edges - s))))
+    assert accuracy(fp32, best) > accuracy(int8, best)
+    checkpoint = load_checkpoint(source)
+    checkpoint["head"]["bias"][0] += float(best)
+    torch.save(checkpoint, root / "near_boundary.pt")
+    return root / "near_boundary.pt"
+
+
+def test_a_tight_budget_keeps_the_most_sensitive_nodes_in_fp32(exported) -> None:
     root, dataset = exported
-    result = run(CompressConfig(max_accuracy_drop=-1.0, calibration_images=4), root / "export", dataset,
-                 root / "strict")
-    report = json.loads((root / "strict" / "compress.json").read_text())
-    assert report["shipped"] == "fp32"
-    assert not any(c["within_budget"] for c in report["candidates"].values())
-    assert report["reason"].startswith("no candidate met val accuracy >=")
-    assert "max_accuracy_drop -1" in report["reason"]
-    assert read_metadata(result.artifacts["model"])["compression"] == "fp32"
+    checkpoint = near_boundary_checkpoint(root, dataset, root / "model.pt")
+    export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export_tight",
+               features_dir=root / "features")
+    cfg = CompressConfig(max_accuracy_drop=0.0, calibration_images=4, max_fp32_nodes=2, sensitivity_images=2,
+                         latency_runs=1)
+    result = run(cfg, root / "export_tight", dataset, root / "tight")
+    report = json.loads((root / "tight" / "compress.json").read_text())
+    search = report["int8_search"]
+    assert report["candidates"]["int8"]["within_budget"] is False
+    assert 1 <= len(search["ranked_nodes_kept"]) <= 2
+    assert set(search["ranked_nodes_kept"]) <= set(search["fp32_nodes"])
+    assert "int8_fp32x1" in report["candidates"]
+    with open(root / "tight" / "sensitivity.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    graph_nodes = {node.name for node in onnx.load(str(root / "export_tight" / "model_fp32.onnx")).graph.node}
+    assert rows and {row["node"] for row in rows} <= graph_nodes
+    kept = search["ranked_nodes_kept"]
+    assert [row["node"] for row in rows[: len(kept)]] == kept
+    assert [row["kept_fp32"] for row in rows].count("True") == len(kept)
+    assert {name for row in rows[: len(kept)] for name in row["exclude"].split()} == set(search["fp32_nodes"])
+    lost = [float(row["sqnr_lost_db"]) for row in rows]
+    assert lost == sorted(lost, reverse=True)
+    assert (root / "tight" / "sensitivity.png").stat().st_size > 1000
+    assert result.artifacts["sensitivity"] == root / "tight" / "sensitivity.csv"
+    for name, entry in report["candidates"].items():
+        assert entry["latency_ms_batch1"] > 0 and entry["latency_ms_batch32"] > 0, name
+    if report["shipped"] == "fp32":
+        assert "more compressed but over budget: int8 " in report["reason"]
+    else:
+        assert report["shipped"].startswith("int8_fp32x") and report["candidates"][report["shipped"]]["within_budget"]
