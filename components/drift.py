@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +44,7 @@ from components.errors import UserError
 from components.features import FeaturesConfig, extract, load_features
 from components.manifest import Dataset
 from components.progress import Progress, no_progress
-from components.result import StageResult, sha256_file
+from components.result import StageResult, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +185,8 @@ def append_history(path: Path, record: dict[str, Any]) -> Path:
     previous = path.read_text() if path.exists() else ""
     if previous and not previous.endswith("\n"):
         previous += "\n"
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(previous + json.dumps(record, sort_keys=True) + "\n")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_text(previous + json.dumps(record, sort_keys=True) + "\n")
     return path
 
 
@@ -323,7 +321,6 @@ def plot_history(history: Path, out_path: Path | None = None) -> Path:
     bottom.set_ylabel("AUC (0.5 = alike)")
     bottom.legend(loc="lower left", fontsize=8)
     figure.autofmt_xdate()
-    partial = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    figure.savefig(partial, format="png", dpi=110)
-    partial.replace(out_path)
+    with atomic_path(out_path) as partial:
+        figure.savefig(partial, format="png", dpi=110)
     return out_path

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from components.result import atomic_path
 from tlops.stages import STAGES, Stage
 
 HEADER = """\
@@ -55,7 +56,6 @@ def write(path: Path = Path("dvc.yaml")) -> bool:
     text = render()
     if path.exists() and path.read_text() == text:
         return False
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(text)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_text(text)
     return True

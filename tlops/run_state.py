@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from components.result import atomic_path
 from tlops.config import Params
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,8 @@ def read_state(root: Path) -> dict[str, Any]:
 
 
 def write_state(root: Path, state: dict[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    partial = root / f".{STATE_FILE}.{os.getpid()}.tmp"
-    partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    partial.replace(root / STATE_FILE)
+    with atomic_path(root / STATE_FILE) as partial:
+        partial.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 class RunLock:
