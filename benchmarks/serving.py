@@ -95,7 +95,7 @@ def build_model(work: Path, image_size: int) -> tuple[Path, Dataset]:
     torch.manual_seed(0)
     checkpoint = save_checkpoint(
         work / "model.pt", nn.Linear(entry.feature_dim, len(dataset.labels)), None,
-        backbone=entry.describe(), tap="pooled", labels=list(dataset.labels),
+        backbone=entry.describe(), taps=["pooled"], labels=list(dataset.labels),
         preprocessing=entry.preprocessing(image_size).model_dump(mode="json"), config={"strategy": "linear", "benchmark": True},
         data={"benchmark": "serving"}, strategy="linear",
     )

@@ -1,4 +1,4 @@
-"""The fine-tuned model: a frozen (or later, partly trained) trunk and a linear head.
+"""The fine-tuned model: a pretrained trunk (frozen, partly or fully trained) and a linear head.
 
 A checkpoint is self-describing (nanoGPT style): it carries the resolved config, the backbone
 entry, labels, preprocessing and data version, so export and serving need nothing else.
@@ -16,11 +16,11 @@ from torch import nn
 from components.backbones import Trunk, build_trunk, get_entry
 from components.errors import UserError
 
-CHECKPOINT_FORMAT = "tlops.classifier/1"
+CHECKPOINT_FORMAT = "tlops.classifier/2"  # /2: `taps` (a list) replaced `tap`
 
 
 class Classifier(nn.Module):
-    """image -> logits. `trunk` returns one pooled vector per tap; the head reads the first."""
+    """image -> logits. `trunk` returns one pooled vector per tap; the head reads them concatenated."""
 
     def __init__(self, trunk: Trunk, head: nn.Linear):
         super().__init__()
@@ -28,12 +28,13 @@ class Classifier(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(images)[0])
+        pooled = self.trunk(images)
+        return self.head(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))
 
 
 def save_checkpoint(path: Path, head: nn.Linear, trunk_state: dict | None, **description: Any) -> Path:
-    """`description` must hold backbone (entry dict), tap, labels, preprocessing, config, data."""
-    required = {"backbone", "tap", "labels", "preprocessing", "config", "data", "strategy"}
+    """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy."""
+    required = {"backbone", "taps", "labels", "preprocessing", "config", "data", "strategy"}
     missing = required - description.keys()
     if missing:
         raise ValueError(f"checkpoint description lacks {sorted(missing)}")
@@ -64,7 +65,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def build_model(checkpoint: dict[str, Any]) -> Classifier:
     """Rebuild the full model (pretrained trunk + trained head) from a checkpoint, in eval mode."""
     entry = get_entry(checkpoint["backbone"]["name"])
-    trunk = build_trunk(entry, (checkpoint["tap"],))
+    trunk = build_trunk(entry, tuple(checkpoint["taps"]))
     if checkpoint.get("trunk") is not None:
         trunk.load_state_dict(checkpoint["trunk"])
     weight = checkpoint["head"]["weight"]

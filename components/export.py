@@ -121,7 +121,7 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: 
         "backbone_weights_sha256": str(backbone["weights_sha256"]),
         "data": json.dumps(checkpoint["data"], sort_keys=True),
         "strategy": str(checkpoint["strategy"]),
-        "tap": str(checkpoint["tap"]),
+        "taps": json.dumps(list(checkpoint["taps"])),
         "train_config": json.dumps(checkpoint["config"], sort_keys=True, default=str),
         "checkpoint_sha256": sha256_file(checkpoint_path),
         "sparsity": f"{sparsity:g}",
@@ -157,7 +157,7 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
     ONNX Runtime. Trained: the checkpoint's head on the cached features the features stage wrote
     for the same images, i.e. what finetune trained and select ranked on.
     """
-    backbone, tap = str(checkpoint["backbone"]["name"]), str(checkpoint["tap"])
+    backbone, taps = str(checkpoint["backbone"]["name"]), list(checkpoint["taps"])
     trained = Preprocessing.of(checkpoint["preprocessing"])
     served = model_preprocessing(served_path, read_metadata(served_path))
     if served != trained:
@@ -175,10 +175,10 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
             f"{stale} describes features preprocessed otherwise than the checkpoint was trained with "
             f"({_listed(cached.differences(trained), 'features', 'checkpoint')}); {rerun}."
         )
-    if record["cache_key_inputs"]["weights_sha256"] != checkpoint["backbone"]["weights_sha256"] or tap not in record["taps"]:
+    if record["cache_key_inputs"]["weights_sha256"] != checkpoint["backbone"]["weights_sha256"] or not set(taps) <= set(record["taps"]):
         raise TrainServeSkewError(
             f"{stale} was computed with weights {record['cache_key_inputs']['weights_sha256'][:12]} and taps "
-            f"{record['taps']}, the checkpoint uses {checkpoint['backbone']['weights_sha256'][:12]} and tap {tap!r}; {rerun}."
+            f"{record['taps']}, the checkpoint uses {checkpoint['backbone']['weights_sha256'][:12]} and taps {taps}; {rerun}."
         )
     if checkpoint.get("features_cache_key", record["cache_key"]) != record["cache_key"]:
         raise TrainServeSkewError(
@@ -192,12 +192,15 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
             f"({'; '.join(drift[:3])}{'; ...' if len(drift) > 3 else ''}); {rerun}."
         )
     frame = held_out(dataset, count)
-    sha256, features = load_features(features_dir, backbone, tap)
+    cached_features = []
+    for tap in taps:
+        sha256, tap_features = load_features(features_dir, backbone, tap)
+        cached_features.append(rows_by_sha256(sha256, tap_features, frame["sha256"], backbone, "val"))
     head_state = checkpoint["head"]
     head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
     head.load_state_dict(head_state)
     with torch.no_grad():
-        trained_logits = head(torch.from_numpy(rows_by_sha256(sha256, features, frame["sha256"], backbone, "val"))).numpy()
+        trained_logits = head(torch.from_numpy(np.concatenate(cached_features, axis=1))).numpy()
     served_logits = predict_frame(served_path, dataset, frame, batch_size=count)
     worst = int(np.abs(served_logits - trained_logits).max(axis=1).argmax())
     diff = float(np.abs(served_logits - trained_logits).max())

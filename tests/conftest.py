@@ -69,7 +69,7 @@ def small_params(tmp: Path, **blocks: dict) -> Path:
     params["validate"]["min_per_class_split"] = 2
     params["features"]["image_size"] = 64
     params["select"]["candidates"] = ["efficientnet_lite0"]
-    params["finetune"]["epochs"] = 30
+    params["finetune"]["strategy"] = "linear"  # seconds; the deeper strategies have their own tests
     params["export"]["parity_images"] = 4
     params["compress"]["calibration_images"] = 16
     for block, values in blocks.items():

@@ -17,12 +17,12 @@ def test_unknown_key_fails_before_any_work_naming_the_key() -> None:
 
 
 def test_wrong_type_is_named() -> None:
-    done = tlops("params", "--set", "finetune.epochs=many")
-    assert done.returncode == 2 and "finetune.epochs" in done.stderr
+    done = tlops("params", "--set", "finetune.partial.epochs=many")
+    assert done.returncode == 2 and "finetune.partial.epochs" in done.stderr
 
 
 def test_params_shows_the_override() -> None:
-    done = tlops("params", "--set", "finetune.lr=0.5")
+    done = tlops("params", "--set", "finetune.partial.lr=0.5")
     assert done.returncode == 0 and '"lr": 0.5' in done.stdout
 
 

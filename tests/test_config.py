@@ -9,14 +9,14 @@ from tlops.config import ConfigError, load_params
 def test_repo_params_load_with_every_block() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.select.candidates == ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-    assert params.finetune.lr == pytest.approx(0.001)
+    assert params.finetune.partial.lr == pytest.approx(0.001)
     assert params.validate.allowed_modes == ("L", "RGB")
 
 
 def test_override_parses_yaml_values() -> None:
-    params = load_params(REPO / "params.yaml", ["finetune.lr=0.05", "select.candidates=[efficientnet_lite0]",
+    params = load_params(REPO / "params.yaml", ["finetune.partial.lr=0.05", "select.candidates=[efficientnet_lite0]",
                                                   "ingest.limit=80", "features.image_size=null"])
-    assert params.finetune.lr == 0.05
+    assert params.finetune.partial.lr == 0.05
     assert params.select.candidates == ("efficientnet_lite0",)
     assert params.ingest.limit == 80 and params.features.image_size is None
 
@@ -25,15 +25,18 @@ def test_override_parses_yaml_values() -> None:
     ("override", "named"),
     [
         ("finetune.learning_rate=0.1", "finetune.learning_rate"),
-        ("finetune.lr=fast", "finetune.lr"),
-        ("finetune.epochs=1.5", "finetune.epochs"),
+        ("finetune.partial.lr=fast", "finetune.partial.lr"),
+        ("finetune.full.epochs=1.5", "finetune.full.epochs"),
         ("validate.on_invalid=ignore", "validate.on_invalid"),
         ("nonsense.key=1", "nonsense"),
         ("compress.quantize=maybe", "compress.quantize"),
         # Ranges are checked when params load, before any stage runs.
         ("compress.sparsity=2", "compress.sparsity"),
         ("ingest.test_fraction=1.5", "ingest.test_fraction"),
-        ("finetune.epochs=0", "finetune.epochs"),
+        ("finetune.partial.epochs=0", "finetune.partial.epochs"),
+        ("finetune.strategy=deep", "finetune.strategy"),
+        ("finetune.partial.views=9", "finetune.partial.views"),
+        ("finetune.linear.taps=[pooled,stage5]", "finetune.linear.taps"),
         ("evaluate.batch_size=0", "evaluate.batch_size"),
         ("export.parity_atol=-1", "export.parity_atol"),
         ("register.alias=v3", "register.alias"),

@@ -182,9 +182,9 @@ def test_tlops_deploy_reads_the_schedule_from_params(prefect_api: str, tmp_path:
     params = small_params(tmp_path, schedule={"cron": "15 4 * * *", "timezone": "UTC", "work_pool": "from-params",
                                               "deployment": "daily"})
     with temporary_settings({PREFECT_API_URL: prefect_api}):
-        text = deploy(str(params), ["finetune.lr=0.01"])
+        text = deploy(str(params), ["finetune.partial.lr=0.01"])
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("tlops-retrain/daily")
     assert "prefect worker start --pool from-params" in text
     assert deployment.schedules[0].schedule.cron == "15 4 * * *"
-    assert deployment.parameters == {"params_file": str(params), "overrides": ["finetune.lr=0.01"]}
+    assert deployment.parameters == {"params_file": str(params), "overrides": ["finetune.partial.lr=0.01"]}

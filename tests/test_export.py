@@ -55,7 +55,7 @@ def test_export_writes_checked_models_that_describe_themselves(exported) -> None
         assert metadata["backbone"] == "efficientnet_lite0"
         assert len(metadata["backbone_weights_sha256"]) == 64
         assert json.loads(metadata["data"])["version"] == data_version(dataset.root / "manifest.csv")
-        assert metadata["strategy"] == "linear" and metadata["tap"] == "pooled"
+        assert metadata["strategy"] == "linear" and metadata["taps"] == '["pooled"]'
         assert metadata["tlops_version"] not in ("", "unknown")
         assert result.metrics[f"parity_max_diff_{name}"] <= ExportConfig().parity_atol
     assert read_metadata(result.artifacts["fp32"])["sparsity"] == "0"

@@ -1,80 +1,236 @@
+"""Finetune: each strategy on real ELPV cells at 64 px, the probe's algebra, resume after a kill, devices."""
+
+from __future__ import annotations
+
 import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
+from components import devices, export, features
 from components.classifier import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from components.features import FeatureCacheError
-from components.finetune import FinetuneConfig, class_weight_vector, run
-from components.manifest import Dataset, write_manifest
-from components.result import write_json
-from components.backbones import get_entry
+from components.errors import UserError
+from components.finetune import FinetuneConfig, run
+from components.ingest import IngestConfig
+from components.ingest import run as ingest_run
+from components.linear_probe import fit_probe
+from components.manifest import Dataset, read_manifest
+from components.train_loop import LoopConfig, class_weight_vector, lr_scheduler, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+BACKBONE = "efficientnet_lite0"
+FAST = {"partial": {"epochs": 2, "batch_size": 16, "views": 2, "blocks": 2},
+        "full": {"epochs": 2, "batch_size": 16, "workers": 0}, "linear": {"taps": ["pooled", "stage5"]}}
 
 
-def synthetic(tmp_path: Path, n: int = 60, informative: bool = True) -> tuple[Dataset, Path, Path]:
-    rng = np.random.default_rng(0)
-    labels = np.array(["a", "b"])[rng.integers(0, 2, n)]
-    shas = [f"{i:064x}" for i in range(n)]
-    splits = np.array(["train", "val", "test"])[np.arange(n) % 3]
-    frame = pd.DataFrame({"path": [f"images/{i}.png" for i in range(n)], "label": labels, "split": splits,
-                          "sha256": shas, "width": 8, "height": 8, "mode": "L"})
-    manifest = write_manifest(frame, tmp_path / "manifest.csv")
-    features = rng.normal(size=(n, 1280)).astype(np.float32)
-    if informative:
-        features[:, :32] += np.where(labels == "a", 1.5, -1.5)[:, None]
-    folder = tmp_path / "features" / "efficientnet_lite0"
-    folder.mkdir(parents=True)
-    np.savez(folder / "features.npz", sha256=np.array(shas), pooled=features)
-    write_json(folder / "backbone.json", {"preprocessing": get_entry("efficientnet_lite0").preprocessing(64).model_dump(mode="json"),
-                                          "cache_key": "synthetic"})
-    return Dataset(frame, tmp_path, ("a", "b")), tmp_path / "features", manifest
+class Cells:
+    def __init__(self, root: Path):
+        self.root = root
+        ingest_run(IngestConfig(limit=80, seed=7), root / "data")
+        self.manifest = root / "data" / "manifest.csv"
+        self.dataset = read_manifest(self.manifest)
+        self.features = root / "features"
+        self.cache = root / "cache"
+        features.run(features.FeaturesConfig(image_size=64, taps=("pooled", "stage5")), (BACKBONE,), self.dataset,
+                     self.cache, self.features)
+
+    def run(self, out: Path, state: Path | None = None, **settings: object):
+        cfg = FinetuneConfig.model_validate({**FAST, **settings})
+        return run(cfg, BACKBONE, self.features, self.dataset, self.manifest, out, self.cache, state or out.parent / "state")
 
 
-def test_linear_head_learns_and_checkpoint_describes_itself(tmp_path: Path) -> None:
-    dataset, features, manifest = synthetic(tmp_path)
-    result = run(FinetuneConfig(epochs=60, lr=0.01), "efficientnet_lite0", "pooled", features, dataset, manifest, tmp_path / "out")
-    assert result.metrics["val_accuracy"] > 0.9
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory: pytest.TempPathFactory) -> Cells:
+    return Cells(tmp_path_factory.mktemp("cells"))
+
+
+@pytest.mark.parametrize("strategy", ["linear", "partial", "full"])
+def test_each_strategy_trains_a_self_describing_checkpoint_that_exports(cells: Cells, tmp_path: Path, strategy: str) -> None:
+    result = cells.run(tmp_path / "out", strategy=strategy)
     checkpoint = load_checkpoint(result.artifacts["checkpoint"])
-    assert checkpoint["labels"] == ["a", "b"] and checkpoint["strategy"] == "linear"
-    assert checkpoint["backbone"]["name"] == "efficientnet_lite0" and checkpoint["preprocessing"]["input_size"] == 64
-    assert checkpoint["config"]["lr"] == 0.01 and checkpoint["data"]["version"] == hashlib.md5(manifest.read_bytes()).hexdigest()
-    assert build_model(checkpoint).head.weight.shape == (2, 1280)
-    assert result.artifacts["training_curves"].stat().st_size > 0
+    assert checkpoint["strategy"] == strategy and checkpoint["labels"] == list(cells.dataset.labels)
+    assert checkpoint["backbone"]["name"] == BACKBONE and checkpoint["preprocessing"]["input_size"] == 64
+    assert checkpoint["data"]["version"] == hashlib.md5(cells.manifest.read_bytes()).hexdigest()
+    assert checkpoint["config"]["strategy"] == strategy
+    # Only the deeper strategies change the trunk; linear reads two taps concatenated.
+    assert (checkpoint["trunk"] is None) == (strategy == "linear")
+    assert checkpoint["taps"] == (["pooled", "stage5"] if strategy == "linear" else ["pooled"])
+    assert build_model(checkpoint).head.weight.shape[1] == (1280 + 192 if strategy == "linear" else 1280)
+    report = json.loads(result.artifacts["report"].read_text())
+    assert report["strategy"] == strategy and report["reference"]["n_train"] == len(cells.dataset.split("train"))
+    assert report["negative_transfer"]["fired"] == (
+        report["best"]["val_accuracy"] <= report["reference"]["val_accuracy"] + 0.02)
+    exported = export.run(export.ExportConfig(parity_images=4), 0.0, result.artifacts["checkpoint"], cells.dataset,
+                          tmp_path / "export", features_dir=cells.features)
+    assert exported.metrics["parity_max_diff_fp32"] < 1e-4
+    if strategy != "linear":
+        # The trained trunk really differs from the pretrained one.
+        pretrained = build_model({**checkpoint, "trunk": None}).trunk.state_dict()
+        changed = [k for k, v in checkpoint["trunk"].items() if v.dtype.is_floating_point and not torch.equal(v, pretrained[k])]
+        assert changed
 
 
-def test_uninformative_features_stay_near_chance(tmp_path: Path) -> None:
-    dataset, features, manifest = synthetic(tmp_path, n=300, informative=False)
-    result = run(FinetuneConfig(epochs=30, lr=0.01), "efficientnet_lite0", "pooled", features, dataset, manifest, tmp_path / "out")
-    assert result.metrics["val_accuracy"] < 0.75
+def test_partial_trains_only_the_last_blocks_and_caches_their_inputs(cells: Cells, tmp_path: Path, caplog) -> None:
+    first = cells.run(tmp_path / "a", strategy="partial")
+    checkpoint = load_checkpoint(first.artifacts["checkpoint"])
+    pretrained = build_model({**checkpoint, "trunk": None}).trunk.state_dict()
+    changed = {k for k, v in checkpoint["trunk"].items() if v.dtype.is_floating_point and not torch.equal(v, pretrained[k])}
+    # Lite0's last two blocks are blocks.5.3 and blocks.6.0; the stem and everything before stays pretrained.
+    assert any("blocks.6.0" in k for k in changed) and any("blocks.5.3" in k for k in changed)
+    assert not any("blocks.5.2" in k or "conv_stem" in k or "blocks.0." in k for k in changed)
+    # A second run (another seed) trains on the cached activations: nothing is recomputed.
+    caplog.set_level("INFO", logger="components.partial_finetune")
+    cells.run(tmp_path / "b", strategy="partial", seed=1)
+    assert "activations computed" not in caplog.text
+    stores = list((cells.cache / BACKBONE).glob("partial-*"))
+    n_train = len(cells.dataset.split("train"))
+    n_other = len(cells.dataset.split("val")) + len(cells.dataset.split("test"))
+    assert sum(len(list(s.rglob("*.npy"))) for s in stores) == 2 * n_train + n_other
 
 
-def test_balanced_class_weights() -> None:
-    weights = class_weight_vector(np.array([0, 0, 0, 1]), 2, "balanced")
-    assert weights.tolist() == pytest.approx([4 / 6, 2.0])
+def test_a_corrupt_cached_activation_is_recomputed(cells: Cells, tmp_path: Path) -> None:
+    cells.run(tmp_path / "a", strategy="partial", partial={**FAST["partial"], "blocks": 1, "epochs": 1})
+    store = next(s for s in (cells.cache / BACKBONE).glob("partial-*") if '"trainable_blocks": 1' in (s / "cache_key.json").read_text())
+    victim = next(store.rglob("*.0.npy"))
+    good = np.load(victim)
+    victim.write_bytes(b"not an array")
+    cells.run(tmp_path / "b", strategy="partial", partial={**FAST["partial"], "blocks": 1, "epochs": 1})
+    assert np.array_equal(np.load(victim), good)
 
 
-def test_missing_features_name_the_stage_to_rerun(tmp_path: Path) -> None:
-    dataset, features, manifest = synthetic(tmp_path)
-    extra = dataset.manifest.copy()
-    extra.loc[0, "sha256"] = "f" * 64
-    with pytest.raises(FeatureCacheError, match="rerun the features stage"):
-        run(FinetuneConfig(), "efficientnet_lite0", "pooled", features, Dataset(extra, tmp_path, ("a", "b")), manifest, tmp_path / "o")
-
-
-def test_the_seed_decides_the_weights(tmp_path: Path) -> None:
-    dataset, features, manifest = synthetic(tmp_path)
-
+def test_the_seed_decides_the_weights(cells: Cells, tmp_path: Path) -> None:
     def head(seed: int, out: str) -> torch.Tensor:
-        result = run(FinetuneConfig(epochs=3, lr=0.01, seed=seed), "efficientnet_lite0", "pooled", features, dataset,
-                     manifest, tmp_path / out)
+        result = cells.run(tmp_path / out, tmp_path / f"state-{out}", strategy="partial", seed=seed)
         return load_checkpoint(result.artifacts["checkpoint"])["head"]["weight"]
 
     first = head(0, "a")
-    assert torch.equal(first, head(0, "b"))  # the same seed reproduces the run exactly
-    assert not torch.equal(first, head(1, "c"))  # and a different one really is different
+    assert torch.equal(first, head(0, "b"))
+    assert not torch.equal(first, head(1, "c"))
+
+
+def test_auto_skips_what_the_budget_cannot_hold_and_says_why(cells: Cells, tmp_path: Path) -> None:
+    result = cells.run(tmp_path / "out", strategy="auto", budget_minutes=0.001)
+    report = json.loads(result.artifacts["report"].read_text())
+    assert [c["status"] for c in report["candidates"]] == ["trained", "skipped", "skipped"]
+    assert report["strategy"] == "linear" == result.info["strategy"]
+    assert "auto chose linear" in report["why"] and "partial skipped: estimated" in report["why"]
+    assert load_checkpoint(result.artifacts["checkpoint"])["trunk"] is None
+
+
+def test_auto_keeps_the_best_val_accuracy(cells: Cells, tmp_path: Path) -> None:
+    result = cells.run(tmp_path / "out", strategy="auto", budget_minutes=60)
+    report = json.loads(result.artifacts["report"].read_text())
+    trained = {c["strategy"]: c["val_accuracy"] for c in report["candidates"]}
+    assert set(trained) == {"linear", "partial", "full"}
+    assert trained[report["strategy"]] == max(trained.values()) == result.metrics["val_accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"strategy": "linear", "linear": {"taps": ["pooled", "stage3"]}}, "finetune.linear.taps"),
+        ({"strategy": "partial", "partial": {"blocks": 40}}, "finetune.partial.blocks=40"),
+        ({"strategy": "full", "device": "cuda"}, "finetune.device=cuda"),
+    ],
+)
+def test_each_strategy_refuses_what_it_cannot_do_before_training(cells: Cells, tmp_path: Path, settings: dict, named: str) -> None:
+    if settings.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(UserError, match=named.replace(".", r"\.").replace("[", r"\[")):
+        cells.run(tmp_path / "out", **settings)
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_a_killed_full_run_resumes_from_its_last_epoch(cells: Cells, tmp_path: Path) -> None:
+    settings = {"strategy": "full", "full": {**FAST["full"], "epochs": 4, "patience": 10}}
+    script = (
+        "import sys, json; from pathlib import Path; from tests.test_finetune import Cells;"
+        "cells = Cells.__new__(Cells); root = Path(sys.argv[1]); cells.root = root;"
+        "cells.manifest = root / 'data/manifest.csv'; from components.manifest import read_manifest;"
+        "cells.dataset = read_manifest(cells.manifest); cells.features = root / 'features'; cells.cache = root / 'cache';"
+        "cells.run(Path(sys.argv[2]), Path(sys.argv[3]), **json.loads(sys.argv[4]))"
+    )
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", script, str(cells.root), str(tmp_path / "killed"), str(state),
+                              json.dumps(settings)], env=env, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and child.poll() is None:
+        saved = list(state.glob("full-*.pt"))
+        if saved and len(torch.load(saved[0], weights_only=False)["history"]) >= 2:
+            break
+        time.sleep(0.5)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done_before = len(torch.load(next(state.glob("full-*.pt")), weights_only=False)["history"])
+    assert 2 <= done_before < 4, "the child should have been killed mid-run"
+    assert not (tmp_path / "killed" / "model.pt").exists()
+    resumed = cells.run(tmp_path / "resumed", state, **settings)
+    report = json.loads(resumed.artifacts["report"].read_text())
+    assert report["info"]["resumed_from_epoch"] == done_before
+    history = json.loads(resumed.artifacts["history"].read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    # The resumed epochs continue the same run: an uninterrupted run takes the same steps.
+    straight = cells.run(tmp_path / "straight", tmp_path / "other-state", **settings)
+    straight_history = json.loads(straight.artifacts["history"].read_text())
+    assert [h["val_loss"] for h in history] == pytest.approx([h["val_loss"] for h in straight_history], rel=1e-4)
+
+
+def test_the_probe_folds_its_standardisation_into_one_linear_layer() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    x = rng.normal(5.0, 3.0, (300, 40)).astype(np.float32)
+    x[:, :4] += np.where(labels == 0, 2.0, -2.0)[:, None]
+    probe = fit_probe((x[:200], labels[:200]), (x[200:], labels[200:]), 2, (0.01, 0.1, 1.0), "balanced", 0)
+    assert probe.best["val_accuracy"] > 0.9
+    with torch.no_grad():
+        logits = probe.head(torch.from_numpy(x[200:])).numpy()
+    assert (logits.argmax(1) == labels[200:]).mean() == pytest.approx(probe.best["val_accuracy"])
+    noise = fit_probe((x[:200, 4:], labels[:200]), (x[200:, 4:], labels[200:]), 2, (0.01, 0.1, 1.0), "balanced", 0)
+    assert noise.best["val_accuracy"] < 0.7
+
+
+def test_discriminative_learning_rates_and_warmup() -> None:
+    cfg = LoopConfig(epochs=10, lr=1e-3, layer_decay=0.5, weight_decay=0.01, warmup_epochs=2, schedule="cosine",
+                     patience=3, seed=0)
+    layers = [torch.nn.Linear(2, 2) for _ in range(3)]
+    groups = param_groups([list(layer.parameters()) for layer in layers], cfg)
+    assert [g["lr"] for g in groups] == pytest.approx([2.5e-4, 2.5e-4, 5e-4, 5e-4, 1e-3, 1e-3])
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] * 3  # no decay on biases
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = lr_scheduler(optimizer, cfg, steps_per_epoch=5)
+    rates = []
+    for _ in range(50):
+        rates.append(optimizer.param_groups[-1]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warm-up over 2 epochs
+    assert rates[-1] < 1e-5  # cosine decays to ~0
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_balanced_class_weights() -> None:
+    assert class_weight_vector([0, 0, 0, 1], 2, "balanced").tolist() == pytest.approx([4 / 6, 2.0])
+    assert class_weight_vector([0, 0, 0, 1], 2, "none").tolist() == [1.0, 1.0]
+
+
+def test_bf16_only_where_the_hardware_has_it() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rules apply without CUDA")
+    assert devices.resolve("auto", "auto", frozenset({"avx2", "amx_bf16"})).precision == "bf16"
+    assert devices.resolve("auto", "auto", frozenset({"avx2", "avx512_bf16"})).precision == "bf16"
+    assert devices.resolve("auto", "auto", frozenset({"avx2", "fma"})).precision == "fp32"
+    assert devices.resolve("cpu", "fp32", frozenset({"amx_bf16"})).precision == "fp32"
+    with pytest.raises(UserError, match="finetune.precision=bf16"):
+        devices.resolve("cpu", "bf16", frozenset({"avx2"}))
 
 
 def test_the_checkpoint_loader_refuses_what_is_not_a_tlops_checkpoint(tmp_path: Path) -> None:
@@ -83,7 +239,7 @@ def test_the_checkpoint_loader_refuses_what_is_not_a_tlops_checkpoint(tmp_path: 
     with pytest.raises(CheckpointError, match="not a tlops checkpoint"):
         load_checkpoint(foreign)
     with pytest.raises(ValueError, match="lacks"):
-        save_checkpoint(tmp_path / "incomplete.pt", torch.nn.Linear(2, 2), None, backbone={}, tap="pooled")
+        save_checkpoint(tmp_path / "incomplete.pt", torch.nn.Linear(2, 2), None, backbone={}, taps=["pooled"])
     (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "truncated.pt")

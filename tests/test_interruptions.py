@@ -94,7 +94,7 @@ def test_a_run_that_fails_midway_says_which_outputs_are_older(tmp_path: Path) ->
     params = small_params(tmp_path)
     assert tlops("run", "--params", str(params), cwd=tmp_path).returncode == 0
     broken = tlops("run", "--params", str(params), "--set", "export.parity_atol=0", "--set", "export.parity_images=8",
-                   "--set", "finetune.lr=0.5", cwd=tmp_path)
+                   "--set", "finetune.seed=1", cwd=tmp_path)
     state = json.loads((tmp_path / "outputs/run.json").read_text())
     if broken.returncode == 0:
         pytest.skip("parity held exactly at atol 0 on this machine; nothing failed")

@@ -42,7 +42,7 @@ def constant_checkpoint(path: Path, dataset: Dataset, labels: list[str], favoure
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([3.0 if i == favoured else 0.0 for i in range(len(labels))]))
-    return save_checkpoint(path, head, None, backbone=entry.describe(), tap="pooled", labels=labels,
+    return save_checkpoint(path, head, None, backbone=entry.describe(), taps=["pooled"], labels=labels,
                            preprocessing=entry.preprocessing(64).model_dump(mode="json"), config={"strategy": "linear"},
                            data={"version": "none"}, strategy="linear")
 
@@ -54,8 +54,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, dict[str,
     ingest_run(IngestConfig(source="imagefolder", path=str(source), test_fraction=0.4, val_fraction=0.3), root / "data")
     dataset = read_manifest(root / "data" / "manifest.csv")
     features.run(features.FeaturesConfig(image_size=64), ("efficientnet_lite0",), dataset, root / "cache", root / "features")
-    trained = finetune.run(finetune.FinetuneConfig(epochs=60), "efficientnet_lite0", "pooled", root / "features",
-                           dataset, root / "data" / "manifest.csv", root / "finetune")
+    trained = finetune.run(finetune.FinetuneConfig(strategy="linear"), "efficientnet_lite0", root / "features",
+                           dataset, root / "data" / "manifest.csv", root / "finetune", root / "cache", root / "state")
     checkpoints = {
         "good": trained.artifacts["checkpoint"],
         "bad": constant_checkpoint(root / "bad.pt", dataset, list(dataset.labels), favoured=0),

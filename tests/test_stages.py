@@ -44,7 +44,7 @@ def test_cache_key_changes_with_code_libraries_params_and_upstream(monkeypatch: 
     base = cache_inputs(params, features, {"validate": "abc"})
     assert cache_inputs(params, features, {"validate": "abc"}) == base
     # A param the stage does not read leaves its key alone; one it reads changes it.
-    assert cache_inputs(load_params(REPO / "params.yaml", ["finetune.lr=0.5"]), features, {"validate": "abc"}) == base
+    assert cache_inputs(load_params(REPO / "params.yaml", ["finetune.partial.lr=0.5"]), features, {"validate": "abc"}) == base
     assert cache_inputs(load_params(REPO / "params.yaml", ["features.opset=18"]), features, {"validate": "abc"}) != base
     assert cache_inputs(params, features, {"validate": "abd"}) != base
     # Editing the preprocessing code (a module features imports) changes the key; the code is hashed, not versioned.

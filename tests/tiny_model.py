@@ -58,7 +58,7 @@ def make_checkpoint(path: Path, dataset: Dataset) -> Path:
         nn.Linear(entry.feature_dim, len(dataset.labels)),
         None,
         backbone=entry.describe(),
-        tap="pooled",
+        taps=["pooled"],
         labels=list(dataset.labels),
         preprocessing=entry.preprocessing(IMAGE_SIZE).model_dump(mode="json"),  # checkpoints hold plain JSON
         config={"strategy": "linear", "epochs": 0},

@@ -40,6 +40,7 @@ class PathsConfig(StageConfig):
     validate: str = "outputs/validate"
     features: str = "outputs/features"
     feature_cache: str = ".cache/features"
+    train_state: str = ".cache/train"  # per-epoch resume files of partial/full fine-tuning
     select: str = "outputs/select"
     finetune: str = "outputs/finetune"
     export: str = "outputs/export"
@@ -112,6 +113,14 @@ class Params(StageConfig):
         if self.promote.alias == self.register.alias:
             raise ValueError(f"promote.alias and register.alias are both {self.register.alias!r}: every new version "
                              f"would take the alias the promotion gate guards; give them different names")
+        return self
+
+    @model_validator(mode="after")
+    def _linear_taps_cached(self) -> Params:
+        missing = [t for t in self.finetune.linear.taps if t not in self.features.taps]
+        if missing and self.finetune.strategy in ("linear", "auto"):
+            raise ValueError(f"finetune.linear.taps {list(self.finetune.linear.taps)} needs {missing}, which "
+                             f"features.taps {list(self.features.taps)} does not cache; add them there")
         return self
 
     def to_dict(self) -> dict[str, Any]:

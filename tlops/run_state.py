@@ -36,8 +36,8 @@ class RunInProgressError(UserError):
 
 
 def outputs_root(params: Params) -> Path:
-    """The folder holding every stage's outputs (the feature cache lives apart and is safe to share)."""
-    folders = [Path(v).resolve() for k, v in params.paths.model_dump().items() if k != "feature_cache"]
+    """The folder holding every stage's outputs (the caches live apart: features are safe to share, resume files are keyed by their inputs)."""
+    folders = [Path(v).resolve() for k, v in params.paths.model_dump().items() if k not in ("feature_cache", "train_state")]
     return Path(os.path.commonpath(folders))
 
 

@@ -98,8 +98,9 @@ def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    return finetune.run(params.finetune, selected_backbone(params), params.select.tap, params.path("features"),
-                        validated_dataset(params), params.path("validate") / "manifest.csv", out, ctx.progress)
+    return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
+                        params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
+                        params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress)
 
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -146,8 +147,8 @@ STAGES: tuple[Stage, ...] = (
           (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
            Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
                                                                "template": "bar_horizontal"}))),
-    Stage("finetune", "components.finetune", _finetune, ("finetune", "select.tap"),
-          ("features", f"select/{RESULT_FILE}", "validate/manifest.csv"), "finetune"),
+    Stage("finetune", "components.finetune", _finetune, ("finetune", "features.opset", "features.parity_atol"),
+          ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune"),
     Stage("export", "components.export", _export, ("export", "compress.sparsity"),
           ("finetune", "features", "dataset", "validate/manifest.csv"), "export"),
     Stage("compress", "components.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),

@@ -1,0 +1,71 @@
+"""The `linear` strategy: a logistic-regression probe on cached trunk features.
+
+Features of one or several taps are concatenated and standardised (mean and scale from train);
+the L2 strength is chosen on val from a grid. The fitted probe is folded into one `nn.Linear`
+on the raw features, so the exported model needs no separate scaler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    head: nn.Linear
+    history: list[dict[str, float]]  # one entry per grid point, in grid order
+    best: dict[str, float]
+
+
+def fold_scaler(model: LogisticRegression, scaler: StandardScaler, n_classes: int) -> nn.Linear:
+    """`model(scaler(x))` as one linear layer on `x` (softmax logits; binary gets [0, z])."""
+    coef, intercept = model.coef_ / scaler.scale_, model.intercept_ - (model.coef_ * scaler.mean_ / scaler.scale_).sum(1)
+    if coef.shape[0] == 1 and n_classes == 2:  # sklearn's binary model: one logit for the positive class
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.array([0.0, intercept[0]])
+    head = nn.Linear(coef.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(coef).float())
+        head.bias.copy_(torch.from_numpy(intercept).float())
+    return head.eval()
+
+
+def fit_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], n_classes: int,
+              regularization: tuple[float, ...], class_weights: str, seed: int) -> ProbeResult:
+    """One probe per L2 strength `C` (sklearn's inverse strength); the best val accuracy wins, ties to lower loss."""
+    scaler = StandardScaler().fit(train[0])
+    x_train, x_val = scaler.transform(train[0]), scaler.transform(val[0])
+    history, fitted = [], []
+    labels = np.arange(n_classes)
+    for index, c in enumerate(regularization):
+        began = time.perf_counter()
+        model = LogisticRegression(C=c, max_iter=2000, class_weight="balanced" if class_weights == "balanced" else None,
+                                   random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the grid's weakest penalties may stop at max_iter
+            model.fit(x_train, train[1])
+        train_loss = log_loss(train[1], model.predict_proba(x_train), labels=model.classes_)
+        probabilities = model.predict_proba(x_val)
+        val_loss = log_loss(val[1], probabilities, labels=model.classes_)
+        val_accuracy = float((model.classes_[probabilities.argmax(1)] == val[1]).mean())
+        history.append({"epoch": index, "C": c, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_accuracy": val_accuracy, "seconds": time.perf_counter() - began})
+        fitted.append(model)
+        log.info("linear probe C=%g: val accuracy %.4f, val loss %.4f", c, val_accuracy, val_loss)
+    if len(set(train[1].tolist())) != n_classes or not np.array_equal(fitted[0].classes_, labels):
+        raise ValueError(f"the train split holds classes {sorted(set(train[1].tolist()))}, expected all of {list(labels)}")
+    best = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -history[i]["val_loss"]))
+    return ProbeResult(fold_scaler(fitted[best], scaler, n_classes), history, history[best])
