@@ -7,10 +7,12 @@ With no `MLFLOW_TRACKING_URI`, MLflow uses its embedded default (`sqlite:///mlfl
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
@@ -139,11 +142,15 @@ def summarize_pipeline(params: Params, parent_run_id: str, overrides: list[str] 
     evaluated = StageResult.load(params.path("evaluate"))
     selected = StageResult.load(params.path("select")).info["selected"]
     shipped = StageResult.load(params.path("compress")).info["shipped"]
+    finetuned = StageResult.load(params.path("finetune")).info
+    strategy = finetuned["strategy"]
     version = data_version(params)
     client = MlflowClient()
-    name = " ".join([f"{selected}/{params.finetune.strategy}/{shipped}", f"data:{version[:8]}", *overrides])
+    name = " ".join([f"{selected}/{strategy}/{shipped}", f"data:{version[:8]}", *overrides])
     client.update_run(parent_run_id, name=name)
-    for key, value in {"tlops.backbone": selected, "tlops.shipped": shipped, "data.version": version}.items():
+    for key, value in {"tlops.backbone": selected, "tlops.strategy": strategy, "tlops.shipped": shipped,
+                       "tlops.negative_transfer": finetuned.get("negative_transfer", "unknown"),
+                       "data.version": version}.items():
         client.set_tag(parent_run_id, key, value)
     active = mlflow.active_run()
     if active is not None and active.info.run_id == parent_run_id:
@@ -213,17 +220,34 @@ def log_stage(params: Params, parent_run_id: str | None, result: StageResult, st
     experiment(params)
     tags = {"tlops.kind": "stage", "tlops.stage": result.stage, "tlops.runner": runner, "tlops.cached": str(cached).lower(),
             "git.commit": git_commit(), "data.version": data_version(params)}
-    for key in ("selected", "backbone", "shipped"):
+    for key in ("selected", "backbone", "shipped", "strategy", "negative_transfer", "device", "precision"):
         if key in result.info:
             tags[f"tlops.{key}"] = str(result.info[key])
+    if "why" in result.info:
+        tags["mlflow.note.content"] = str(result.info["why"])  # shown as the run's description in the UI
     with mlflow.start_run(run_name=result.stage, nested=parent_run_id is not None, parent_run_id=parent_run_id,
                           tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in stage_params.items()})
         numeric = {metric_key(k): float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         if numeric:
             mlflow.log_metrics(numeric)
+        log_history(result)
         log_artifacts(result)
         return run.info.run_id
+
+
+def log_history(result: StageResult) -> None:
+    """Per-epoch curves (a stage's `history.json`) as MLflow metric steps, so the UI draws them."""
+    history = result.artifacts.get("history")
+    if history is None or not Path(history).is_file():
+        return
+    entries = json.loads(Path(history).read_text())
+    now = int(time.time() * 1000)
+    metrics = [Metric(metric_key(f"epoch.{key}"), float(value), now, int(entry.get("epoch", step)))
+               for step, entry in enumerate(entries) for key, value in entry.items()
+               if key != "epoch" and isinstance(value, (int, float))]
+    for start in range(0, len(metrics), 1000):
+        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics[start:start + 1000])
 
 
 def log_failed_stage(params: Params, parent_run_id: str | None, stage: str, out_dir: Path,

@@ -1,0 +1,123 @@
+"""Backbone x strategy on the validated dataset: test accuracy and macro-F1 over seeds, wall time, size, INT8 ratios.
+
+Each (backbone, strategy, seed) trains with the repo's params (plus `--set` overrides) through the
+same `finetune.run` the pipeline uses, exports FP32 ONNX and scores the test split in ONNX
+Runtime. Seed 0 of each pair also goes through compress (the INT8 search), which gives the
+shipped candidate, its size and the INT8 / FP32 latency ratios at batch 1 and 32, measured in
+the same run with the same threads. Caches (features, activations) are shared, so train time
+is the training itself; the first partial run of a backbone also pays for its activations, which
+the table reports apart.
+
+Needs the outputs of `tlops run` (or `dvc repro`) up to `features` for every backbone listed.
+
+    python benchmarks/strategies.py --backbones efficientnet_lite0 --strategies linear partial \
+        --seeds 0 1 2 [--set features.image_size=300 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.feature_extraction import cpu_description
+from components import compress, evaluate, export, finetune
+from tlops.config import load_params
+from tlops.stages import validated_dataset
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: bool) -> dict[str, object]:
+    cfg = params.finetune.model_copy(update={"strategy": strategy, "seed": seed})
+    dataset = validated_dataset(params)
+    began = time.perf_counter()
+    trained = finetune.run(cfg, backbone, params.path("features"), dataset, params.path("validate") / "manifest.csv",
+                           out / "finetune", params.path("feature_cache"), out / "state", params.features.opset,
+                           params.features.parity_atol)
+    wall = time.perf_counter() - began
+    exported = export.run(params.export, 0.0, trained.artifacts["checkpoint"], dataset, out / "export",
+                          features_dir=params.path("features"))
+    scored = evaluate.run(params.evaluate, exported.artifacts["fp32"], dataset, out / "evaluate")
+    row = {"backbone": backbone, "strategy": strategy, "seed": seed, "wall_s": wall,
+           "train_s": trained.metrics["train_seconds"], "val_accuracy": trained.metrics["val_accuracy"],
+           "test_accuracy": scored.metrics["accuracy"], "test_macro_f1": scored.metrics["macro_f1"],
+           "fp32_mb": exported.metrics["size_mb_fp32"]}
+    if shipped:
+        compressed = compress.run(params.compress, out / "export", dataset, out / "compress")
+        report = json.loads((out / "compress" / compress.REPORT_FILE).read_text())
+        name = compressed.info["shipped"]
+        latency = {n: {1: c["latency_ms_batch1"], 32: c["latency_ms_batch32"]} for n, c in report["candidates"].items()}
+        int8 = next((n for n in report["candidates"] if n.startswith("int8")), None)
+        ship_scored = evaluate.run(params.evaluate, out / "compress" / compress.SHIPPED_FILE, dataset, out / "evaluate_shipped")
+        row |= {"shipped": name, "shipped_mb": report["candidates"][name]["size_mb"],
+                "shipped_test_accuracy": ship_scored.metrics["accuracy"],
+                "int8_fp32_latency_b1": latency[int8][1] / latency["fp32"][1] if int8 else None,
+                "int8_fp32_latency_b32": latency[int8][32] / latency["fp32"][32] if int8 else None,
+                "shipped_fp32_latency_b1": latency[name][1] / latency["fp32"][1],
+                "shipped_fp32_latency_b32": latency[name][32] / latency["fp32"][32]}
+    return row
+
+
+def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    table = []
+    for key in sorted({(r["backbone"], r["strategy"]) for r in rows}):
+        group = [r for r in rows if (r["backbone"], r["strategy"]) == key]
+        accuracy = [float(r["test_accuracy"]) for r in group]
+        f1 = [float(r["test_macro_f1"]) for r in group]
+        first = min(group, key=lambda r: r["seed"])
+        table.append({"backbone": key[0], "strategy": key[1], "seeds": len(group),
+                      "test_accuracy_mean": statistics.mean(accuracy),
+                      "test_accuracy_sd": statistics.stdev(accuracy) if len(group) > 1 else 0.0,
+                      "test_macro_f1_mean": statistics.mean(f1),
+                      "test_macro_f1_sd": statistics.stdev(f1) if len(group) > 1 else 0.0,
+                      "train_s_mean": statistics.mean(float(r["train_s"]) for r in group),
+                      **{k: first.get(k) for k in ("shipped", "shipped_mb", "shipped_test_accuracy", "int8_fp32_latency_b1",
+                                                   "int8_fp32_latency_b32", "shipped_fp32_latency_b1", "shipped_fp32_latency_b32")}})
+    return table
+
+
+def markdown(table: list[dict[str, object]]) -> str:
+    def f(value: object, spec: str = ".3f") -> str:
+        return "—" if value is None else format(value, spec)
+
+    lines = ["| backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | train s | shipped | size MB | "
+             "shipped/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
+                     f"(n={r['seeds']}) | {r['test_macro_f1_mean']:.3f} ± {r['test_macro_f1_sd']:.3f} | "
+                     f"{r['train_s_mean']:.0f} | {r['shipped'] or '—'} | {f(r['shipped_mb'], '.1f')} | "
+                     f"{f(r['shipped_fp32_latency_b1'], '.2f')} | {f(r['shipped_fp32_latency_b32'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"])
+    parser.add_argument("--strategies", nargs="+", default=["linear", "partial"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--name", default="strategies")
+    args = parser.parse_args()
+    params = load_params(args.params, args.overrides)
+    work = RESULTS / args.name
+    rows = []
+    for backbone in args.backbones:
+        for strategy in args.strategies:
+            for seed in args.seeds:
+                row = one(params, backbone, strategy, seed, work / backbone / strategy / str(seed), seed == min(args.seeds))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    table = summary(rows)
+    out = {"cpu": cpu_description(), "overrides": args.overrides, "label_mode": params.ingest.label_mode,
+           "rows": rows, "table": table}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(markdown(table) + "\n")
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
