@@ -24,7 +24,7 @@ BACKBONE = "efficientnet_lite0"
 def far(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
     """The far dataset ingested, and real Lite0 pooled features of it (64 px)."""
     root = tmp_path_factory.mktemp("far")
-    write_far_dataset(root / "source", per_class=50, size=64, seed=0)
+    write_far_dataset(root / "source", per_class=50, size=64, seed=0, contrast=0.08)
     ingest_run(IngestConfig(source="imagefolder", path=str(root / "source"), test_fraction=0.1, val_fraction=0.4),
                root / "data")
     dataset = read_manifest(root / "data" / "manifest.csv")
