@@ -243,3 +243,28 @@ def test_the_checkpoint_loader_refuses_what_is_not_a_tlops_checkpoint(tmp_path: 
     (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(CheckpointError, match="truncated.pt: not a readable checkpoint"):
         load_checkpoint(tmp_path / "truncated.pt")
+
+
+@pytest.mark.slow
+def test_on_data_far_from_imagenet_the_guard_fires_and_auto_recovers(tmp_path: Path) -> None:
+    from tests.far_dataset import write_far_dataset
+
+    source = write_far_dataset(tmp_path / "far", per_class=80, contrast=0.05)
+    ingest_run(IngestConfig(source="imagefolder", path=str(source), test_fraction=0.1, val_fraction=0.4), tmp_path / "data")
+    dataset = read_manifest(tmp_path / "data" / "manifest.csv")
+    features.run(features.FeaturesConfig(image_size=64), (BACKBONE,), dataset, tmp_path / "cache", tmp_path / "features")
+    cfg = FinetuneConfig.model_validate({
+        "strategy": "auto", "budget_minutes": 60,
+        "partial": {"epochs": 4, "batch_size": 16},
+        "full": {"epochs": 20, "batch_size": 16, "workers": 0, "patience": 8, "lr": 0.001},
+    })
+    result = run(cfg, BACKBONE, tmp_path / "features", dataset, tmp_path / "data" / "manifest.csv", tmp_path / "out",
+                 tmp_path / "cache", tmp_path / "state")
+    report = json.loads(result.artifacts["report"].read_text())
+    trained = {c["strategy"]: c for c in report["candidates"]}
+    # The frozen features cannot see the label: the guard fires on the probe ...
+    assert trained["linear"]["negative_transfer"] is True
+    assert trained["linear"]["val_accuracy"] <= report["reference"]["val_accuracy"]
+    # ... and auto goes deeper, to a model that does beat the pixel reference.
+    assert report["strategy"] != "linear" and result.info["negative_transfer"] == "no"
+    assert result.metrics["val_accuracy"] > report["reference"]["val_accuracy"] + cfg.guard.margin
