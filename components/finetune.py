@@ -37,7 +37,7 @@ from components.manifest import Dataset
 from components.preprocess import Preprocessing
 from components.progress import Progress, no_progress
 from components.result import StageResult, sha256_json, write_json
-from components.train_loop import LoopConfig, Trained
+from components.train_loop import LoopConfig, OnEpoch, Trained
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,12 @@ class Context:
     """What every strategy needs, resolved once."""
 
     def __init__(self, cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, cache_dir: Path,
-                 state_dir: Path, opset: int, atol: float, progress: Progress):
+                 state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None):
         self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
         self.entry = get_entry(backbone)
         self.record = read_record(features_dir, backbone)
         self.preprocessing = Preprocessing.of(self.record["preprocessing"])
-        self.opset, self.atol, self.progress = opset, atol, progress
+        self.opset, self.atol, self.progress, self.on_epoch = opset, atol, progress, on_epoch
         self.placement = devices.resolve(cfg.device, cfg.precision)
 
     def resume(self, strategy: str, block: StageConfig) -> tuple[Path, str]:
@@ -137,7 +137,7 @@ def train_partial(ctx: Context) -> Trained:
 
     path, fingerprint = ctx.resume("partial", ctx.cfg.partial)
     return train(ctx.cfg.partial, ctx.cfg, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.cache_dir, ctx.placement,
-                 path, fingerprint, ctx.opset, ctx.atol, ctx.progress)
+                 path, fingerprint, ctx.opset, ctx.atol, ctx.progress, ctx.on_epoch)
 
 
 def train_full(ctx: Context) -> Trained:
@@ -145,7 +145,7 @@ def train_full(ctx: Context) -> Trained:
 
     path, fingerprint = ctx.resume("full", ctx.cfg.full)
     return train(ctx.cfg.full, ctx.cfg, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.placement, path, fingerprint,
-                 ctx.progress)
+                 ctx.progress, ctx.on_epoch)
 
 
 def estimate_seconds(ctx: Context, strategy: str) -> float:
@@ -229,9 +229,12 @@ def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> No
 
 def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, manifest_path: Path, out_dir: Path,
         cache_dir: Path, state_dir: Path, opset: int = 17, atol: float = 1e-4,
-        progress: Progress = no_progress) -> StageResult:
-    """Train by `cfg.strategy`; `cache_dir` holds cached activations, `state_dir` per-epoch resume files."""
-    ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress)
+        progress: Progress = no_progress, on_epoch: OnEpoch | None = None) -> StageResult:
+    """Train by `cfg.strategy`; `cache_dir` holds cached activations, `state_dir` per-epoch resume files.
+
+    `on_epoch(epoch, entry)` is called after each epoch of partial/full; an exception it raises stops
+    the run before anything is written to `out_dir`."""
+    ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch)
     check_taps(cfg, ctx.record, backbone)
     log.info("finetune on %s", ctx.placement.reason)
     ref = reference.fit_reference(cfg.guard, dataset)

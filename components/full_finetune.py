@@ -25,7 +25,7 @@ from components.manifest import Dataset
 from components.preprocess import Preprocessing, build_transform, model_mode
 from components.progress import Progress, no_progress
 from components.devices import Placement
-from components.train_loop import Trained, class_weight_vector, fit, scores
+from components.train_loop import OnEpoch, Trained, class_weight_vector, fit, scores
 from components.trunk_parts import FullModel, check_layout
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class ImageSplit(TorchDataset):
 
 def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, preprocessing: Preprocessing,
                dataset: Dataset, placement: Placement, resume_path: Path | None, fingerprint: str,
-               progress: Progress = no_progress) -> Trained:
+               progress: Progress = no_progress, on_epoch: OnEpoch | None = None) -> Trained:
     """Fine-tune the whole network with a new head."""
     began = time.perf_counter()
     n_classes = len(dataset.labels)
@@ -101,7 +101,7 @@ def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, pr
                                .to(placement.device), label_smoothing=common.label_smoothing)
     steps = len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1
     result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement, resume_path,
-                 fingerprint, progress, desc="finetune full")
+                 fingerprint, progress, desc="finetune full", on_epoch=on_epoch)
     network.load_state_dict(result.state)
     network.cpu().eval()
     info = {"resumed_from_epoch": result.resumed_from, "stopped_early": result.stopped_early,

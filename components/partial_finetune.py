@@ -32,7 +32,7 @@ from components.preprocess import Preprocessing, load_batch
 from components.progress import Progress, no_progress
 from components.result import atomic_path, sha256_json, write_json
 from components.devices import Placement
-from components.train_loop import Trained, class_weight_vector, fit, scores
+from components.train_loop import OnEpoch, Trained, class_weight_vector, fit, scores
 from components.trunk_parts import FrozenPart, TrainedTail, check_layout
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def cache_activations(entry: BackboneEntry, preprocessing: Preprocessing, traina
 
 def train_partial(cfg: PartialConfig, common: FinetuneConfig, entry: BackboneEntry, preprocessing: Preprocessing,
                   dataset: Dataset, cache_dir: Path, placement: Placement, resume_path: Path | None, fingerprint: str,
-                  opset: int, atol: float, progress: Progress = no_progress) -> Trained:
+                  opset: int, atol: float, progress: Progress = no_progress, on_epoch: OnEpoch | None = None) -> Trained:
     """Train the last `cfg.blocks` blocks, the top and a new head on cached activations."""
     began = time.perf_counter()
     activations = cache_activations(entry, preprocessing, cfg.blocks, cfg.views, dataset, cache_dir, opset, atol,
@@ -214,7 +214,7 @@ def train_partial(cfg: PartialConfig, common: FinetuneConfig, entry: BackboneEnt
                                .to(placement.device), label_smoothing=common.label_smoothing)
     steps = (n_train + cfg.batch_size - 1) // cfg.batch_size
     result = fit(tail, tail.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement, resume_path,
-                 fingerprint, progress, desc=f"finetune partial ({cfg.blocks} blocks)")
+                 fingerprint, progress, desc=f"finetune partial ({cfg.blocks} blocks)", on_epoch=on_epoch)
     tail.load_state_dict(result.state)
     tail.cpu().eval()
     info = {"trainable_blocks": cfg.blocks, "views": n_views, "activation_shape": list(train_x.shape[2:]),

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Batches = Callable[[int, torch.Generator], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 Evaluate = Callable[[nn.Module], dict[str, float]]  # -> val_loss, val_accuracy
+OnEpoch = Callable[[int, dict[str, float]], None]  # (epoch, history entry); may raise to stop training (tune's pruning)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def fit(
     resume_fingerprint: str = "",
     progress: Progress = no_progress,
     desc: str = "finetune",
+    on_epoch: OnEpoch | None = None,
 ) -> FitResult:
     """Train `model` in place; returns the best epoch's weights. `batches(epoch, generator)` yields (x, y)."""
     model.to(placement.device)
@@ -169,6 +171,8 @@ def fit(
             if stopped_early:
                 log.info("%s: early stop after epoch %d (best val accuracy %.4f at epoch %d)", desc, epoch,
                          best["val_accuracy"], best["epoch"])
+            if on_epoch is not None:
+                on_epoch(epoch, entry)
     assert best is not None and best_state is not None
     return FitResult(best_state, history, int(best["epoch"]), resumed_from, seconds, stopped_early)
 

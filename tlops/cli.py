@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     drift.add_argument("--images", required=True, help="folder of new images (searched recursively)")
     drift.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
     drift.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune = sub.add_parser("tune", help="search finetune hyperparameters with Optuna (params `tune`)")
+    tune.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tune.add_argument("--trials", type=int, help="stop after N trials (default tune.trials)")
+    tune.add_argument("--minutes", type=float, help="stop after M minutes (default tune.minutes)")
     dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declaration (tlops/stages.py)")
     dvc_yaml.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     return parser.parse_args(argv)
@@ -181,6 +186,26 @@ def check_drift(args: argparse.Namespace) -> None:
     print(f"drift: MMD p={s['p_value']:.3g}, AUC {auc} on {s['n_new']} images -> {verdict}; plot {s['plot']}")
 
 
+def tune_hyperparameters(args: argparse.Namespace) -> None:
+    from tlops import tracking
+    from tlops.config import load_params
+    from tlops.tune import run_tune
+
+    budget = [f"tune.{k}={v}" for k, v in (("trials", args.trials), ("minutes", args.minutes)) if v is not None]
+    if len(budget) == 1:  # a budget given on the command line replaces the file's, not adds to it
+        budget.append(f"tune.{'minutes' if args.trials is not None else 'trials'}=null")
+    params = load_params(args.params, [*args.overrides, *budget])
+    tracking.check_tracking_server()
+    s = run_tune(params)
+    print("\n".join([
+        "", f"tlops tune finished: {s['n_trials']} trials ({s['counts']['COMPLETE']} completed, "
+            f"{s['counts']['PRUNED']} pruned, {s['counts']['FAIL']} failed)",
+        f"  best val accuracy  {s['best_value']:.4f}",
+        f"  best params        {s['out_dir']}/best_params.yaml  (and best.json)",
+        f"  MLflow run         {s['parent_run_id']}  (open with: make ui)",
+        "  reproduce with:", f"    {s['tlops_run']}", f"    {s['dvc_exp_run']}"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Prefect's temporary server phones home on start; offline that is an error traceback in the
@@ -217,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             print(deploy(str(args.params), args.overrides, serve=args.serve))
         elif args.command == "drift":
             check_drift(args)
+        elif args.command == "tune":
+            tune_hyperparameters(args)
         elif args.command == "dvc-yaml":
             return write_dvc_yaml(args)
         else:

@@ -26,6 +26,7 @@ from components.ingest import IngestConfig
 from components.promote import PromoteConfig
 from components.select import SelectConfig
 from components.serve import ServeConfig
+from components.tune import TuneConfig
 from components.validate import ValidateConfig
 
 
@@ -49,6 +50,7 @@ class PathsConfig(StageConfig):
     register: str = "outputs/register"
     promote: str = "outputs/promote"
     drift: str = "outputs/drift"  # appended to by `tlops drift`, never emptied
+    tune: str = "outputs/tune"  # `tlops tune`: best.json, best_params.yaml, the optimisation history
 
 
 class RegisterConfig(StageConfig):
@@ -107,6 +109,7 @@ class Params(StageConfig):
     schedule: ScheduleConfig = ScheduleConfig()
     serve: ServeConfig = ServeConfig()
     drift: DriftConfig = DriftConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> Params:
