@@ -61,13 +61,15 @@ class PruningReport:
     val_accuracy_recovered: float | None = None  # the best recovery epoch
     recovery_history: list[dict[str, float]] = field(default_factory=list)
     recovery_seconds: float = 0.0
+    recovery_kept: bool = True  # False: no recovery epoch beat the pruned model, which ships as pruned
 
     def metadata(self) -> dict[str, str]:
         """ONNX metadata_props: the file says it is pruned and by how much."""
         return {"pruning": "structured", "prune_ratio": f"{self.ratio:g}",
                 "params_before": str(self.params_before), "params_after": str(self.params_after),
                 "macs_before": str(self.macs_before), "macs_after": str(self.macs_after),
-                "val_accuracy_recovered": "" if self.val_accuracy_recovered is None else f"{self.val_accuracy_recovered:.6f}"}
+                "val_accuracy_recovered": "" if self.val_accuracy_recovered is None else f"{self.val_accuracy_recovered:.6f}",
+                "recovery_kept": str(self.recovery_kept).lower()}
 
 
 def macs_and_params(model: nn.Module, example_input: torch.Tensor) -> tuple[int, int]:
@@ -157,10 +159,17 @@ def prune_and_recover(model: Classifier, spec: ChannelPruning, dataset: Dataset,
              spec.ratio, params_before, params_after, macs_before, macs_after, report.val_accuracy_before,
              report.val_accuracy_pruned)
     if spec.recovery_epochs > 0:
+        unrecovered = copy.deepcopy(pruned.state_dict())
         report.val_accuracy_recovered, report.recovery_history, report.recovery_seconds = recover(
             pruned, spec, dataset, preprocessing)
         log.info("recovery: val accuracy %.4f after %d epochs (%.0f s)", report.val_accuracy_recovered,
                  len(report.recovery_history), report.recovery_seconds)
+        if report.val_accuracy_recovered < report.val_accuracy_pruned:  # early stopping's rule, with epoch 0 included
+            pruned.load_state_dict(unrecovered)
+            report.recovery_kept = False
+            log.warning("recovery fine-tuning lowered val accuracy (%.4f < %.4f): the pruned weights are kept as they "
+                        "were; try more compress.recovery_epochs or another compress.recovery_lr",
+                        report.val_accuracy_recovered, report.val_accuracy_pruned)
     return pruned, report
 
 

@@ -74,6 +74,9 @@ def test_recovery_fine_tuning_runs_and_reports_val_accuracy(pruned_export, elpv_
     best = max(h["val_accuracy"] for h in info["recovery_history"])
     assert info["val_accuracy_recovered"] == best
     assert result.metrics["val_accuracy_pruned_recovered"] == best
+    # Recovery that made things worse is undone: the shipped weights are never worse on val than the pruned ones.
+    assert info["recovery_kept"] == (best >= info["val_accuracy_pruned"])
+    assert read_metadata(result.artifacts["pruned"])["recovery_kept"] == str(info["recovery_kept"]).lower()
 
 
 def test_compress_lists_the_channel_pruned_candidate(pruned_export, elpv_small: Dataset) -> None:
