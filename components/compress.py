@@ -1,7 +1,8 @@
 """Compress: prune, quantize, and ship the smallest model that keeps its validation accuracy.
 
-Candidates are the exported FP32 model, the pruned export (when export.sparsity > 0) and a
-post-training static INT8 model (of the pruned one if present). When full INT8 loses more than
+Candidates are the exported FP32 model, the pruned export (when compress.prune is
+`unstructured` or `structured`: see components/pruning.py) and a post-training static INT8
+model (of the pruned one if present). When full INT8 loses more than
 `max_accuracy_drop`, a budgeted mixed-precision search keeps the nodes whose quantization hurts
 most (lowest SQNR, measured with onnxruntime.quantization.qdq_loss_debug) in FP32, a growing
 number at a time, up to `max_fp32_nodes`; each step is a candidate. Every candidate is scored on
@@ -28,14 +29,14 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization import qdq_loss_debug
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import prune
 
@@ -45,6 +46,9 @@ from components.manifest import Dataset
 from components.onnx_runtime import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
 from components.preprocess import Preprocessing, load_batch
 from components.result import StageResult, write_json
+
+if TYPE_CHECKING:
+    from components.pruning import ChannelPruning
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,15 @@ class ExportChangedError(UserError):
 
 
 class CompressConfig(StageConfig):
-    sparsity: float = Field(0.0, ge=0.0, lt=1.0)  # global magnitude pruning of conv+linear weights; 0 = off (applied before export)
+    # Which pruned candidate export writes as model_pruned.onnx. Unset: "unstructured" when sparsity > 0, else "none".
+    prune: Literal["none", "unstructured", "structured"] = "none"
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0)  # unstructured: share of conv+linear weights zeroed (smaller zipped only)
+    prune_ratio: float = Field(0.3, gt=0.0, lt=1.0)  # structured: share of each layer's channels removed (faster)
+    prune_round_to: int = Field(8, ge=1)  # structured: channel counts kept at multiples of this (SIMD widths)
+    recovery_epochs: int = Field(3, ge=0)  # structured: fine-tuning epochs after pruning; 0 = none
+    recovery_lr: float = Field(1e-4, gt=0)  # structured: peak lr of the recovery fine-tuning (every layer)
+    recovery_batch_size: int = Field(32, ge=2)
+    recovery_patience: int = Field(2, ge=1)  # structured: epochs without a better val accuracy before stopping
     quantize: bool = True  # post-training static INT8 (onnxruntime.quantization)
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)  # absolute val accuracy the shipped model may lose vs FP32
     calibration_images: int = Field(256, ge=1)  # training images (stratified by label) used to calibrate activations
@@ -82,6 +94,36 @@ class CompressConfig(StageConfig):
     sensitivity_images: int = Field(8, ge=1)  # calibration images compared float vs INT8 to rank nodes
     latency_threads: int = Field(0, ge=0)  # ONNX Runtime threads when timing candidates; 0 = all cores
     latency_runs: int = Field(5, ge=1)  # timed runs per candidate and batch size (median reported)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_sparsity(cls, data: Any) -> Any:
+        """params written before `prune` existed turned unstructured pruning on with sparsity alone."""
+        if isinstance(data, dict) and "prune" not in data and float(data.get("sparsity", 0) or 0) > 0:
+            return {**data, "prune": "unstructured"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_pruning(self) -> CompressConfig:
+        if self.prune == "unstructured" and self.sparsity == 0:
+            raise ValueError("sparsity: compress.prune=unstructured needs compress.sparsity > 0")
+        if self.prune != "unstructured" and self.sparsity > 0:
+            raise ValueError(f"sparsity: compress.sparsity > 0 applies to compress.prune=unstructured only, "
+                             f"not {self.prune}; set it to 0")
+        return self
+
+    def unstructured_sparsity(self) -> float:
+        """What export's `sparsity` argument gets: 0 unless unstructured pruning is on."""
+        return self.sparsity if self.prune == "unstructured" else 0.0
+
+    def channel_pruning(self, seed: int = 0) -> ChannelPruning | None:
+        """What export's `channel_pruning` argument gets: None unless structured pruning is on."""
+        from components.pruning import ChannelPruning
+
+        if self.prune != "structured":
+            return None
+        return ChannelPruning(self.prune_ratio, self.prune_round_to, self.recovery_epochs, self.recovery_lr,
+                              self.recovery_batch_size, self.recovery_patience, seed)
 
 
 def prune_model(model: nn.Module, sparsity: float) -> nn.Module:
@@ -471,6 +513,8 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
         "max_accuracy_drop": cfg.max_accuracy_drop,
         "latency_threads": cfg.latency_threads,
         "int8_search": search,
+        "pruning": exported.info.get("pruning") or ({"method": "unstructured magnitude", "sparsity": exported.info["sparsity"]}
+                                                    if "pruned" in candidates else None),
         "shipped": shipped,
         "reason": reason,
     }

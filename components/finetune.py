@@ -30,6 +30,7 @@ from components import devices, reference
 from components.backbones import get_entry
 from components.classifier import save_checkpoint
 from components.config import StageConfig
+from components.distill import DistillConfig
 from components.features import read_record, split_features
 from components.lineage import data_version
 from components.linear_probe import fit_probe
@@ -94,6 +95,7 @@ class FinetuneConfig(StageConfig):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     seed: int = 0
     guard: reference.ReferenceConfig = reference.ReferenceConfig()
+    distill: DistillConfig = DistillConfig()  # partial strategy only: a teacher's cached logits in the loss
     linear: LinearConfig = LinearConfig()
     partial: PartialConfig = PartialConfig()
     full: FullConfig = FullConfig()
@@ -114,7 +116,7 @@ class Context:
     def resume(self, strategy: str, block: StageConfig) -> tuple[Path, str]:
         """Where a strategy keeps its per-epoch state, and the fingerprint a saved state must match."""
         fingerprint = sha256_json({"strategy": strategy, "config": block.model_dump(mode="json"),
-                                   "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed"}),
+                                   "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill"}),
                                    "backbone": self.entry.describe(), "features": self.record["cache_key"],
                                    "data": self.dataset.manifest[["sha256", "label", "split"]].to_dict("list"),
                                    "placement": self.placement.describe()})

@@ -184,8 +184,13 @@ def cache_activations(entry: BackboneEntry, preprocessing: Preprocessing, traina
 def train_partial(cfg: PartialConfig, common: FinetuneConfig, entry: BackboneEntry, preprocessing: Preprocessing,
                   dataset: Dataset, cache_dir: Path, placement: Placement, resume_path: Path | None, fingerprint: str,
                   opset: int, atol: float, progress: Progress = no_progress, on_epoch: OnEpoch | None = None) -> Trained:
-    """Train the last `cfg.blocks` blocks, the top and a new head on cached activations."""
+    """Train the last `cfg.blocks` blocks, the top and a new head on cached activations (distilled if a teacher is set)."""
     began = time.perf_counter()
+    distilling = common.distill.teacher is not None
+    if distilling:  # checked before any work: a wrong path fails in one line
+        from components import distill
+
+        teacher_path, teacher_checkpoint = distill.teacher_checkpoint(common.distill.teacher, dataset.labels)
     activations = cache_activations(entry, preprocessing, cfg.blocks, cfg.views, dataset, cache_dir, opset, atol,
                                     progress=progress)
     cached_seconds = time.perf_counter() - began
@@ -199,19 +204,26 @@ def train_partial(cfg: PartialConfig, common: FinetuneConfig, entry: BackboneEnt
         parameter.requires_grad_(True)
     train_x, val_x = torch.from_numpy(activations["train"]), torch.from_numpy(activations["val"])
     n_train, n_views = train_x.shape[:2]
+    if distilling:  # teacher logits of the same (image, view) pairs as the activations, same row order
+        teacher = distill.teacher_logits(teacher_path, teacher_checkpoint, dataset, n_views, cache_dir)
+        teacher_train = torch.from_numpy(teacher.train)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(n_train, generator=generator)
         views = torch.randint(0, n_views, (n_train,), generator=generator)
         for index in order.split(cfg.batch_size):
-            yield train_x[index, views[index]].float(), labels["train"][index]
+            target = labels["train"][index]
+            if distilling:
+                target = distill.pack_targets(target, teacher_train[index, views[index]])
+            yield train_x[index, views[index]].float(), target
 
     def evaluate(network: nn.Module) -> dict[str, float]:
         logits = torch.cat([network(chunk.float().to(placement.device)) for chunk in val_x.split(256)])
         return scores(logits.cpu(), labels["val"])
 
-    loss = nn.CrossEntropyLoss(weight=class_weight_vector(labels["train"].tolist(), n_classes, common.class_weights)
-                               .to(placement.device), label_smoothing=common.label_smoothing)
+    weight = class_weight_vector(labels["train"].tolist(), n_classes, common.class_weights).to(placement.device)
+    loss = (distill.kd_loss(common.distill.alpha, common.distill.temperature, weight, common.label_smoothing) if distilling
+            else nn.CrossEntropyLoss(weight=weight, label_smoothing=common.label_smoothing))
     steps = (n_train + cfg.batch_size - 1) // cfg.batch_size
     result = fit(tail, tail.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement, resume_path,
                  fingerprint, progress, desc=f"finetune partial ({cfg.blocks} blocks)", on_epoch=on_epoch)
@@ -220,6 +232,11 @@ def train_partial(cfg: PartialConfig, common: FinetuneConfig, entry: BackboneEnt
     info = {"trainable_blocks": cfg.blocks, "views": n_views, "activation_shape": list(train_x.shape[2:]),
             "activation_seconds": cached_seconds, "resumed_from_epoch": result.resumed_from,
             "stopped_early": result.stopped_early}
+    if distilling:
+        info["distill"] = {"teacher": str(teacher_path), "teacher_backbone": teacher_checkpoint["backbone"]["name"],
+                           "teacher_val_accuracy": distill.teacher_accuracy(teacher, labels["val"]),
+                           "teacher_pairs_computed": teacher.computed, "teacher_onnx_runs": teacher.teacher_runs,
+                           "teacher_seconds": teacher.seconds}
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
     return Trained(model, head, result.history, best, time.perf_counter() - began, info)
 
