@@ -256,7 +256,10 @@ def test_on_data_far_from_imagenet_the_guard_fires_and_auto_recovers(tmp_path: P
     cfg = FinetuneConfig.model_validate({
         "strategy": "auto", "budget_minutes": 60,
         "partial": {"epochs": 4, "batch_size": 16},
-        "full": {"epochs": 20, "batch_size": 16, "workers": 0, "patience": 8, "lr": 0.001},
+        # The label is a faint brightness profile: every layer must move (no layer decay), and
+        # crops or brightness jitter would blur it.
+        "full": {"epochs": 24, "batch_size": 16, "workers": 0, "patience": 24, "lr": 0.001, "layer_decay": 1.0,
+                 "crop_scale_min": 1.0, "jitter": 0.0},
     })
     result = run(cfg, BACKBONE, tmp_path / "features", dataset, tmp_path / "data" / "manifest.csv", tmp_path / "out",
                  tmp_path / "cache", tmp_path / "state")

@@ -104,8 +104,10 @@ def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    return export.run(params.export, params.compress.sparsity, params.path("finetune") / finetune.CHECKPOINT_FILE,
-                      validated_dataset(params), out, features_dir=params.path("features"))
+    return export.run(params.export, params.compress.unstructured_sparsity(),
+                      params.path("finetune") / finetune.CHECKPOINT_FILE, validated_dataset(params), out,
+                      features_dir=params.path("features"),
+                      channel_pruning=params.compress.channel_pruning(seed=params.finetune.seed))
 
 
 def _compress(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -149,7 +151,10 @@ STAGES: tuple[Stage, ...] = (
                                                                "template": "bar_horizontal"}))),
     Stage("finetune", "components.finetune", _finetune, ("finetune", "features.opset", "features.parity_atol"),
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune"),
-    Stage("export", "components.export", _export, ("export", "compress.sparsity"),
+    Stage("export", "components.export", _export,
+          ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
+           "compress.recovery_epochs", "compress.recovery_lr", "compress.recovery_batch_size",
+           "compress.recovery_patience", "finetune.seed"),
           ("finetune", "features", "dataset", "validate/manifest.csv"), "export"),
     Stage("compress", "components.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
           "compress"),
