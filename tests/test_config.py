@@ -36,7 +36,7 @@ def test_override_parses_yaml_values() -> None:
         ("finetune.partial.epochs=0", "finetune.partial.epochs"),
         ("finetune.strategy=deep", "finetune.strategy"),
         ("finetune.partial.views=9", "finetune.partial.views"),
-        ("finetune.linear.taps=[pooled,stage5]", "finetune.linear.taps"),
+        ("finetune.linear.taps=[pooled,stage9]", "finetune.linear.taps"),
         ("evaluate.batch_size=0", "evaluate.batch_size"),
         ("export.parity_atol=-1", "export.parity_atol"),
         ("register.alias=v3", "register.alias"),
