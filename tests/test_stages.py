@@ -25,6 +25,17 @@ def test_committed_dvc_yaml_is_generated_from_the_declaration() -> None:
     assert (REPO / "dvc.yaml").read_text() == dvc_pipeline.render(), "run `tlops dvc-yaml` and commit dvc.yaml"
 
 
+def test_every_params_key_dvc_tracks_is_written_in_params_yaml() -> None:
+    # DVC reads params.yaml itself, so a key the config fills by default is "missing" to `dvc commit`.
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    for stage in STAGES:
+        for key in stage.params:
+            node = written
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"params.yaml lacks {key} (stage {stage.name})"
+                node = node[part]
+
+
 def test_dvc_yaml_deps_cover_every_project_module_a_stage_imports() -> None:
     # Import each stage's component for real, in a clean interpreter, and list the project modules loaded.
     for stage in STAGES:
