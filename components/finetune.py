@@ -151,7 +151,10 @@ def train_full(ctx: Context) -> Trained:
 
 
 def estimate_seconds(ctx: Context, strategy: str) -> float:
-    """An upper bound on a strategy's wall time here, from a few timed steps (no early stopping assumed)."""
+    """A strategy's wall time here, estimated from a few timed steps (no early stopping assumed).
+
+    On ELPV it came out 13% below the real time of `partial` (436 s vs 504 s): timed steps run warm.
+    """
     if strategy == "linear":
         return 0.0
     if strategy == "partial":
