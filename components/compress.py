@@ -180,7 +180,14 @@ class Quantizer:
         self.images = calibration_images(dataset, cfg.calibration_images, model_preprocessing(source, self.metadata))
         self.prepared = scratch / "prepared.onnx"
         # Shape inference and graph optimisation first, as onnxruntime's quantization guide advises.
-        quant_pre_process(str(source), str(self.prepared))
+        try:
+            quant_pre_process(str(source), str(self.prepared))
+        except Exception as error:  # onnxruntime raises a bare Exception when its symbolic pass gives up
+            if "symbolic shape inference" not in str(error):
+                raise
+            # Several pooled taps concatenated defeat the symbolic pass; ONNX's own shape inference still runs.
+            log.info("%s: symbolic shape inference incomplete; preparing with ONNX shape inference only", source.name)
+            quant_pre_process(str(source), str(self.prepared), skip_symbolic_shape=True)
         graph = onnx.load(str(self.prepared), load_external_data=False).graph
         self.input_name = graph.input[0].name
         self.shape_nodes = shape_arithmetic_nodes(graph)
