@@ -17,6 +17,7 @@ full 8-bit weights overflow it; on ELPV that alone cost 9 points of val accuracy
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import logging
@@ -180,14 +181,19 @@ class Quantizer:
         self.images = calibration_images(dataset, cfg.calibration_images, model_preprocessing(source, self.metadata))
         self.prepared = scratch / "prepared.onnx"
         # Shape inference and graph optimisation first, as onnxruntime's quantization guide advises.
-        try:
-            quant_pre_process(str(source), str(self.prepared))
-        except Exception as error:  # onnxruntime raises a bare Exception when its symbolic pass gives up
-            if "symbolic shape inference" not in str(error):
-                raise
-            # Several pooled taps concatenated defeat the symbolic pass; ONNX's own shape inference still runs.
-            log.info("%s: symbolic shape inference incomplete; preparing with ONNX shape inference only", source.name)
-            quant_pre_process(str(source), str(self.prepared), skip_symbolic_shape=True)
+        # When its symbolic pass gives up, onnxruntime dumps `sym_shape_infer_temp.onnx` (+ external data)
+        # into the working directory: run it from the scratch folder so nothing lands in the user's.
+        source_path, prepared = str(Path(source).resolve()), str(self.prepared.resolve())
+        with contextlib.chdir(scratch):
+            try:
+                quant_pre_process(source_path, prepared)
+            except Exception as error:  # onnxruntime raises a bare Exception when its symbolic pass gives up
+                if "symbolic shape inference" not in str(error):
+                    raise
+                # Several pooled taps concatenated defeat the symbolic pass; ONNX's own shape inference still runs.
+                log.info("%s: symbolic shape inference incomplete; preparing with ONNX shape inference only",
+                         source.name)
+                quant_pre_process(source_path, prepared, skip_symbolic_shape=True)
         graph = onnx.load(str(self.prepared), load_external_data=False).graph
         self.input_name = graph.input[0].name
         self.shape_nodes = shape_arithmetic_nodes(graph)
