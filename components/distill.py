@@ -33,7 +33,7 @@ from components.errors import UserError
 from components.features import source_sha256
 from components.manifest import Dataset
 from components.onnx_runtime import open_session
-from components.partial_finetune import dihedral
+from components.partial_finetune import ViewStore, dihedral
 from components.preprocess import Preprocessing, load_batch
 from components.result import atomic_path, sha256_file, sha256_json, write_json
 
@@ -69,34 +69,6 @@ def teacher_checkpoint(path: str | Path, labels: tuple[str, ...] | list[str]) ->
     return path, checkpoint
 
 
-class LogitStore:
-    """One float32 `.npy` of teacher logits per (image, view), written atomically."""
-
-    def __init__(self, root: Path):
-        self.dir = root
-
-    def path(self, sha256: str, view: int) -> Path:
-        return self.dir / sha256[:2] / f"{sha256}.{view}.npy"
-
-    def get(self, sha256: str, view: int, n_classes: int) -> np.ndarray | None:
-        path = self.path(sha256, view)
-        if not path.exists():
-            return None
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as error:
-            log.warning("%s: unreadable cached teacher logits (%s); recomputing them", path, error)
-            return None
-        if array.shape != (n_classes,) or not np.isfinite(array).all():
-            log.warning("%s: holds %s, expected %d finite logits; recomputing them", path, list(array.shape), n_classes)
-            return None
-        return array
-
-    def put(self, sha256: str, view: int, logits: np.ndarray) -> None:
-        with atomic_path(self.path(sha256, view)) as partial, open(partial, "wb") as f:
-            np.save(f, logits.astype(np.float32))
-
-
 @dataclass
 class TeacherLogits:
     train: np.ndarray  # (N, views, classes), rows in dataset.split("train") order
@@ -106,12 +78,12 @@ class TeacherLogits:
     seconds: float
 
 
-def prepare_store(checkpoint_path: Path, checkpoint: dict, cache_dir: Path, opset: int = 17) -> LogitStore:
+def prepare_store(checkpoint_path: Path, checkpoint: dict, cache_dir: Path, opset: int = 17) -> ViewStore:
     """The store for this teacher, with its ONNX export written once."""
     digest = sha256_file(checkpoint_path)
     inputs = {"teacher_checkpoint_sha256": digest, "opset": opset,
               "code_sha256": source_sha256((dihedral, teacher_logits))}
-    store = LogitStore(cache_dir / "distill" / sha256_json(inputs)[:20])
+    store = ViewStore(cache_dir / "distill" / sha256_json(inputs)[:20], np.float32, "teacher logits")
     if not (store.dir / KEY_FILE).exists():
         write_json(store.dir / KEY_FILE, {"inputs": inputs})
     if not (store.dir / TEACHER_FILE).exists():
@@ -135,7 +107,7 @@ def teacher_logits(checkpoint_path: Path, checkpoint: dict, dataset: Dataset, n_
     todo: dict[str, set[int]] = {}
     for split, frame in frames.items():
         for sha in frame["sha256"]:
-            missing = {v for v in views[split] if store.get(sha, v, n_classes) is None}
+            missing = {v for v in views[split] if store.get(sha, v, (n_classes,)) is None}
             if missing:
                 todo.setdefault(sha, set()).update(missing)
     computed = runs = 0
@@ -156,7 +128,7 @@ def teacher_logits(checkpoint_path: Path, checkpoint: dict, dataset: Dataset, n_
                  store.dir)
 
     def load(sha: str, view: int) -> np.ndarray:
-        array = store.get(sha, view, n_classes)
+        array = store.get(sha, view, (n_classes,))
         if array is None:  # written above, so only a concurrent deletion gets here
             raise RuntimeError(f"{store.path(sha, view)}: teacher logits vanished from the cache while reading it.")
         return array

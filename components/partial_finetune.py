@@ -59,33 +59,37 @@ def activation_key_inputs(entry: BackboneEntry, preprocessing: Preprocessing, tr
                      "code_sha256": inputs["code_sha256"] | source_sha256((FrozenPart, dihedral, cache_activations))}
 
 
-class ActivationStore:
-    """One float16 `.npy` per (image, view) under `root/<sha[:2]>/<sha>.<view>.npy`, written atomically."""
+class ViewStore:
+    """One `.npy` of `dtype` per (image, view) under `root/<sha[:2]>/<sha>.<view>.npy`, written atomically.
 
-    def __init__(self, root: Path):
-        self.dir = root
+    Holds partial's frozen-part activations (float16) and distillation's teacher logits (float32).
+    """
+
+    def __init__(self, root: Path, dtype: type[np.floating], what: str):
+        self.dir, self.dtype, self.what = root, np.dtype(dtype), what
 
     def path(self, sha256: str, view: int) -> Path:
         return self.dir / sha256[:2] / f"{sha256}.{view}.npy"
 
     def get(self, sha256: str, view: int, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The entry, or None when it is absent, unreadable, misshapen or not finite (then it is recomputed)."""
         path = self.path(sha256, view)
         if not path.exists():
             return None
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
-            log.warning("%s: unreadable cached activation (%s); recomputing it", path, error)
+            log.warning("%s: unreadable cached %s (%s); recomputing it", path, self.what, error)
             return None
-        if array.dtype != np.float16 or array.shape != shape or not np.isfinite(array).all():
-            log.warning("%s: holds %s%s, expected float16%s; recomputing it", path, array.dtype, list(array.shape),
-                        list(shape))
+        if array.dtype != self.dtype or array.shape != shape or not np.isfinite(array).all():
+            log.warning("%s: cached %s holds %s%s, expected finite %s%s; recomputing it", path, self.what, array.dtype,
+                        list(array.shape), self.dtype, list(shape))
             return None
         return array
 
     def put(self, sha256: str, view: int, array: np.ndarray) -> None:
         with atomic_path(self.path(sha256, view)) as partial, open(partial, "wb") as f:
-            np.save(f, array.astype(np.float16))
+            np.save(f, array.astype(self.dtype))
 
 
 def export_frozen(entry: BackboneEntry, preprocessing: Preprocessing, trainable: int, opset: int, path: Path,
@@ -109,10 +113,10 @@ def export_frozen(entry: BackboneEntry, preprocessing: Preprocessing, trainable:
 
 
 def prepare_store(entry: BackboneEntry, preprocessing: Preprocessing, trainable: int, dataset: Dataset,
-                  cache_dir: Path, opset: int, atol: float) -> tuple[ActivationStore, tuple[int, ...]]:
+                  cache_dir: Path, opset: int, atol: float) -> tuple[ViewStore, tuple[int, ...]]:
     """The store for this cut, with its frozen part exported and checked; and one activation's shape."""
     inputs = activation_key_inputs(entry, preprocessing, trainable, opset)
-    store = ActivationStore(cache_dir / entry.name / f"partial-{sha256_json(inputs)[:20]}")
+    store = ViewStore(cache_dir / entry.name / f"partial-{sha256_json(inputs)[:20]}", np.float16, "activation")
     if not (store.dir / KEY_FILE).exists():
         write_json(store.dir / KEY_FILE, {"inputs": inputs})
     shape_file = store.dir / SHAPE_FILE
@@ -123,7 +127,7 @@ def prepare_store(entry: BackboneEntry, preprocessing: Preprocessing, trainable:
     return store, tuple(json.loads(shape_file.read_text()))
 
 
-def missing_views(store: ActivationStore, dataset: Dataset, n_views: int) -> dict[str, set[int]]:
+def missing_views(store: ViewStore, dataset: Dataset, n_views: int) -> dict[str, set[int]]:
     """Per image sha256, the views of it the store lacks (all views for train images, view 0 otherwise)."""
     todo: dict[str, set[int]] = {}
     for split in ("train", "val", "test"):
