@@ -10,14 +10,11 @@ the val split and timed at batch 1 and 32 in ONNX Runtime in the same run with t
 the most compressed candidate within budget ships as `model.onnx`, otherwise FP32 ships and the
 reason is recorded.
 
-Why U8 activations with 7-bit weights (`reduce_range`) by default: on x86 CPUs without VNNI
-(AVX2 only) ONNX Runtime runs u8 x s8 products through a 16-bit saturating instruction, and
-full 8-bit weights overflow it; on ELPV that alone cost 9 points of val accuracy.
+The INT8 recipe and its reasons are in components/int8.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import logging
@@ -34,18 +31,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization import qdq_loss_debug
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import prune
 
+from components import int8
 from components.config import StageConfig
 from components.errors import UserError
 from components.manifest import Dataset
 from components.onnx_runtime import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
-from components.preprocess import Preprocessing, load_batch
+from components.preprocess import load_batch
 from components.result import StageResult, write_json
 
 if TYPE_CHECKING:
@@ -58,17 +53,8 @@ SHIPPED_FILE = "model.onnx"
 REPORT_FILE = "compress.json"
 SENSITIVITY_FILE = "sensitivity.csv"
 SENSITIVITY_PLOT = "sensitivity.png"
-CALIBRATION_BATCH = 16
 LATENCY_BATCHES = (1, 32)
 MIXED_PREFIX = "int8_fp32x"  # int8_fp32x4: INT8 with its 4 most sensitive nodes kept in FP32
-
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "percentile": CalibrationMethod.Percentile,
-    "entropy": CalibrationMethod.Entropy,
-}
-QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-
 
 class ExportChangedError(UserError):
     """The export folder's files no longer match what export recorded."""
@@ -113,6 +99,11 @@ class CompressConfig(StageConfig):
                              f"not {self.prune}; set it to 0")
         return self
 
+    def recipe(self) -> int8.Recipe:
+        """The INT8 recipe these keys describe (also what `partial` fine-tuning quantizes its frozen part with)."""
+        return int8.Recipe(self.calibration_images, self.calibration_method, self.per_channel, self.activation_type,
+                           self.reduce_range)
+
     def unstructured_sparsity(self) -> float:
         """What export's `sparsity` argument gets: 0 unless unstructured pruning is on."""
         return self.sparsity if self.prune == "unstructured" else 0.0
@@ -145,177 +136,32 @@ def prune_model(model: nn.Module, sparsity: float) -> nn.Module:
     return pruned
 
 
-class ArrayCalibrationReader(CalibrationDataReader):
-    """Feeds preprocessed images (already decoded once) to the calibrator a batch at a time."""
-
-    def __init__(self, input_name: str, images: np.ndarray, batch_size: int):
-        self.input_name = input_name
-        self.batches = iter([images[i : i + batch_size] for i in range(0, len(images), batch_size)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
-        return None if batch is None else {self.input_name: batch}
-
-
-def calibration_images(dataset: Dataset, count: int, preprocessing: Preprocessing) -> np.ndarray:
-    """`count` training images, each label in its share of the split (deterministic by sha256)."""
-    train = dataset.split("train")
-    if train.empty:
-        raise ValueError("INT8 calibration needs training images: the dataset's `train` split is empty.")
-    count = min(count, len(train))
-    shares = train.groupby("label")["path"].count() / len(train)
-    chosen = []
-    for label, group in train.groupby("label"):
-        chosen.extend(group.sort_values("sha256")["path"].head(max(1, round(count * shares[label]))))
-    paths = [dataset.image_path(p) for p in chosen]
-    return np.concatenate([load_batch(paths[i : i + 64], preprocessing) for i in range(0, len(paths), 64)])
-
-
 class Quantizer:
     """Static QDQ INT8 of one prepared model; calibration runs once and is reused per exclusion set."""
 
     def __init__(self, cfg: CompressConfig, source: Path, dataset: Dataset, scratch: Path):
-        self.cfg = cfg
+        self.recipe_ = cfg.recipe()
         self.metadata = read_metadata(source)
         # The model says how its input is prepared; calibration must see exactly that.
-        self.images = calibration_images(dataset, cfg.calibration_images, model_preprocessing(source, self.metadata))
+        self.images = int8.calibration_images(dataset, cfg.calibration_images, model_preprocessing(source, self.metadata))
         self.prepared = scratch / "prepared.onnx"
-        # Shape inference and graph optimisation first, as onnxruntime's quantization guide advises.
-        # When its symbolic pass gives up, onnxruntime dumps `sym_shape_infer_temp.onnx` (+ external data)
-        # into the working directory: run it from the scratch folder so nothing lands in the user's.
-        source_path, prepared = str(Path(source).resolve()), str(self.prepared.resolve())
-        with contextlib.chdir(scratch):
-            try:
-                quant_pre_process(source_path, prepared)
-            except Exception as error:  # onnxruntime raises a bare Exception when its symbolic pass gives up
-                if "symbolic shape inference" not in str(error):
-                    raise
-                # Several pooled taps concatenated defeat the symbolic pass; ONNX's own shape inference still runs.
-                log.info("%s: symbolic shape inference incomplete; preparing with ONNX shape inference only",
-                         source.name)
-                quant_pre_process(source_path, prepared, skip_symbolic_shape=True)
-        graph = onnx.load(str(self.prepared), load_external_data=False).graph
-        self.input_name = graph.input[0].name
-        self.shape_nodes = shape_arithmetic_nodes(graph)
+        int8.prepare(source, self.prepared, scratch)
+        self.shape_nodes = int8.shape_arithmetic_nodes(onnx.load(str(self.prepared), load_external_data=False).graph)
         self.cache = scratch / "calibration.json"
 
     def recipe(self, excluded: Sequence[str]) -> str:
-        cfg = self.cfg
-        text = (f"static QDQ, {cfg.activation_type} activations, int8 weights"
-                f"{' (7-bit range)' if cfg.reduce_range else ''}, {'per-channel' if cfg.per_channel else 'per-tensor'}, "
-                f"{cfg.calibration_method} calibration on {len(self.images)} images")
+        text = self.recipe_.describe(len(self.images))
         return text + (f", {len(excluded)} nodes kept fp32" if excluded else "")
 
     def quantize(self, target: Path, excluded: Sequence[str] = ()) -> Path:
-        cfg = self.cfg
         partial = target.with_name(target.stem + ".partial.onnx")  # renamed once checked: no half-written model
-        quantize_static(
-            str(self.prepared),
-            str(partial),
-            ArrayCalibrationReader(self.input_name, self.images, CALIBRATION_BATCH),
-            quant_format=QuantFormat.QDQ,
-            per_channel=cfg.per_channel,
-            reduce_range=cfg.reduce_range,
-            activation_type=QUANT_TYPES[cfg.activation_type],
-            weight_type=QuantType.QInt8,
-            calibrate_method=CALIBRATION_METHODS[cfg.calibration_method],
-            nodes_to_exclude=self.shape_nodes + list(excluded),
-            calibration_cache_path=self.cache,
-        )
+        int8.quantize(self.prepared, partial, self.images, self.recipe_, excluded, self.cache)
         stamp_metadata(partial, self.metadata | {"quantization": self.recipe(excluded),
                                                  "fp32_nodes": ",".join(excluded)})
         onnx.checker.check_model(str(partial), full_check=True)
         os.replace(partial, target)
         log.info("quantized -> %s (%s)", target.name, self.recipe(excluded))
         return target
-
-
-def shape_arithmetic_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Nodes that compute tensor shapes (TF-style "same" padding: Shape -> Cast -> Div/Ceil/Sub -> Pad).
-
-    The exported trunks keep a dynamic batch, so these stay in the graph; the quantizer sees
-    float Add/Mul/Clip on shape values and quantizes them, which turns pad widths wrong (a 28 px
-    feature map came out 24 px on ELPV). They are never quantized.
-    """
-    constants = {initializer.name for initializer in graph.initializer}
-    shape_tensors: set[str] = set()
-    names = []
-    for node in graph.node:  # ONNX graphs are topologically sorted
-        inputs = [name for name in node.input if name]
-        derived = inputs and any(name in shape_tensors for name in inputs) and all(
-            name in shape_tensors or name in constants for name in inputs)
-        if node.op_type == "Shape" or derived:
-            shape_tensors.update(node.output)
-            names.append(node.name)
-    return names
-
-
-def node_sensitivity(
-    prepared: Path, quantized: Path, images: np.ndarray, scratch: Path, skipped: Sequence[str] = ()
-) -> list[dict[str, object]]:
-    """Per-node quantization sensitivity, most sensitive first.
-
-    With onnxruntime.quantization.qdq_loss_debug, the float and the QDQ model run on `images`
-    and each activation of the QDQ model is compared with the float model's (SQNR in dB).
-    A node's sensitivity is the SQNR it loses: that of its activation inputs minus that of its
-    output (through a following ReLU6, which QDQ folds into the quantization range). Keeping a
-    node in FP32 removes the quantization of its inputs and weight, so the nodes that lose most
-    are the ones worth keeping.
-    """
-    graph = onnx.load(str(prepared), load_external_data=False).graph
-    input_name = graph.input[0].name
-    augmented = {}
-    for name, path in (("float", prepared), ("qdq", quantized)):
-        augmented[name] = scratch / f"augmented_{name}.onnx"
-        qdq_loss_debug.modify_model_output_intermediate_tensors(str(path), str(augmented[name]))
-    float_acts = qdq_loss_debug.collect_activations(str(augmented["float"]), ArrayCalibrationReader(input_name, images, 4))
-    qdq_acts = qdq_loss_debug.collect_activations(str(augmented["qdq"]), ArrayCalibrationReader(input_name, images, 4))
-    matching = qdq_loss_debug.create_activation_matching(qdq_acts, float_acts)
-    del float_acts, qdq_acts
-    sqnr = qdq_loss_debug.compute_signal_to_quantization_noice_ratio
-    accumulated = {
-        name: sqnr(pair["float"], pair["post_qdq"])
-        for name, pair in matching.items()
-        if pair.get("float") and sum(a.size for a in pair["float"]) == sum(a.size for a in pair["post_qdq"])
-    }
-    weights = qdq_loss_debug.create_weight_matching(str(prepared), str(quantized))
-    weight_db = {name: sqnr(np.ravel(pair["float"]), np.ravel(pair["dequantized"])) for name, pair in weights.items()}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    producers = {output: node for node in graph.node for output in node.output}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    skipped_set = set(skipped)
-    rows = []
-    for node in graph.node:
-        inputs = [accumulated[name] for name in node.input if name in accumulated]
-        if node.name in skipped_set or not inputs or node.op_type == "Clip":
-            continue
-        output = node.output[0]
-        after = consumers.get(output, [])
-        if output not in accumulated and len(after) == 1 and after[0].op_type in ("Clip", "Relu"):
-            output = after[0].output[0]
-        if output not in accumulated:
-            continue
-        node_weights = [weight_db[name] for name in node.input if name in weight_db]
-        # The ReLU6 feeding the node quantizes the same tensor (QDQ folds it into the range): keeping
-        # the tensor in FP32 means keeping both. On ELPV, the node alone changed nothing.
-        feeding = [producers[name] for name in node.input
-                   if name in producers and producers[name].op_type in ("Clip", "Relu")
-                   and producers[name].name not in skipped_set]
-        rows.append({
-            "node": node.name,
-            "exclude": " ".join([node.name] + [producer.name for producer in feeding]),
-            "op_type": node.op_type,
-            "sqnr_lost_db": min(inputs) - accumulated[output],
-            "input_sqnr_db": min(inputs),
-            "output_sqnr_db": accumulated[output],
-            "weight_sqnr_db": min(node_weights) if node_weights else None,
-        })
-    rows.sort(key=lambda row: -row["sqnr_lost_db"])
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-    return rows
 
 
 def write_sensitivity(rows: list[dict[str, object]], out_dir: Path) -> tuple[Path, Path]:
@@ -445,7 +291,7 @@ def search_int8(
         if accuracy["int8"] >= floor - 1e-9 or cfg.max_fp32_nodes == 0:
             search["stopped"] = "full int8 within budget" if accuracy["int8"] >= floor - 1e-9 else "compress.max_fp32_nodes is 0"
             return models, accuracy, search
-        rows = node_sensitivity(quantizer.prepared, models["int8"], quantizer.images[: cfg.sensitivity_images],
+        rows = int8.node_sensitivity(quantizer.prepared, models["int8"], quantizer.images[: cfg.sensitivity_images],
                                 Path(scratch), quantizer.shape_nodes)
         search["stopped"] = f"compress.max_fp32_nodes {cfg.max_fp32_nodes} reached over budget"
         excluded: list[str] = []

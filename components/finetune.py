@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from components.preprocess import Preprocessing
 from components.progress import Progress, no_progress
 from components.result import StageResult, sha256_json, write_json
 from components.train_loop import LoopConfig, OnEpoch, Trained
+
+if TYPE_CHECKING:
+    from components import int8
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ class TrainConfig(StageConfig):
 class PartialConfig(TrainConfig):
     blocks: int = Field(5, ge=1)  # the last N blocks trained (Lite0 has 16)
     views: int = Field(8, ge=1, le=8)  # cached views per train image: 4 rotations, then their mirrors
+    # Also train on the frozen part's INT8 activations (compress's recipe), when compress quantizes.
+    int8_views: bool = True
 
 
 class FullConfig(TrainConfig):
@@ -105,7 +110,9 @@ class Context:
     """What every strategy needs, resolved once."""
 
     def __init__(self, cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, cache_dir: Path,
-                 state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None):
+                 state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None,
+                 int8_recipe: int8.Recipe | None = None):
+        self.int8_recipe = int8_recipe
         self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
         self.entry = get_entry(backbone)
         self.record = read_record(features_dir, backbone)
@@ -119,7 +126,8 @@ class Context:
                                    "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill"}),
                                    "backbone": self.entry.describe(), "features": self.record["cache_key"],
                                    "data": self.dataset.manifest[["sha256", "label", "split"]].to_dict("list"),
-                                   "placement": self.placement.describe()})
+                                   "placement": self.placement.describe(),
+                                   "int8": self.int8_recipe.as_dict() if self.int8_recipe and strategy == "partial" else None})
         return self.state_dir / f"{strategy}-{fingerprint[:16]}.pt", fingerprint
 
 
@@ -139,7 +147,7 @@ def train_partial(ctx: Context) -> Trained:
 
     path, fingerprint = ctx.resume("partial", ctx.cfg.partial)
     return train(ctx.cfg.partial, ctx.cfg, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.cache_dir, ctx.placement,
-                 path, fingerprint, ctx.opset, ctx.atol, ctx.progress, ctx.on_epoch)
+                 path, fingerprint, ctx.opset, ctx.atol, ctx.progress, ctx.on_epoch, ctx.int8_recipe)
 
 
 def train_full(ctx: Context) -> Trained:
@@ -161,7 +169,7 @@ def estimate_seconds(ctx: Context, strategy: str) -> float:
         from components.partial_finetune import estimate_seconds as estimate
 
         return estimate(ctx.cfg.partial, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.cache_dir, ctx.placement,
-                        ctx.opset, ctx.atol)
+                        ctx.opset, ctx.atol, ctx.int8_recipe)
     from components.full_finetune import estimate_seconds as estimate
 
     return estimate(ctx.cfg.full, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.placement)
@@ -234,12 +242,15 @@ def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> No
 
 def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, manifest_path: Path, out_dir: Path,
         cache_dir: Path, state_dir: Path, opset: int = 17, atol: float = 1e-4,
-        progress: Progress = no_progress, on_epoch: OnEpoch | None = None) -> StageResult:
+        progress: Progress = no_progress, on_epoch: OnEpoch | None = None,
+        int8_recipe: int8.Recipe | None = None) -> StageResult:
     """Train by `cfg.strategy`; `cache_dir` holds cached activations, `state_dir` per-epoch resume files.
+
+    `int8_recipe`: how compress will quantize (None: it will not); `partial` then also trains on INT8 activations.
 
     `on_epoch(epoch, entry)` is called after each epoch of partial/full; an exception it raises stops
     the run before anything is written to `out_dir`."""
-    ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch)
+    ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch, int8_recipe)
     check_taps(cfg, ctx.record, backbone)
     log.info("finetune on %s", ctx.placement.reason)
     ref = reference.fit_reference(cfg.guard, dataset)

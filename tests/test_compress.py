@@ -18,8 +18,8 @@ from components import export
 from components.classifier import load_checkpoint
 from components.compress import (
     CompressConfig, ExportChangedError, choose, compression_order, exclusion_steps, prune_model, run,
-    shape_arithmetic_nodes,
 )
+from components.int8 import shape_arithmetic_nodes
 from components.onnx_runtime import predict_frame, read_metadata
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset

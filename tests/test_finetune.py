@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from components import devices, export, features
+from components import devices, export, features, int8, partial_finetune
 from components.classifier import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from components.errors import UserError
 from components.finetune import FinetuneConfig, run
@@ -42,9 +42,10 @@ class Cells:
         features.run(features.FeaturesConfig(image_size=64, taps=("pooled", "stage5")), (BACKBONE,), self.dataset,
                      self.cache, self.features)
 
-    def run(self, out: Path, state: Path | None = None, **settings: object):
+    def run(self, out: Path, state: Path | None = None, int8_recipe: int8.Recipe | None = None, **settings: object):
         cfg = FinetuneConfig.model_validate({**FAST, **settings})
-        return run(cfg, BACKBONE, self.features, self.dataset, self.manifest, out, self.cache, state or out.parent / "state")
+        return run(cfg, BACKBONE, self.features, self.dataset, self.manifest, out, self.cache, state or out.parent / "state",
+                   int8_recipe=int8_recipe)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,36 @@ def test_partial_trains_only_the_last_blocks_and_caches_their_inputs(cells: Cell
     stores = list((cells.cache / BACKBONE).glob("partial-*"))
     n_train = len(cells.dataset.split("train"))
     n_other = len(cells.dataset.split("val")) + len(cells.dataset.split("test"))
-    assert sum(len(list(s.rglob("*.npy"))) for s in stores) == 2 * n_train + n_other
+    assert sum(len(list(s.glob("*/*.npy"))) for s in stores) == 2 * n_train + n_other
+
+
+def test_partial_also_trains_on_the_int8_activations_compress_will_serve(cells: Cells, tmp_path: Path) -> None:
+    recipe = int8.Recipe(calibration_images=8)
+    settings = {"partial": {**FAST["partial"], "blocks": 1, "epochs": 1}}
+    result = cells.run(tmp_path / "a", tmp_path / "state-a", int8_recipe=recipe, strategy="partial", **settings)
+    report = json.loads(result.artifacts["report"].read_text())
+    assert report["info"]["int8_views"] == recipe.describe(8)
+    store = next(s for s in (cells.cache / BACKBONE).glob("partial-*") if '"trainable_blocks": 1' in (s / "cache_key.json").read_text())
+    quantized = partial_finetune.int8_store(partial_finetune.ViewStore(store, np.float16, "activation"), recipe, cells.dataset)
+    assert (quantized.dir / partial_finetune.FROZEN_INT8_FILE).exists()
+    train = cells.dataset.split("train")["sha256"]
+    assert len(list(quantized.dir.glob("*/*.npy"))) == 2 * len(train)  # every view of every train image, nothing else
+    # INT8 activations are the float ones plus quantization noise: close, not equal.
+    sha = train.iloc[0]
+    exact, noisy = (np.load(s.path(sha, 1)).astype(np.float32) for s in (partial_finetune.ViewStore(store, np.float16, ""), quantized))
+    assert not np.array_equal(exact, noisy) and np.abs(noisy - exact).mean() < 0.25 * np.abs(exact).mean()
+    # Another recipe is another store; the same one is found again without quantizing.
+    other = partial_finetune.int8_store(partial_finetune.ViewStore(store, np.float16, ""),
+                                        int8.Recipe(calibration_images=8, calibration_method="percentile"), cells.dataset)
+    assert other.dir != quantized.dir and not (other.dir / partial_finetune.FROZEN_INT8_FILE).exists()
+    # Negative: when compress will not quantize (no recipe), or int8_views is off, only float activations train.
+    plain = cells.run(tmp_path / "b", tmp_path / "state-b", strategy="partial", **settings)
+    off = cells.run(tmp_path / "c", tmp_path / "state-c", int8_recipe=recipe, strategy="partial",
+                    partial={**settings["partial"], "int8_views": False})
+    for trained in (plain, off):
+        assert json.loads(trained.artifacts["report"].read_text())["info"]["int8_views"] is None
+    heads = [load_checkpoint(r.artifacts["checkpoint"])["head"]["weight"] for r in (result, plain, off)]
+    assert torch.equal(heads[1], heads[2]) and not torch.equal(heads[0], heads[1])
 
 
 def test_a_corrupt_cached_activation_is_recomputed(cells: Cells, tmp_path: Path) -> None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from components import compress, evaluate, export, features, finetune, ingest, promote, select, validate
+from components import compress, evaluate, export, features, finetune, ingest, int8, promote, select, validate
 from components.errors import UserError
 from components.manifest import Dataset, read_manifest
 from components.progress import Progress, no_progress
@@ -100,7 +100,8 @@ def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
-                        params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress)
+                        params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
+                        int8_recipe=params.compress.recipe() if params.compress.quantize else None)
 
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -139,6 +140,8 @@ def _version_exists(result: StageResult) -> bool:
     return tracking.version_exists(result.info["model_name"], result.info["version"])
 
 
+INT8_KEYS = ("quantize", *(key.name for key in fields(int8.Recipe)))  # compress keys of the INT8 recipe
+
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "components.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
     Stage("validate", "components.validate", _validate, ("validate",), ("dataset",), "validate",
@@ -149,7 +152,9 @@ STAGES: tuple[Stage, ...] = (
           (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
            Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
                                                                "template": "bar_horizontal"}))),
-    Stage("finetune", "components.finetune", _finetune, ("finetune", "features.opset", "features.parity_atol"),
+    # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
+    Stage("finetune", "components.finetune", _finetune,
+          ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS)),
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune"),
     Stage("export", "components.export", _export,
           ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
