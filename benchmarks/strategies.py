@@ -36,7 +36,7 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
     began = time.perf_counter()
     trained = finetune.run(cfg, backbone, params.path("features"), dataset, params.path("validate") / "manifest.csv",
                            out / "finetune", params.path("feature_cache"), out / "state", params.features.opset,
-                           params.features.parity_atol)
+                           params.features.parity_atol, int8_recipe=params.compress.planned_recipe())
     wall = time.perf_counter() - began
     exported = export.run(params.export, 0.0, trained.artifacts["checkpoint"], dataset, out / "export",
                           features_dir=params.path("features"))

@@ -104,6 +104,10 @@ class CompressConfig(StageConfig):
         return int8.Recipe(self.calibration_images, self.calibration_method, self.per_channel, self.activation_type,
                            self.reduce_range)
 
+    def planned_recipe(self) -> int8.Recipe | None:
+        """What `partial` fine-tuning prepares its tail for: the recipe, or None when compress will not quantize."""
+        return self.recipe() if self.quantize else None
+
     def unstructured_sparsity(self) -> float:
         """What export's `sparsity` argument gets: 0 unless unstructured pruning is on."""
         return self.sparsity if self.prune == "unstructured" else 0.0

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import optuna
 from pydantic import Field, ValidationError, model_validator
@@ -23,6 +23,9 @@ from components.config import StageConfig
 from components.finetune import FinetuneConfig
 from components.finetune import run as finetune_run
 from components.manifest import Dataset
+
+if TYPE_CHECKING:
+    from components import int8
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +191,11 @@ def yaml_scalar(value: Any) -> str:
 
 def tune(cfg: TuneConfig, base: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset,
          manifest_path: Path, work_dir: Path, cache_dir: Path, opset: int = 17, atol: float = 1e-4,
-         callbacks: Sequence[TrialCallback] = ()) -> TuneResult:
+         int8_recipe: int8.Recipe | None = None, callbacks: Sequence[TrialCallback] = ()) -> TuneResult:
     """Run the study until `cfg.trials` trials or `cfg.minutes` have passed. Every trial's files live in a
-    temporary folder under `work_dir`, removed when the trial ends (completed, pruned or failed)."""
+    temporary folder under `work_dir`, removed when the trial ends (completed, pruned or failed).
+
+    `int8_recipe`: as for the finetune stage, so a trial trains the way the pipeline will."""
     work_dir.mkdir(parents=True, exist_ok=True)
 
     def objective(trial: optuna.Trial) -> float:
@@ -206,7 +211,8 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, backbone: str, features_dir: Pat
 
         with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=work_dir) as scratch:
             result = finetune_run(config, backbone, features_dir, dataset, manifest_path, Path(scratch) / "out",
-                                  cache_dir, Path(scratch) / "state", opset, atol, on_epoch=report)
+                                  cache_dir, Path(scratch) / "state", opset, atol, on_epoch=report,
+                                  int8_recipe=int8_recipe)
         for key in ("val_loss", "best_epoch", "epochs_run", "train_seconds"):
             trial.set_user_attr(key, result.metrics[key])
         log.info("trial %d: val accuracy %.4f with %s", trial.number, result.metrics["val_accuracy"], values)

@@ -101,7 +101,7 @@ def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
-                        int8_recipe=params.compress.recipe() if params.compress.quantize else None)
+                        int8_recipe=params.compress.planned_recipe())
 
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:

@@ -141,7 +141,7 @@ def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
             result = tuning.tune(
                 cfg, params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
                 params.path("validate") / "manifest.csv", out_dir / ".trials", params.path("feature_cache"),
-                params.features.opset, params.features.parity_atol,
+                params.features.opset, params.features.parity_atol, int8_recipe=params.compress.planned_recipe(),
                 callbacks=[lambda study, trial: log_trial(parent_id, study, trial)])
             paths = write_outputs(result, out_dir, cfg.strategy)
             (out_dir / ".trials").rmdir()  # every trial removed its own folder
