@@ -32,6 +32,41 @@ class Classifier(nn.Module):
         return self.head(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))
 
 
+MAX_VIEWS = 8  # the dihedral group of a square: 4 rotations, each also mirrored
+
+
+def dihedral_view(images: torch.Tensor, view: int) -> torch.Tensor:
+    """The torch twin of `partial_finetune.dihedral` (the views `partial` trains on): view 0-3 rotates NCHW
+    images by view x 90° counter-clockwise, 4-7 does the same and mirrors left-right. Written with
+    transpose and flip so that the ONNX graph holds Transpose and Slice nodes, which every runtime has."""
+    turns = view % 4
+    if turns == 1:
+        images = images.flip(3).transpose(2, 3)
+    elif turns == 2:
+        images = images.flip(2).flip(3)
+    elif turns == 3:
+        images = images.transpose(2, 3).flip(3)
+    return images.flip(3) if view >= 4 else images
+
+
+class ViewAverage(nn.Module):
+    """Test-time augmentation inside the model: the mean of `model`'s logits over its first `views` dihedral views.
+
+    The views run as one batch, so an ONNX Runtime consumer gets the averaged prediction from one call
+    and `views` times the work of the plain model.
+    """
+
+    def __init__(self, model: nn.Module, views: int):
+        super().__init__()
+        if not 1 <= views <= MAX_VIEWS:
+            raise ValueError(f"views={views}: the dihedral group has 1 to {MAX_VIEWS} views")
+        self.model, self.views = model, views
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(torch.cat([dihedral_view(images, view) for view in range(self.views)]))
+        return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
+
+
 def save_checkpoint(path: Path, head: nn.Linear, trunk_state: dict | None, **description: Any) -> Path:
     """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy."""
     required = {"backbone", "taps", "labels", "preprocessing", "config", "data", "strategy"}

@@ -11,6 +11,10 @@ read back the way a server reads it (its own metadata -> preprocessing -> raw im
 ONNX Runtime), it must give the logits of the trained head on the cached features of the
 same images. A stale feature cache, a preprocessing mismatch or wrong metadata fails the
 export with a message that says which.
+
+With `export.tta_views` > 1 every file averages the logits of that many dihedral views of its
+input inside the graph (`classifier.ViewAverage`); the train/serve check then runs on the
+plain graph, and parity on the averaged one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from components.backbones import get_entry
-from components.classifier import build_model, load_checkpoint
+from components.classifier import MAX_VIEWS, ViewAverage, build_model, load_checkpoint
 from components.compress import prune_model
 from components.config import StageConfig
 from components.errors import UserError
@@ -59,6 +64,9 @@ class ExportConfig(StageConfig):
     pruned_parity_rtol: float = Field(1e-5, ge=0)
     # max |served logit - trained head on cached features|: two ONNX graphs of the same trunk
     train_serve_atol: float = Field(1e-3, ge=0)
+    # Test-time augmentation in the graph: the served logits are the mean over this many dihedral views
+    # (the rotations, then their mirrors: the views `partial` trains on). 1 = off; n views cost n times the work.
+    tta_views: int = Field(1, ge=1, le=MAX_VIEWS)
 
 
 class ExportParityError(UserError):
@@ -119,7 +127,7 @@ def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: fl
 
 
 def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: float,
-                   features_cache_key: str) -> dict[str, str]:
+                   features_cache_key: str, tta_views: int = 1) -> dict[str, str]:
     backbone = checkpoint["backbone"]
     return {
         **Preprocessing.of(checkpoint["preprocessing"]).to_metadata(),
@@ -133,6 +141,7 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: 
         "train_config": json.dumps(checkpoint["config"], sort_keys=True, default=str),
         "checkpoint_sha256": sha256_file(checkpoint_path),
         "sparsity": f"{sparsity:g}",
+        "tta_views": str(tta_views),
         "tlops_version": tlops_version(),
     }
 
@@ -266,20 +275,26 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
 
     artifacts: dict[str, Path] = {}
     for name, (variant, path, variant_sparsity) in variants.items():
-        metadata = model_metadata(checkpoint, checkpoint_path, variant_sparsity, features_cache_key) | extra_metadata[name]
+        metadata = (model_metadata(checkpoint, checkpoint_path, variant_sparsity, features_cache_key, cfg.tta_views)
+                    | extra_metadata[name])
+        if cfg.tta_views > 1:
+            variant = ViewAverage(variant, cfg.tta_views).eval()
         export_onnx(variant, path, metadata, preprocessing.input_size, cfg.opset)
         diff = check_parity(variant, path, images, cfg.parity_atol, cfg.pruned_parity_rtol if name == "pruned" else 0.0)
         metrics[f"parity_max_diff_{name}"] = diff
         metrics[f"size_mb_{name}"] = path.stat().st_size / 1e6
         metrics[f"zero_weight_fraction_{name}"] = zero_fraction(variant)
         artifacts[name] = path
-        log.info("exported %s (%.1f MB), parity max diff %.2e on %d images", path, path.stat().st_size / 1e6,
-                 diff, len(images))
+        log.info("exported %s (%.1f MB%s), parity max diff %.2e on %d images", path, path.stat().st_size / 1e6,
+                 f", mean of {cfg.tta_views} views" if cfg.tta_views > 1 else "", diff, len(images))
     if checkpoint.get("trunk") is None:  # the head was trained on cached features: the served file must agree
-        metrics["train_serve_max_diff"] = check_train_serve(
-            checkpoint, checkpoint_path, artifacts["fp32"], dataset, features_dir, cfg.parity_images,
-            cfg.train_serve_atol,
-        )
+        with tempfile.TemporaryDirectory(prefix="tlops-export-") as scratch:
+            # The cached features are of view 0, so a view-averaging file is checked through its plain twin.
+            served = artifacts["fp32"] if cfg.tta_views == 1 else export_onnx(
+                model, Path(scratch) / FP32_FILE, model_metadata(checkpoint, checkpoint_path, 0.0, features_cache_key),
+                preprocessing.input_size, cfg.opset)
+            metrics["train_serve_max_diff"] = check_train_serve(checkpoint, checkpoint_path, served, dataset,
+                                                                features_dir, cfg.parity_images, cfg.train_serve_atol)
     else:
         log.info("trunk weights were trained too: cached features do not describe this model, no train/serve check")
 
@@ -295,6 +310,7 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
             "features_cache_key": features_cache_key,
             "parity_images": len(images),
             "opset": cfg.opset,
+            "tta_views": cfg.tta_views,
             "sparsity": sparsity,
             "pruning": pruning_info,
             "backbone": checkpoint["backbone"]["name"],

@@ -69,10 +69,11 @@ class TrainConfig(StageConfig):
     schedule: Literal["cosine", "onecycle"] = "cosine"
     patience: int = Field(4, ge=1)  # epochs without a better val accuracy before early stopping
     dropout: float = Field(0.2, ge=0, lt=1)
+    ema: float = Field(0.0, ge=0, lt=1)  # per-step decay of a moving average of the weights, which is kept; 0 = off
 
     def loop(self, seed: int) -> LoopConfig:
         return LoopConfig(self.epochs, self.lr, self.layer_decay, self.weight_decay, min(self.warmup_epochs, self.epochs - 1),
-                          self.schedule, self.patience, seed)
+                          self.schedule, self.patience, seed, self.ema)
 
 
 class PartialConfig(TrainConfig):

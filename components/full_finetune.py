@@ -25,7 +25,7 @@ from components.manifest import Dataset
 from components.preprocess import Preprocessing, build_transform, model_mode
 from components.progress import Progress, no_progress
 from components.devices import Placement
-from components.train_loop import OnEpoch, Trained, class_weight_vector, fit, scores
+from components.train_loop import OnEpoch, Trained, class_weight_vector, fit, scores, step_seconds
 from components.trunk_parts import FullModel, check_layout
 
 if TYPE_CHECKING:
@@ -113,8 +113,6 @@ def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, pr
 def estimate_seconds(cfg: FullConfig, entry: BackboneEntry, preprocessing: Preprocessing, dataset: Dataset,
                      placement: Placement) -> float:
     """Every epoch at a measured step time plus measured decoding (no early stopping assumed)."""
-    from components.partial_finetune import step_seconds
-
     model = build_classifier(entry)
     network = FullModel(model, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
     for parameter in network.parameters():

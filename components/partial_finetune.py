@@ -40,7 +40,7 @@ from components.preprocess import Preprocessing, load_batch
 from components.progress import Progress, no_progress
 from components.result import atomic_path, sha256_json, write_json
 from components.devices import Placement
-from components.train_loop import OnEpoch, Trained, class_weight_vector, fit, scores
+from components.train_loop import OnEpoch, Trained, best_seconds, class_weight_vector, fit, scores, step_seconds
 from components.trunk_parts import FrozenPart, TrainedTail, check_layout
 
 if TYPE_CHECKING:
@@ -323,26 +323,6 @@ def train_partial(cfg: PartialConfig, common: FinetuneConfig, entry: BackboneEnt
     return Trained(model, head, result.history, best, time.perf_counter() - began, info)
 
 
-def step_seconds(module: nn.Module, batch: torch.Tensor, n_classes: int, placement: Placement, steps: int = 2) -> float:
-    """Seconds of one AdamW training step of `module` on `batch`, after one untimed warm-up step."""
-    module.to(placement.device).train()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad])
-    labels = torch.zeros(len(batch), dtype=torch.long, device=placement.device)
-    batch = batch.to(placement.device)
-    timings = []
-    for _ in range(steps + 1):
-        began = time.perf_counter()
-        optimizer.zero_grad()
-        with placement.autocast():
-            loss = nn.functional.cross_entropy(module(batch), labels)
-        loss.backward()
-        optimizer.step()
-        if placement.device.type == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - began)
-    return min(timings[1:])
-
-
 def estimate_seconds(cfg: PartialConfig, entry: BackboneEntry, preprocessing: Preprocessing, dataset: Dataset,
                      cache_dir: Path, placement: Placement, opset: int, atol: float,
                      int8_recipe: int8.Recipe | None = None) -> float:
@@ -363,10 +343,7 @@ def estimate_seconds(cfg: PartialConfig, entry: BackboneEntry, preprocessing: Pr
         batch = load_batch([dataset.image_path(p) for p in sample["path"]], preprocessing)
         decode_s = (time.perf_counter() - began) / len(sample)
         session = open_session(store.dir / FROZEN_FILE, 0)
-        session.run(["activation"], {"image": batch})
-        began = time.perf_counter()
-        session.run(["activation"], {"image": batch})
-        view_s = (time.perf_counter() - began) / len(sample)
+        view_s = best_seconds(lambda: session.run(["activation"], {"image": batch})) / len(sample)
         seconds += len(images) * decode_s + views * view_s
     model = build_classifier(entry)
     tail = TrainedTail(model, cfg.blocks, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)

@@ -1,8 +1,9 @@
 """The epoch loop that partial and full fine-tuning (and distillation) share.
 
 Discriminative learning rates (each earlier layer group gets `layer_decay` times the next one's),
-linear warm-up then cosine decay or one-cycle, label smoothing, early stopping on val, and a
-resume file written atomically after every epoch: a killed run continues from its last finished
+linear warm-up then cosine decay or one-cycle, label smoothing, optionally an exponential moving
+average of the weights (torch.optim.swa_utils; then the average is what is evaluated, kept and
+returned), early stopping on val, and a resume file written atomically after every epoch: a killed run continues from its last finished
 epoch. Each epoch's shuffling, augmentation and dropout draw from generators seeded by
 (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would have taken.
 """
@@ -20,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from components.devices import Placement
 from components.progress import Progress, no_progress
@@ -42,6 +44,7 @@ class LoopConfig:
     schedule: Literal["cosine", "onecycle"]
     patience: int
     seed: int
+    ema: float = 0.0  # per-step decay of an exponential moving average of the weights; 0 = off
 
 
 @dataclass
@@ -113,12 +116,18 @@ def fit(
     model.to(placement.device)
     optimizer = torch.optim.AdamW(param_groups(groups, cfg))
     scheduler = lr_scheduler(optimizer, cfg, steps_per_epoch)
+    # The weights evaluated and kept: the model itself, or its moving average (BatchNorm statistics averaged too).
+    averaged = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+                if cfg.ema > 0 else None)
+    kept = model if averaged is None else averaged.module
     history: list[dict[str, float]] = []
     best_state, best, stale, start, resumed_from, seconds = None, None, 0, 0, None, 0.0
     if resume_path is not None and resume_path.exists():
         saved = torch.load(resume_path, map_location=placement.device, weights_only=False)
         if saved.get("fingerprint") == resume_fingerprint:
             model.load_state_dict(saved["model"])
+            if averaged is not None:
+                averaged.load_state_dict(saved["averaged"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             history, best_state, stale, seconds = saved["history"], saved["best_state"], saved["stale"], saved["seconds"]
@@ -146,22 +155,25 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 total, count = total + loss.item() * len(y), count + len(y)
-            model.eval()
+            kept.eval()
             with torch.no_grad(), placement.autocast():
-                scores = evaluate(model)
+                scores = evaluate(kept)
             seconds += time.perf_counter() - began
             entry = {"epoch": epoch, "train_loss": total / max(count, 1), **scores,
                      "lr": optimizer.param_groups[-1]["lr"], "seconds": seconds}
             history.append(entry)
             if better(entry, best):
-                best, best_state, stale = entry, copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}), 0
+                best, best_state, stale = entry, copy.deepcopy({k: v.cpu() for k, v in kept.state_dict().items()}), 0
             else:
                 stale += 1
             stopped_early = stale >= cfg.patience
             if resume_path is not None:
                 with atomic_path(resume_path) as partial:
                     torch.save({"fingerprint": resume_fingerprint, "model": model.state_dict(),
+                                "averaged": averaged.state_dict() if averaged is not None else None,
                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "history": history, "best_state": best_state, "stale": stale,
                                 "seconds": seconds}, partial)
@@ -203,3 +215,39 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     logits = logits.float()
     return {"val_loss": nn.functional.cross_entropy(logits, labels).item(),
             "val_accuracy": (logits.argmax(1) == labels).float().mean().item()}
+
+
+def best_seconds(work: Callable[[], object], warmup: int = 2, runs: int = 3) -> float:
+    """The fastest of `runs` timed calls of `work`, after `warmup` untimed ones.
+
+    The first calls of an ONNX Runtime session or of a bf16 oneDNN kernel are several times slower than
+    the rest (allocation, primitive creation); one warm-up and one timed call overestimated auto's
+    partial estimate threefold on an AVX512-BF16 CPU.
+    """
+    for _ in range(warmup):
+        work()
+    timings = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        work()
+        timings.append(time.perf_counter() - began)
+    return min(timings)
+
+
+def step_seconds(module: nn.Module, batch: torch.Tensor, n_classes: int, placement: Placement) -> float:
+    """Seconds of one AdamW training step of `module` on `batch` (`best_seconds` of a few)."""
+    module.to(placement.device).train()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad])
+    labels = torch.zeros(len(batch), dtype=torch.long, device=placement.device)
+    batch = batch.to(placement.device)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        with placement.autocast():
+            loss = nn.functional.cross_entropy(module(batch), labels)
+        loss.backward()
+        optimizer.step()
+        if placement.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return best_seconds(step)

@@ -9,7 +9,7 @@ from tlops.config import ConfigError, load_params
 def test_repo_params_load_with_every_block() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.select.candidates == ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-    assert params.finetune.partial.lr == pytest.approx(0.001)
+    assert params.finetune.partial.lr == pytest.approx(0.003) and params.export.tta_views == 4
     assert params.validate.allowed_modes == ("L", "RGB")
 
 

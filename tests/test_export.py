@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 from pydantic import ValidationError
 
-from components.classifier import build_model, load_checkpoint
+from components.classifier import build_model, dihedral_view, load_checkpoint
+from components.partial_finetune import dihedral
 from components.export import (
     ExportConfig, ExportParityError, TrainServeSkewError, check_parity, check_train_serve, parity_images, run,
 )
@@ -94,6 +96,29 @@ def test_parity_check_rejects_a_tampered_model(exported, tmp_path: Path) -> None
         check_parity(model, tampered_path, images, atol=1e-4)
 
 
+def test_views_in_torch_are_the_views_partial_trains_on() -> None:
+    images = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    for view in range(8):
+        assert np.array_equal(dihedral_view(torch.from_numpy(images), view).numpy(), dihedral(images, view)), view
+    assert len({dihedral(images, view).tobytes() for view in range(8)}) == 8
+
+
+def test_tta_export_serves_the_mean_over_views(exported, tmp_path: Path) -> None:
+    """`export.tta_views=4`: one ONNX call on an image gives the plain model's mean logits over its 4 rotations."""
+    _, dataset, checkpoint, features_dir = exported
+    result = run(ExportConfig(parity_images=4, tta_views=4), 0.0, checkpoint, dataset, tmp_path / "export",
+                 features_dir=features_dir)
+    served = result.artifacts["fp32"]
+    assert read_metadata(served)["tta_views"] == "4" and result.info["tta_views"] == 4
+    assert result.metrics["train_serve_max_diff"] <= ExportConfig().train_serve_atol  # checked on the plain twin
+    images = parity_images(dataset, 4, Preprocessing.of(load_checkpoint(checkpoint)["preprocessing"]))
+    plain = open_session(exported[0].artifacts["fp32"])
+    want = np.mean([plain.run(None, {"image": dihedral(images, view)})[0] for view in range(4)], axis=0)
+    got = open_session(served).run(None, {"image": images})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got - plain.run(None, {"image": images})[0]).max() > 1e-3  # the views are not all the same
+
+
 def train_serve(exported, served: Path | None = None, features_dir: Path | None = None) -> float:
     result, dataset, checkpoint, features = exported
     return check_train_serve(load_checkpoint(checkpoint), checkpoint, served or result.artifacts["fp32"], dataset,
@@ -153,7 +178,8 @@ def test_features_of_other_provenance_fail_naming_it(exported, tmp_path: Path) -
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("opset", 12), ("opset", 21), ("parity_images", 0), ("parity_atol", -1.0), ("train_serve_atol", -1e-6)],
+    [("opset", 12), ("opset", 21), ("parity_images", 0), ("parity_atol", -1.0), ("train_serve_atol", -1e-6),
+     ("tta_views", 0), ("tta_views", 9)],
 )
 def test_config_ranges_fail_at_load(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):

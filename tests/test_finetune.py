@@ -23,7 +23,7 @@ from components.ingest import IngestConfig
 from components.ingest import run as ingest_run
 from components.linear_probe import fit_probe
 from components.manifest import Dataset, read_manifest
-from components.train_loop import LoopConfig, class_weight_vector, lr_scheduler, param_groups
+from components.train_loop import FitResult, LoopConfig, class_weight_vector, fit, lr_scheduler, param_groups, scores
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
@@ -245,6 +245,54 @@ def test_discriminative_learning_rates_and_warmup() -> None:
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warm-up over 2 epochs
     assert rates[-1] < 1e-5  # cosine decays to ~0
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_ema_keeps_the_moving_average_of_the_weights(tmp_path: Path) -> None:
+    """With `ema`, the weights evaluated and returned are the average, and a resumed run continues it."""
+    from components.devices import Placement
+
+    x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 2
+    placement = Placement(torch.device("cpu"), None, "cpu")
+
+    class Killed(Exception):
+        pass
+
+    def train(ema: float, resume: Path | None = None, kill_after: int | None = None) -> tuple[torch.nn.Module, FitResult]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+        cfg = LoopConfig(epochs=3, lr=0.05, layer_decay=1.0, weight_decay=0.0, warmup_epochs=0,
+                         schedule="cosine", patience=3, seed=0, ema=ema)
+        seen = []
+
+        def evaluate(network: torch.nn.Module) -> dict[str, float]:
+            seen.append(network)
+            return scores(network(x), y)
+
+        def on_epoch(epoch: int, entry: dict[str, float]) -> None:
+            if epoch == kill_after:
+                raise Killed
+
+        def batches(epoch: int, generator: torch.Generator):
+            return [(x[i], y[i]) for i in torch.randperm(64, generator=generator).split(16)]
+
+        result = fit(model, [list(model.parameters())], batches, 4, evaluate, torch.nn.functional.cross_entropy, cfg,
+                     placement, resume, "f", on_epoch=on_epoch)
+        assert all(network is not model for network in seen) == (ema > 0)
+        return model, result
+
+    train(0.0)  # without ema, the model itself is evaluated
+    model, averaged = train(0.9)
+    final = model.state_dict()
+    # The kept weights are not the last step's: they lag behind it, and BatchNorm's statistics are averaged too.
+    assert not torch.allclose(averaged.state["0.weight"], final["0.weight"])
+    assert not torch.allclose(averaged.state["1.running_mean"], final["1.running_mean"])
+    with pytest.raises(Killed):
+        train(0.9, tmp_path / "state.pt", kill_after=1)
+    _, resumed = train(0.9, tmp_path / "state.pt")
+    assert resumed.resumed_from == 2
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in averaged.history])
+    for key, value in averaged.state.items():
+        assert torch.allclose(resumed.state[key].float(), value.float()), key
 
 
 def test_balanced_class_weights() -> None:
