@@ -228,6 +228,22 @@ def test_the_probe_folds_its_standardisation_into_one_linear_layer() -> None:
     assert noise.best["val_accuracy"] < 0.7
 
 
+def test_a_near_dead_feature_does_not_amplify_rounding_noise() -> None:
+    # A pooled ReLU6 channel that is almost always 0: its spread is 1e-5, and plain standardisation
+    # would multiply it (and any float or INT8 rounding in it) by ~1e5 in the folded layer.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    x = rng.normal(0.0, 1.0, (300, 20)).astype(np.float32)
+    x[:, :4] += np.where(labels == 0, 1.5, -1.5)[:, None]
+    x[:, 4] = rng.normal(0.0, 1e-5, 300) + np.where(labels == 0, 1e-5, -1e-5)
+    probe = fit_probe((x[:200], labels[:200]), (x[200:], labels[200:]), 2, (0.1, 1.0), "balanced", 0)
+    assert probe.best["val_accuracy"] > 0.9
+    assert float(probe.head.weight.detach().abs().max()) < 20.0
+    with torch.no_grad():  # a rounding-sized change of every input barely moves a logit
+        nudged = probe.head(torch.from_numpy(x * (1 + 1e-6))) - probe.head(torch.from_numpy(x))
+    assert float(nudged.abs().max()) < 1e-4
+
+
 def test_discriminative_learning_rates_and_warmup() -> None:
     cfg = LoopConfig(epochs=10, lr=1e-3, layer_decay=0.5, weight_decay=0.01, warmup_epochs=2, schedule="cosine",
                      patience=3, seed=0)
