@@ -109,14 +109,22 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
     return path
 
 
+def decide(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class indices and their softmax confidence.
+
+    The class is the logits' argmax, as compress, promote and the server decide it: a float32 softmax
+    rounds logits a few ulps apart into an exact tie (INT8 logits averaged over views are, on 3 of 679
+    ELPV test cells), and the probabilities' argmax then reported another class than the server answers.
+    """
+    return logits.argmax(axis=1), softmax(logits).max(axis=1)
+
+
 def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
     test = dataset.split("test")
     if test.empty:
         raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")
-    probabilities = softmax(predict_frame(model_path, dataset, test, cfg.batch_size))
+    predicted, confidence = decide(predict_frame(model_path, dataset, test, cfg.batch_size))
     actual = np.asarray(dataset.label_index(test))
-    predicted = probabilities.argmax(axis=1)
-    confidence = probabilities.max(axis=1)
     correct = predicted == actual
 
     metrics = {"n_test": float(len(test)), **classification_metrics(actual, predicted, dataset.labels)}

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from components import export
-from components.evaluate import EvaluateConfig, calibration_table, expected_calibration_error, run
+from components.evaluate import EvaluateConfig, calibration_table, decide, expected_calibration_error, run
 from components.onnx_runtime import LabelMismatchError
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
@@ -69,3 +69,12 @@ def test_expected_calibration_error_on_known_cases() -> None:
     always_wrong = calibration_table(np.ones(4), np.zeros(4, dtype=bool), 10)
     assert always_wrong["count"].tolist() == [0] * 9 + [4]  # confidence 1.0 lands in the last bin
     assert expected_calibration_error(always_wrong) == pytest.approx(1.0)
+
+
+def test_the_predicted_class_is_the_logits_argmax_even_where_softmax_ties() -> None:
+    # Logits one float32 ulp apart (INT8 logits averaged over views): float32 softmax gives 0.5 / 0.5.
+    logits = np.array([[0.0, 7.450581e-09], [0.0217996, 0.021799602], [2.0, -1.0]], dtype=np.float32)
+    predicted, confidence = decide(logits)
+    assert predicted.tolist() == [1, 1, 0]
+    assert confidence[:2].tolist() == [0.5, 0.5]
+    assert confidence[2] == pytest.approx(1 / (1 + np.exp(-3.0)))
