@@ -10,8 +10,9 @@ the table reports apart.
 
 Needs the outputs of `tlops run` (or `dvc repro`) up to `features` for every backbone listed.
 
-    python benchmarks/strategies.py --backbones efficientnet_lite0 --strategies linear partial \
-        --seeds 0 1 2 [--set features.image_size=300 ...]
+    python -m benchmarks.strategies --backbones efficientnet_lite0 --strategies linear partial \
+        --seeds 0 1 2 [--set features.image_size=300 ...] [--name NAME]
+    python -m benchmarks.strategies --table NAME [NAME ...]   # one table from earlier runs' rows
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ def markdown(table: list[dict[str, object]]) -> str:
         return "—" if value is None else format(value, spec)
 
     lines = ["| backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | train s | shipped | size MB | "
-             "shipped/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|"]
+             "shipped test acc | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['backbone']} | {r['strategy']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
                      f"(n={r['seeds']}) | {r['test_macro_f1_mean']:.3f} ± {r['test_macro_f1_sd']:.3f} | "
                      f"{r['train_s_mean']:.0f} | {r['shipped'] or '—'} | {f(r['shipped_mb'], '.1f')} | "
-                     f"{f(r['shipped_fp32_latency_b1'], '.2f')} | {f(r['shipped_fp32_latency_b32'], '.2f')} |")
+                     f"{f(r['shipped_test_accuracy'])} | {f(r['int8_fp32_latency_b1'], '.2f')} | "
+                     f"{f(r['int8_fp32_latency_b32'], '.2f')} |")
     return "\n".join(lines)
 
 
@@ -101,7 +103,13 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["linear", "partial"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--name", default="strategies")
+    parser.add_argument("--table", nargs="+", metavar="NAME",
+                        help="train nothing: print one table of the rows of these earlier --name runs")
     args = parser.parse_args()
+    if args.table:
+        rows = [row for name in args.table for row in json.loads((RESULTS / f"{name}.json").read_text())["rows"]]
+        print(markdown(summary(rows)))
+        return
     params = load_params(args.params, args.overrides)
     work = RESULTS / args.name
     rows = []
@@ -111,11 +119,11 @@ def main() -> None:
                 row = one(params, backbone, strategy, seed, work / backbone / strategy / str(seed), seed == min(args.seeds))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    table = summary(rows)
-    out = {"cpu": cpu_description(), "overrides": args.overrides, "label_mode": params.ingest.label_mode,
-           "rows": rows, "table": table}
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / f"{args.name}.md").write_text(markdown(table) + "\n")
+                table = summary(rows)  # rewritten after every row: a stopped benchmark keeps what it measured
+                out = {"cpu": cpu_description(), "overrides": args.overrides, "label_mode": params.ingest.label_mode,
+                       "rows": rows, "table": table}
+                (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+                (RESULTS / f"{args.name}.md").write_text(markdown(table) + "\n")
     print(markdown(table))
 
 
