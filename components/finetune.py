@@ -37,7 +37,7 @@ from components.linear_probe import fit_probe
 from components.manifest import Dataset
 from components.preprocess import Preprocessing
 from components.progress import Progress, no_progress
-from components.result import StageResult, sha256_json, write_json
+from components.result import StageResult, sha256_file, sha256_json, write_json
 from components.train_loop import LoopConfig, OnEpoch, Trained
 
 if TYPE_CHECKING:
@@ -121,6 +121,11 @@ class Context:
         self.opset, self.atol, self.progress, self.on_epoch = opset, atol, progress, on_epoch
         self.placement = devices.resolve(cfg.device, cfg.precision)
 
+    def teacher_sha256(self) -> str | None:
+        """The distillation teacher's content: a teacher retrained at the same path must not resume old state."""
+        teacher = self.cfg.distill.teacher
+        return sha256_file(Path(teacher)) if teacher and Path(teacher).is_file() else None
+
     def resume(self, strategy: str, block: StageConfig) -> tuple[Path, str]:
         """Where a strategy keeps its per-epoch state, and the fingerprint a saved state must match."""
         fingerprint = sha256_json({"strategy": strategy, "config": block.model_dump(mode="json"),
@@ -128,7 +133,8 @@ class Context:
                                    "backbone": self.entry.describe(), "features": self.record["cache_key"],
                                    "data": self.dataset.manifest[["sha256", "label", "split"]].to_dict("list"),
                                    "placement": self.placement.describe(),
-                                   "int8": self.int8_recipe.as_dict() if self.int8_recipe and strategy == "partial" else None})
+                                   "int8": self.int8_recipe.as_dict() if self.int8_recipe and strategy == "partial" else None,
+                                   "teacher_sha256": self.teacher_sha256() if strategy == "partial" else None})
         return self.state_dir / f"{strategy}-{fingerprint[:16]}.pt", fingerprint
 
 

@@ -77,6 +77,19 @@ def test_cache_key_changes_with_code_libraries_params_and_upstream(monkeypatch: 
     assert cache_inputs(params, features, {"validate": "abc"}) != base
 
 
+def test_a_teacher_retrained_in_place_changes_the_finetune_key(tmp_path: Path) -> None:
+    # The teacher is named by a path in params; the key must follow its content, not the path.
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"teacher, first training")
+    params = load_params(REPO / "params.yaml", [f"finetune.distill.teacher={teacher}"])
+    finetune = BY_NAME["finetune"]
+    first = cache_inputs(params, finetune, {"select": "abc"})
+    assert cache_inputs(params, finetune, {"select": "abc"}) == first
+    teacher.write_bytes(b"teacher, retrained")
+    assert cache_inputs(params, finetune, {"select": "abc"}) != first
+    assert cache_inputs(load_params(REPO / "params.yaml"), finetune, {"select": "abc"})["files"] == {}
+
+
 def writer(content: str, fail: bool = False) -> Stage:
     def compute(params, ctx, out: Path) -> StageResult:
         (out / "model.bin").write_text(content)

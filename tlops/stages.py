@@ -23,7 +23,7 @@ from components import compress, evaluate, export, features, finetune, ingest, i
 from components.errors import UserError
 from components.manifest import Dataset, read_manifest
 from components.progress import Progress, no_progress
-from components.result import RESULT_FILE, StageResult, write_json
+from components.result import RESULT_FILE, StageResult, sha256_file, write_json
 from tlops.config import Params
 from tlops.fingerprints import code_hash, library_versions, project_modules
 
@@ -66,6 +66,9 @@ class Stage:
     tracked: bool = True  # False: the stage records its own MLflow run
     # A cached result is reused only while this holds (its files are checked for every stage).
     still_valid: Callable[[StageResult], bool] = lambda result: True
+    # Files outside the pipeline's folders that params name and the stage reads (a distillation teacher):
+    # their content is part of the Prefect cache key.
+    files: Callable[[Params], tuple[Path, ...]] = lambda params: ()
 
     def modules(self) -> tuple[str, ...]:
         return tuple(sorted(set(project_modules(self.component)) | set(WIRING)))
@@ -155,7 +158,8 @@ STAGES: tuple[Stage, ...] = (
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
     Stage("finetune", "components.finetune", _finetune,
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS)),
-          ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune"),
+          ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
+          files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
     Stage("export", "components.export", _export,
           ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
            "compress.recovery_epochs", "compress.recovery_lr", "compress.recovery_batch_size",
@@ -211,6 +215,7 @@ def cache_inputs(params: Params, stage: Stage, upstream: dict[str, str]) -> dict
         "upstream": upstream,
         "code": code_hash(stage.modules() + (TRAINING_FLOW,)),
         "libraries": library_versions(),
+        "files": {str(path): sha256_file(path) if path.is_file() else None for path in stage.files(params)},
     }
 
 
