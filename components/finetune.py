@@ -28,7 +28,7 @@ from pydantic import Field
 
 from components import devices, reference
 from components.backbones import get_entry
-from components.classifier import save_checkpoint
+from components.classifier import MAX_VIEWS, save_checkpoint
 from components.config import StageConfig
 from components.distill import DistillConfig
 from components.features import read_record, split_features
@@ -238,6 +238,12 @@ def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> 
     return path
 
 
+def train_views(cfg: FinetuneConfig, strategy: str) -> int:
+    """How many dihedral views of each image (rotations, then mirrors) the model saw in training; export's
+    test-time averaging uses no more. Linear: the image as it is; full: random flips and 90° rotations."""
+    return {"linear": 1, "partial": cfg.partial.views, "full": MAX_VIEWS}[strategy]
+
+
 def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> None:
     missing = [t for t in cfg.linear.taps if t not in record["taps"]]
     if cfg.strategy in ("linear", "auto") and missing:
@@ -281,7 +287,7 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
         out_dir / CHECKPOINT_FILE, trained.head, trunk_state,
         backbone=ctx.entry.describe(), taps=taps, labels=list(dataset.labels), preprocessing=ctx.preprocessing.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"), strategy=strategy, data={"version": data_version(manifest_path)},
-        features_cache_key=ctx.record["cache_key"],
+        features_cache_key=ctx.record["cache_key"], train_views=train_views(cfg, strategy),
     )
     report = {"strategy": strategy, "why": why, "candidates": candidates, "placement": ctx.placement.describe(),
               "reference": asdict(ref), "negative_transfer": {"fired": verdict.fired, "message": verdict.message},

@@ -103,9 +103,16 @@ def test_views_in_torch_are_the_views_partial_trains_on() -> None:
     assert len({dihedral(images, view).tobytes() for view in range(8)}) == 8
 
 
+def with_train_views(checkpoint: Path, views: int, path: Path) -> Path:
+    """The checkpoint as a model trained on `views` dihedral views of each image would record it."""
+    torch.save(load_checkpoint(checkpoint) | {"train_views": views}, path)
+    return path
+
+
 def test_tta_export_serves_the_mean_over_views(exported, tmp_path: Path) -> None:
     """`export.tta_views=4`: one ONNX call on an image gives the plain model's mean logits over its 4 rotations."""
     _, dataset, checkpoint, features_dir = exported
+    checkpoint = with_train_views(checkpoint, 8, tmp_path / "model.pt")
     result = run(ExportConfig(parity_images=4, tta_views=4), 0.0, checkpoint, dataset, tmp_path / "export",
                  features_dir=features_dir)
     served = result.artifacts["fp32"]
@@ -117,6 +124,22 @@ def test_tta_export_serves_the_mean_over_views(exported, tmp_path: Path) -> None
     got = open_session(served).run(None, {"image": images})[0]
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert np.abs(got - plain.run(None, {"image": images})[0]).max() > 1e-3  # the views are not all the same
+
+
+def test_tta_never_averages_over_views_the_model_was_not_trained_on(exported, tmp_path: Path) -> None:
+    # The linear probe saw each image as it is (its checkpoint records no views): it is served plain;
+    # a model trained on two views (partial.views=2: 0° and 90°) is averaged over those two only.
+    _, dataset, checkpoint, features_dir = exported
+    plain = run(ExportConfig(parity_images=4, tta_views=4), 0.0, checkpoint, dataset, tmp_path / "linear",
+                features_dir=features_dir)
+    assert read_metadata(plain.artifacts["fp32"])["tta_views"] == "1"
+    assert plain.info["tta_views"] == 1 and plain.info["tta_views_requested"] == 4
+    images = parity_images(dataset, 4, Preprocessing.of(load_checkpoint(checkpoint)["preprocessing"]))
+    want = open_session(exported[0].artifacts["fp32"]).run(None, {"image": images})[0]
+    np.testing.assert_allclose(open_session(plain.artifacts["fp32"]).run(None, {"image": images})[0], want, atol=1e-5)
+    two = run(ExportConfig(parity_images=4, tta_views=4), 0.0, with_train_views(checkpoint, 2, tmp_path / "two.pt"),
+              dataset, tmp_path / "two", features_dir=features_dir)
+    assert read_metadata(two.artifacts["fp32"])["tta_views"] == "2" and two.info["tta_views"] == 2
 
 
 def train_serve(exported, served: Path | None = None, features_dir: Path | None = None) -> float:

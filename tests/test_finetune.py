@@ -64,6 +64,8 @@ def test_each_strategy_trains_a_self_describing_checkpoint_that_exports(cells: C
     # Only the deeper strategies change the trunk; linear reads two taps concatenated.
     assert (checkpoint["trunk"] is None) == (strategy == "linear")
     assert checkpoint["taps"] == (["pooled", "stage5"] if strategy == "linear" else ["pooled"])
+    # The dihedral views it saw in training (export averages over no more): partial's 2 cached views here.
+    assert checkpoint["train_views"] == {"linear": 1, "partial": 2, "full": 8}[strategy]
     assert build_model(checkpoint).head.weight.shape[1] == (1280 + 192 if strategy == "linear" else 1280)
     report = json.loads(result.artifacts["report"].read_text())
     assert report["strategy"] == strategy and report["reference"]["n_train"] == len(cells.dataset.split("train"))
