@@ -42,7 +42,7 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
     exported = export.run(params.export, 0.0, trained.artifacts["checkpoint"], dataset, out / "export",
                           features_dir=params.path("features"))
     scored = evaluate.run(params.evaluate, exported.artifacts["fp32"], dataset, out / "evaluate")
-    row = {"backbone": backbone, "strategy": strategy, "seed": seed, "wall_s": wall,
+    row = {"label_mode": params.ingest.label_mode, "backbone": backbone, "strategy": strategy, "seed": seed, "wall_s": wall,
            "train_s": trained.metrics["train_seconds"], "val_accuracy": trained.metrics["val_accuracy"],
            "test_accuracy": scored.metrics["accuracy"], "test_macro_f1": scored.metrics["macro_f1"],
            "fp32_mb": exported.metrics["size_mb_fp32"]}
@@ -64,12 +64,12 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
 
 def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     table = []
-    for key in sorted({(r["backbone"], r["strategy"]) for r in rows}):
-        group = [r for r in rows if (r["backbone"], r["strategy"]) == key]
+    for key in sorted({(r["label_mode"], r["backbone"], r["strategy"]) for r in rows}):
+        group = [r for r in rows if (r["label_mode"], r["backbone"], r["strategy"]) == key]
         accuracy = [float(r["test_accuracy"]) for r in group]
         f1 = [float(r["test_macro_f1"]) for r in group]
         first = min(group, key=lambda r: r["seed"])
-        table.append({"backbone": key[0], "strategy": key[1], "seeds": len(group),
+        table.append({"label_mode": key[0], "backbone": key[1], "strategy": key[2], "seeds": len(group),
                       "test_accuracy_mean": statistics.mean(accuracy),
                       "test_accuracy_sd": statistics.stdev(accuracy) if len(group) > 1 else 0.0,
                       "test_macro_f1_mean": statistics.mean(f1),
@@ -84,10 +84,10 @@ def markdown(table: list[dict[str, object]]) -> str:
     def f(value: object, spec: str = ".3f") -> str:
         return "—" if value is None else format(value, spec)
 
-    lines = ["| backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | train s | shipped | size MB | "
-             "shipped test acc | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| labels | backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | train s | shipped | size MB | "
+             "shipped test acc | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
+        lines.append(f"| {r['label_mode']} | {r['backbone']} | {r['strategy']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
                      f"(n={r['seeds']}) | {r['test_macro_f1_mean']:.3f} ± {r['test_macro_f1_sd']:.3f} | "
                      f"{r['train_s_mean']:.0f} | {r['shipped'] or '—'} | {f(r['shipped_mb'], '.1f')} | "
                      f"{f(r['shipped_test_accuracy'])} | {f(r['int8_fp32_latency_b1'], '.2f')} | "
@@ -107,7 +107,8 @@ def main() -> None:
                         help="train nothing: print one table of the rows of these earlier --name runs")
     args = parser.parse_args()
     if args.table:
-        rows = [row for name in args.table for row in json.loads((RESULTS / f"{name}.json").read_text())["rows"]]
+        runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.table]
+        rows = [{"label_mode": run["label_mode"]} | row for run in runs for row in run["rows"]]
         print(markdown(summary(rows)))
         return
     params = load_params(args.params, args.overrides)
