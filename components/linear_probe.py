@@ -1,11 +1,12 @@
 """The `linear` strategy: a logistic-regression probe on cached trunk features.
 
 Features of one or several taps are concatenated and standardised (mean and scale from train);
-the L2 strength is chosen on val from a grid. A feature's scale is floored at `SCALE_FLOOR` times
-the median feature's: pooled ReLU6 channels that are almost always 0 have spreads of 1e-4, and
-dividing by that multiplied rounding noise by 10^4 (a folded weight of 5,662 on ELPV Lite0, whose
-ONNX Runtime export then missed torch by 1.3e-4 and whose INT8 twin would read pure noise). The fitted probe is folded into one `nn.Linear`
-on the raw features, so the exported model needs no separate scaler.
+the L2 strength is chosen on val from a grid. The fitted probe is folded into one `nn.Linear` on
+the raw features, so the exported model needs no separate scaler.
+
+A feature's scale is floored at `SCALE_FLOOR` times the median feature's: pooled ReLU6 channels
+that are almost always 0 have spreads of 1e-4, and dividing by that multiplied rounding noise by
+10^4 (a folded weight of 5,662 on ELPV Lite0, whose ONNX Runtime export then missed torch by 1.3e-4).
 """
 
 from __future__ import annotations
