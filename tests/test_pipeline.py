@@ -155,8 +155,12 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
     assert "Running stage 'promote'" in again and "Running stage 'register'" not in again
     assert again.count("Running stage") == 1
 
-    # A head hyperparameter reruns finetune and what follows, not ingest/features.
-    (repo / "params.yaml").write_text(text.replace("lr: 0.001", "lr: 0.002"))
+    # A head hyperparameter reruns finetune and what follows, not ingest/features. (Set through YAML: a
+    # text replace of a default silently stopped matching when the default moved.)
+    changed = yaml.safe_load(text)
+    assert changed["finetune"]["strategy"] == "linear" and changed["finetune"]["linear"]["regularization"] != [0.1, 1.0]
+    changed["finetune"]["linear"]["regularization"] = [0.1, 1.0]
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed))
     third = dvc(["repro"], repo)
     assert "Running stage 'finetune'" in third and "Running stage 'features'" not in third
     assert "Running stage 'ingest'" not in third
