@@ -4,9 +4,10 @@ Each (backbone, strategy, seed) trains with the repo's params (plus `--set` over
 same `finetune.run` the pipeline uses, exports FP32 ONNX and scores the test split in ONNX
 Runtime. Seed 0 of each pair also goes through compress (the INT8 search), which gives the
 shipped candidate, its size and the INT8 / FP32 latency ratios at batch 1 and 32, measured in
-the same run with the same threads. Caches (features, activations) are shared, so train time
-is the training itself; the first partial run of a backbone also pays for its activations, which
-the table reports apart.
+the same run with the same threads. Where several seeds ran, their FP32 models are also scored
+together (softmax averaged): what a seed ensemble would buy, at n times the inference. Caches
+(features, activations) are shared, so train time is the training itself; the first partial run
+of a backbone also pays for its activations, which the table reports apart.
 
 Needs the outputs of `tlops run` (or `dvc repro`) up to `features` for every backbone listed.
 
@@ -19,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.feature_extraction import cpu_description
 from components import compress, evaluate, export, finetune
+from components.onnx_runtime import predict_frame, softmax
 from tlops.config import load_params
 from tlops.stages import validated_dataset
 
@@ -45,7 +50,7 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
     row = {"label_mode": params.ingest.label_mode, "backbone": backbone, "strategy": strategy, "seed": seed, "wall_s": wall,
            "train_s": trained.metrics["train_seconds"], "val_accuracy": trained.metrics["val_accuracy"],
            "test_accuracy": scored.metrics["accuracy"], "test_macro_f1": scored.metrics["macro_f1"],
-           "fp32_mb": exported.metrics["size_mb_fp32"]}
+           "fp32_mb": exported.metrics["size_mb_fp32"], "fp32_model": str(exported.artifacts["fp32"])}
     if shipped:
         compressed = compress.run(params.compress, out / "export", dataset, out / "compress")
         report = json.loads((out / "compress" / compress.REPORT_FILE).read_text())
@@ -62,19 +67,33 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
     return row
 
 
-def summary(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+def ensemble(params, rows: list[dict[str, object]]) -> dict[str, object]:
+    """Test accuracy of the seeds' FP32 models together: their softmax probabilities averaged (n x the work)."""
+    dataset = validated_dataset(params)
+    test = dataset.split("test")
+    probabilities = np.mean([softmax(predict_frame(Path(r["fp32_model"]), dataset, test)) for r in rows], axis=0)
+    scored = evaluate.classification_metrics(np.asarray(dataset.label_index(test)), probabilities.argmax(axis=1),
+                                             dataset.labels)
+    return {"label_mode": rows[0]["label_mode"], "backbone": rows[0]["backbone"], "strategy": rows[0]["strategy"],
+            "seeds": [r["seed"] for r in rows], "test_accuracy": scored["accuracy"], "test_macro_f1": scored["macro_f1"]}
+
+
+def summary(rows: list[dict[str, object]], ensembles: list[dict[str, object]] = ()) -> list[dict[str, object]]:
     table = []
     for key in sorted({(r["label_mode"], r["backbone"], r["strategy"]) for r in rows}):
         group = [r for r in rows if (r["label_mode"], r["backbone"], r["strategy"]) == key]
         accuracy = [float(r["test_accuracy"]) for r in group]
         f1 = [float(r["test_macro_f1"]) for r in group]
         first = min(group, key=lambda r: r["seed"])
+        together = next((e for e in ensembles if (e["label_mode"], e["backbone"], e["strategy"]) == key), {})
         table.append({"label_mode": key[0], "backbone": key[1], "strategy": key[2], "seeds": len(group),
                       "test_accuracy_mean": statistics.mean(accuracy),
                       "test_accuracy_sd": statistics.stdev(accuracy) if len(group) > 1 else 0.0,
                       "test_macro_f1_mean": statistics.mean(f1),
                       "test_macro_f1_sd": statistics.stdev(f1) if len(group) > 1 else 0.0,
                       "train_s_mean": statistics.mean(float(r["train_s"]) for r in group),
+                      "ensemble_test_accuracy": together.get("test_accuracy"),
+                      "ensemble_test_macro_f1": together.get("test_macro_f1"),
                       **{k: first.get(k) for k in ("shipped", "shipped_mb", "shipped_test_accuracy", "int8_fp32_latency_b1",
                                                    "int8_fp32_latency_b32", "shipped_fp32_latency_b1", "shipped_fp32_latency_b32")}})
     return table
@@ -84,11 +103,12 @@ def markdown(table: list[dict[str, object]]) -> str:
     def f(value: object, spec: str = ".3f") -> str:
         return "—" if value is None else format(value, spec)
 
-    lines = ["| labels | backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | train s | shipped | size MB | "
-             "shipped test acc | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| labels | backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | seeds averaged: acc / F1 | train s | "
+             "shipped | size MB | shipped test acc | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['label_mode']} | {r['backbone']} | {r['strategy']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
                      f"(n={r['seeds']}) | {r['test_macro_f1_mean']:.3f} ± {r['test_macro_f1_sd']:.3f} | "
+                     f"{f(r['ensemble_test_accuracy'])} / {f(r['ensemble_test_macro_f1'])} | "
                      f"{r['train_s_mean']:.0f} | {r['shipped'] or '—'} | {f(r['shipped_mb'], '.1f')} | "
                      f"{f(r['shipped_test_accuracy'])} | {f(r['int8_fp32_latency_b1'], '.2f')} | "
                      f"{f(r['int8_fp32_latency_b32'], '.2f')} |")
@@ -106,26 +126,39 @@ def main() -> None:
     parser.add_argument("--table", nargs="+", metavar="NAME",
                         help="train nothing: print one table of the rows of these earlier --name runs")
     args = parser.parse_args()
+    # Training runs for minutes: show the components' progress (epochs, activations) as `tlops` does.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("components").setLevel(logging.INFO)
     if args.table:
         runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.table]
         rows = [{"label_mode": run["label_mode"]} | row for run in runs for row in run["rows"]]
-        print(markdown(summary(rows)))
+        print(markdown(summary(rows, [e for run in runs for e in run.get("ensembles", [])])))
         return
     params = load_params(args.params, args.overrides)
     work = RESULTS / args.name
-    rows = []
+    rows: list[dict[str, object]] = []
+    ensembles: list[dict[str, object]] = []
+
+    def save() -> list[dict[str, object]]:  # after every row: a stopped benchmark keeps what it measured
+        table = summary(rows, ensembles)
+        out = {"cpu": cpu_description(), "overrides": args.overrides, "label_mode": params.ingest.label_mode,
+               "rows": rows, "ensembles": ensembles, "table": table}
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
+        (RESULTS / f"{args.name}.md").write_text(markdown(table) + "\n")
+        return table
+
     for backbone in args.backbones:
         for strategy in args.strategies:
+            pair = []
             for seed in args.seeds:
-                row = one(params, backbone, strategy, seed, work / backbone / strategy / str(seed), seed == min(args.seeds))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                table = summary(rows)  # rewritten after every row: a stopped benchmark keeps what it measured
-                out = {"cpu": cpu_description(), "overrides": args.overrides, "label_mode": params.ingest.label_mode,
-                       "rows": rows, "table": table}
-                (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2))
-                (RESULTS / f"{args.name}.md").write_text(markdown(table) + "\n")
-    print(markdown(table))
+                pair.append(one(params, backbone, strategy, seed, work / backbone / strategy / str(seed), seed == min(args.seeds)))
+                print(json.dumps(pair[-1]), flush=True)
+                rows.append(pair[-1])
+                save()
+            if len(pair) > 1:
+                ensembles.append(ensemble(params, pair))
+                print(json.dumps(ensembles[-1]), flush=True)
+    print(markdown(save()))
 
 
 if __name__ == "__main__":
