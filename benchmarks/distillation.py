@@ -5,7 +5,7 @@ Reuses (or builds) a small run in `--work`: ingest `--cells` cells, features of 
 and `--alpha`) and a third distilled run with another seed, whose teacher pass must be all
 cache hits. Reports val accuracies and the teacher's cost: computed once, then read.
 
-    python benchmarks/distillation.py --work /tmp/distill-bench --cells 300 --size 128
+    python benchmarks/distillation.py --work benchmarks/results/distill-bench --cells 300 --size 128
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ exported to ONNX (checker + parity vs torch) and timed in this one process at ba
 with the same threads, rounds interleaved (benchmarks/compression.py's `time_candidates`), so
 the latency ratios compare. Params and MACs are torch-pruning's counts.
 
-    python benchmarks/pruning.py --work /tmp/prune-bench --cells 300 --size 128 --threads 2
+    python benchmarks/pruning.py --work benchmarks/results/prune-bench --cells 300 --size 128 --threads 2
 """
 
 from __future__ import annotations
