@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from benchmarks.feature_extraction import cpu_description
 from components import compress, evaluate, export, finetune
 from components.onnx_runtime import predict_frame, softmax
+from tlops.cli import configure_logging
 from tlops.config import load_params
 from tlops.stages import validated_dataset
 
@@ -126,9 +126,7 @@ def main() -> None:
     parser.add_argument("--table", nargs="+", metavar="NAME",
                         help="train nothing: print one table of the rows of these earlier --name runs")
     args = parser.parse_args()
-    # Training runs for minutes: show the components' progress (epochs, activations) as `tlops` does.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("components").setLevel(logging.INFO)
+    configure_logging()  # training runs for minutes: show its progress (epochs, activations) as `tlops` does
     if args.table:
         runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.table]
         rows = [{"label_mode": run["label_mode"]} | row for run in runs for row in run["rows"]]

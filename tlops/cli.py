@@ -206,6 +206,15 @@ def tune_hyperparameters(args: argparse.Namespace) -> None:
         "  reproduce with:", f"    {s['tlops_run']}", f"    {s['dvc_exp_run']}"]))
 
 
+def configure_logging() -> None:
+    """Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
+    one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("components", "tlops", "flows", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Prefect's temporary server phones home on start; offline that is an error traceback in the
@@ -216,12 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     # A tracking server that dies mid-run should cost seconds, not MLflow's default ~9 minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    # Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
-    # one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in ("components", "tlops", "flows", "prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    configure_logging()
     from components.errors import UserError
     from tlops.config import ConfigError
 
