@@ -7,8 +7,11 @@ model (of the pruned one if present). When full INT8 loses more than
 most (lowest SQNR, measured with onnxruntime.quantization.qdq_loss_debug) in FP32, a growing
 number at a time, up to `max_fp32_nodes`; each step is a candidate. Every candidate is scored on
 the val split and timed at batch 1 and 32 in ONNX Runtime in the same run with the same threads;
-the most compressed candidate within budget ships as `model.onnx`, otherwise FP32 ships and the
-reason is recorded.
+the most compressed candidate within the accuracy budget that is also no slower than FP32 (at
+most `max_latency_ratio` times its latency at each batch size) ships as `model.onnx`, otherwise
+FP32 ships, and the reason is recorded. The speed rule exists because keeping many nodes in FP32
+adds a Quantize/Dequantize pair at every border: such a model is smaller but can be slower than
+FP32 (Lite2 with 32 FP32 nodes: 1.14x FP32's latency at batch 32).
 
 The INT8 recipe and its reasons are in components/int8.py.
 """
@@ -81,6 +84,9 @@ class CompressConfig(StageConfig):
     sensitivity_images: int = Field(8, ge=1)  # calibration images compared float vs INT8 to rank nodes
     latency_threads: int = Field(0, ge=0)  # ONNX Runtime threads when timing candidates; 0 = all cores
     latency_runs: int = Field(5, ge=1)  # timed runs per candidate and batch size (median reported)
+    # A candidate ships only if its latency at every timed batch size is at most this times FP32's; null = size alone.
+    # Above 1.0 so that a candidate as fast as FP32 (unstructured pruning) is not refused on timing noise.
+    max_latency_ratio: float | None = Field(1.05, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -254,23 +260,35 @@ def compression_order(names: Sequence[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def choose(accuracy: dict[str, float], max_drop: float) -> tuple[str, str, dict[str, bool]]:
-    """(shipped candidate, reason, within-budget flags) under the FP32-relative accuracy budget."""
+def choose(
+    accuracy: dict[str, float], max_drop: float, latency_ratio: dict[str, float] | None = None,
+    max_latency_ratio: float | None = None,
+) -> tuple[str, str, dict[str, bool]]:
+    """(shipped candidate, reason, within-budget flags) under the FP32-relative accuracy budget.
+
+    `latency_ratio` is each candidate's worst latency over FP32's across the timed batch sizes; with
+    `max_latency_ratio` set, a candidate slower than that is passed over whatever its accuracy.
+    """
     baseline = accuracy["fp32"]
     floor = baseline - max_drop
     # The tolerance keeps k/n accuracies that meet the floor exactly from failing on rounding.
     within = {name: value >= floor - 1e-9 for name, value in accuracy.items()}
+    fast = {name: name == "fp32" or max_latency_ratio is None or latency_ratio is None
+            or latency_ratio[name] <= max_latency_ratio for name in accuracy}
     budget = f"val accuracy >= {floor:.4f} (fp32 {baseline:.4f} - compress.max_accuracy_drop {max_drop:g})"
+    if max_latency_ratio is not None and latency_ratio is not None:
+        budget += f" and latency <= {max_latency_ratio:g}x fp32's (compress.max_latency_ratio)"
     ranked = compression_order(list(accuracy))
-    passing = [name for name in ranked if within[name]]
-    if not passing:
-        failed = ", ".join(f"{name} {accuracy[name]:.4f}" for name in ranked)
-        return "fp32", f"no candidate met {budget} ({failed}); shipping fp32 unchanged", within
-    shipped = passing[0]
-    rejected = [f"{name} {accuracy[name]:.4f}" for name in ranked[: ranked.index(shipped)]]
+    passing = [name for name in ranked if within[name] and fast[name]]
+    shipped = passing[0]  # fp32 always passes
+    passed_over = []
+    for name in ranked[: ranked.index(shipped)]:
+        why = [f"{accuracy[name]:.4f}"] if not within[name] else []
+        why += [] if fast[name] else [f"{latency_ratio[name]:.2f}x fp32's latency"]
+        passed_over.append(f"{name} {' and '.join(why)}")
     reason = f"{shipped} is the most compressed candidate with {budget}: {accuracy[shipped]:.4f}"
-    if rejected:
-        reason += f"; more compressed but over budget: {', '.join(rejected)}"
+    if passed_over:
+        reason += f"; more compressed but over budget: {', '.join(passed_over)}"
     if len(ranked) == 1:
         reason += " (the only candidate: compress.quantize is off and export wrote no pruned model)"
     return shipped, reason, within
@@ -334,14 +352,16 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
         candidates |= int8_models
         accuracy |= int8_accuracy
 
-    shipped, reason, within = choose(accuracy, cfg.max_accuracy_drop)
-    log.info("shipping %s: %s", shipped, reason)
-
     # Timed together, one after another, with the same threads and inputs, so ratios compare.
     timing_images = load_batch([dataset.image_path(p) for p in dataset.split("val")["path"].head(8)],
                                model_preprocessing(candidates["fp32"], read_metadata(candidates["fp32"])))
     latency = {name: latency_ms(path, timing_images, cfg.latency_threads, cfg.latency_runs)
                for name, path in candidates.items()}
+    ratio = {name: {batch: latency[name][batch] / latency["fp32"][batch] for batch in LATENCY_BATCHES}
+             for name in candidates}
+    shipped, reason, within = choose(accuracy, cfg.max_accuracy_drop, {n: max(r.values()) for n, r in ratio.items()},
+                                     cfg.max_latency_ratio)
+    log.info("shipping %s: %s", shipped, reason)
 
     model_path = out_dir / SHIPPED_FILE
     temporary = out_dir / (SHIPPED_FILE + ".tmp")
@@ -369,12 +389,15 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
                 "within_budget": within[name],
                 "latency_ms_batch1": latency[name][1],
                 "latency_ms_batch32": latency[name][32],
+                "latency_ratio_fp32_batch1": ratio[name][1],
+                "latency_ratio_fp32_batch32": ratio[name][32],
             }
             for name, path in candidates.items()
         },
         "val_images": len(dataset.split("val")),
         "max_accuracy_drop": cfg.max_accuracy_drop,
         "latency_threads": cfg.latency_threads,
+        "max_latency_ratio": cfg.max_latency_ratio,
         "int8_search": search,
         "pruning": exported.info.get("pruning") or ({"method": "unstructured magnitude", "sparsity": exported.info["sparsity"]}
                                                     if "pruned" in candidates else None),

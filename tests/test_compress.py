@@ -84,10 +84,24 @@ def test_choose_prefers_fewer_fp32_nodes_and_says_when_nothing_fits() -> None:
     assert exclusion_steps(16) == [1, 2, 4, 8, 16] and exclusion_steps(3) == [1, 2, 3] and exclusion_steps(0) == []
 
 
+def test_choose_passes_over_a_candidate_slower_than_fp32() -> None:
+    accuracy = {"fp32": 0.90, "int8": 0.80, "int8_fp32x32": 0.895}
+    # Within the accuracy budget, but 1.14x FP32's latency at its worst batch size: FP32 ships.
+    shipped, reason, within = choose(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.14}, 1.05)
+    assert shipped == "fp32" and within["int8_fp32x32"]
+    assert reason.endswith("over budget: int8 0.8000, int8_fp32x32 1.14x fp32's latency")
+    assert "latency <= 1.05x fp32's (compress.max_latency_ratio)" in reason
+    # Just as fast is fast enough, and null judges by size alone.
+    assert choose(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.05}, 1.05)[0] == "int8_fp32x32"
+    assert choose(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.14}, None)[0] == "int8_fp32x32"
+    both = choose({"fp32": 0.90, "int8": 0.80}, 0.01, {"fp32": 1.0, "int8": 1.3}, 1.05)[1]
+    assert both.endswith("over budget: int8 0.8000 and 1.30x fp32's latency")
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("sparsity", 1.0), ("max_accuracy_drop", -1.0), ("max_accuracy_drop", 1.5), ("calibration_images", 0),
-     ("calibration_method", "kl"), ("max_fp32_nodes", -1), ("activation_type", "int4")],
+     ("calibration_method", "kl"), ("max_fp32_nodes", -1), ("activation_type", "int4"), ("max_latency_ratio", 0)],
 )
 def test_bad_compress_config_is_refused_when_params_load(key: str, value: object) -> None:
     with pytest.raises(pydantic.ValidationError):
@@ -108,9 +122,10 @@ def test_an_export_whose_files_changed_is_refused(exported, tmp_path: Path) -> N
 
 def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> None:
     root, dataset = exported
-    # A budget of 1.0 admits any accuracy, so the decision cannot depend on a random head.
-    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1), root / "export",
-                 dataset, root / "lenient")
+    # A budget of 1.0 admits any accuracy, so the decision cannot depend on a random head; nor on timing, which
+    # at 64 px and one run can put INT8 behind FP32.
+    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1, max_latency_ratio=None),
+                 root / "export", dataset, root / "lenient")
     report = json.loads((root / "lenient" / "compress.json").read_text())
     assert set(report["candidates"]) == {"fp32", "int8"}
     assert report["candidates"]["int8"]["size_mb"] < 0.5 * report["candidates"]["fp32"]["size_mb"]
@@ -127,6 +142,22 @@ def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> No
     assert shipped["labels"] == json.dumps(list(dataset.labels))
     assert shipped["input_size"] == "64"
     assert float(shipped["val_accuracy"]) == pytest.approx(result.metrics["val_accuracy_int8"], abs=1e-6)
+    assert report["max_latency_ratio"] is None
+    for entry in report["candidates"].values():
+        assert entry["latency_ratio_fp32_batch32"] == pytest.approx(
+            entry["latency_ms_batch32"] / report["candidates"]["fp32"]["latency_ms_batch32"])
+
+
+def test_compress_ships_fp32_when_no_candidate_is_fast_enough(exported) -> None:
+    root, dataset = exported
+    # No INT8 model runs in a millionth of FP32's time: the speed rule alone decides.
+    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1, max_latency_ratio=1e-6),
+                 root / "export", dataset, root / "too_slow")
+    report = json.loads((root / "too_slow" / "compress.json").read_text())
+    assert report["candidates"]["int8"]["within_budget"] is True
+    assert report["shipped"] == result.info["shipped"] == "fp32"
+    assert "int8 " in report["reason"] and "x fp32's latency" in report["reason"]
+    assert read_metadata(result.artifacts["model"])["compression"] == "fp32"
 
 
 def test_shape_arithmetic_is_left_in_float(exported) -> None:
