@@ -2,7 +2,7 @@
 
 `mlflow models serve -m models:/<name>@champion --env-manager local` then answers
 `/invocations` with the same predictions as `tlops serve`: both decode with
-`components.serve.decode_image` and run the file's own preprocessing in ONNX Runtime. The
+`components.image_decoding.decode_image` and run the file's own preprocessing in ONNX Runtime. The
 ONNX file is stored byte-for-byte (no re-serialisation, no external data), so its sha256 in
 the registry is the sha256 of what was exported.
 
@@ -31,8 +31,9 @@ from mlflow.types.schema import ColSpec, DataType, Map, Schema
 from PIL import Image
 
 from components.errors import UserError
+from components.image_decoding import BadInputError, decode_base64, decode_image
 from components.onnx_runtime import model_labels, model_preprocessing, read_metadata
-from components.serve import BadInputError, LoadedModel, ModelSource, classify, decode_base64, decode_image, load_onnx, sha256_of
+from components.served_model import LoadedModel, ModelSource, classify, load_onnx, sha256_of
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from components.export import run as export_run
 from components.onnx_runtime import model_labels, model_preprocessing, open_session, read_metadata, softmax
 from components.preprocess import load_batch
 from components.pyfunc_model import log_model
-from components.serve import ModelServer, ServeConfig, sha256_of
+from components.serve import ModelServer, ServeConfig
+from components.served_model import sha256_of
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 from tlops.serve_app import running_service

@@ -24,7 +24,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from components.errors import UserError
-from components.serve import BadInputError, ModelServer, NotReadyError, QueueFullError, ServeConfig, images_from_json
+from components.image_decoding import BadInputError, images_from_json
+from components.micro_batcher import NotReadyError, QueueFullError
+from components.serve import ModelServer, ServeConfig
 
 log = logging.getLogger(__name__)
 
