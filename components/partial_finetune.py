@@ -116,8 +116,11 @@ def export_frozen(entry: BackboneEntry, preprocessing: Preprocessing, trainable:
         want = frozen(torch.from_numpy(sample)).numpy()
         diff = float(np.max(np.abs(got - want)))
         if not diff <= atol:
+            # The deeper the cut, the larger the activations and the float error they carry: give the scale.
             raise TrunkParityError(f"backbone {entry.name!r}: the frozen part in ONNX Runtime differs from torch by "
-                                   f"{diff:.3g} (> features.parity_atol={atol:g}); try another features.opset.")
+                                   f"{diff:.3g} (> features.parity_atol={atol:g}) on activations up to "
+                                   f"{float(np.max(np.abs(want))):.3g}; try another features.opset, or raise "
+                                   f"features.parity_atol if that difference is float rounding at this scale.")
     return tuple(want.shape[1:])
 
 

@@ -181,6 +181,18 @@ def test_each_strategy_refuses_what_it_cannot_do_before_training(cells: Cells, t
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
+def test_a_frozen_part_unlike_torch_is_refused_with_the_activations_scale(cells: Cells, tmp_path: Path) -> None:
+    cfg = FinetuneConfig.model_validate({**FAST, "strategy": "partial", "partial": {**FAST["partial"], "blocks": 3}})
+    # No two kernel libraries agree to the last bit, so a tolerance of 0 must refuse the export.
+    with pytest.raises(features.TrunkParityError,
+                       match=r"differs from torch by \S+ \(> features.parity_atol=0\) on activations up to \d.*features.parity_atol if"):
+        run(cfg, BACKBONE, cells.features, cells.dataset, cells.manifest, tmp_path / "out", cells.cache,
+            tmp_path / "state", atol=0.0)
+    stores = [s for s in (cells.cache / BACKBONE).glob("partial-*") if '"trainable_blocks": 3' in (s / "cache_key.json").read_text()]
+    assert stores and not any((s / partial_finetune.FROZEN_FILE).exists() for s in stores)  # nothing cached from it
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
 def test_a_killed_full_run_resumes_from_its_last_epoch(cells: Cells, tmp_path: Path) -> None:
     settings = {"strategy": "full", "full": {**FAST["full"], "epochs": 4, "patience": 10}}
     script = (
