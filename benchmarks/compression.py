@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.onnx_runtime import open_session
+from components.models.onnx_io import open_session
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 32)

@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 
 from benchmarks.compression import RESULTS, cpu_description
-from components import features, finetune
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.manifest import read_manifest
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import read_manifest
+from components.features import extract as features
+from components.training import finetune
 
 
 def main() -> None:

@@ -23,13 +23,13 @@ import numpy as np
 import onnxruntime
 import torch
 
-from components.backbones import build_trunk, get_entry
-from components.features import FeaturesConfig, FeatureStore, decode_ahead, run, space_key
-from components.ingest import IngestConfig
-from components.ingest import run as ingest
-from components.manifest import read_manifest
-from components.onnx_runtime import open_session
-from components.preprocess import Preprocessing, load_batch
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest
+from components.data.manifest import read_manifest
+from components.data.preprocess import Preprocessing, load_batch
+from components.features.extract import FeaturesConfig, FeatureStore, decode_ahead, run, space_key
+from components.models.backbones import build_trunk, get_entry
+from components.models.onnx_io import open_session
 
 RESULTS = Path(__file__).parent / "results"
 

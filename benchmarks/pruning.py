@@ -18,15 +18,16 @@ import time
 from pathlib import Path
 
 from benchmarks.compression import BATCHES, RESULTS, cpu_description, time_candidates
-from components import features, finetune
-from components.classifier import build_model, load_checkpoint
-from components.compress import onnx_accuracy, prune_model, zipped_mb
-from components.export import check_parity, export_onnx, model_metadata, parity_images
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.manifest import read_manifest
-from components.preprocess import Preprocessing
-from components.pruning import ChannelPruning, macs_and_params, prune_and_recover
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import read_manifest
+from components.data.preprocess import Preprocessing
+from components.features import extract as features
+from components.models.classifier import build_model, load_checkpoint
+from components.packaging.compress import onnx_accuracy, prune_model, zipped_mb
+from components.packaging.export import check_parity, export_onnx, model_metadata, parity_images
+from components.packaging.pruning import ChannelPruning, macs_and_params, prune_and_recover
+from components.training import finetune
 
 
 def main() -> None:

@@ -42,17 +42,17 @@ from mlflow import MlflowClient
 from PIL import Image
 from torch import nn
 
-from components.backbones import get_entry
-from components.classifier import save_checkpoint
-from components import features
-from components.export import ExportConfig
-from components.export import run as export_run
-from components.ingest import IngestConfig
-from components.ingest import run as ingest
-from components.manifest import Dataset, read_manifest
-from components.onnx_runtime import model_labels, model_preprocessing, open_session, read_metadata, softmax
-from components.preprocess import load_batch
-from components.pyfunc_model import log_model
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest
+from components.data.manifest import Dataset, read_manifest
+from components.data.preprocess import load_batch
+from components.features import extract as features
+from components.models.backbones import get_entry
+from components.models.classifier import save_checkpoint
+from components.models.onnx_io import model_labels, model_preprocessing, open_session, read_metadata, softmax
+from components.packaging.export import ExportConfig
+from components.packaging.export import run as export_run
+from components.serving.pyfunc import log_model
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -308,7 +308,7 @@ def main() -> None:
         servers = {
             "tlops": ([sys.executable, "-c",
                        "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
-                       "from components.serve import ServeConfig; from tlops.serve_app import serve\n"
+                       "from components.serving.server import ServeConfig; from components.serving.app import serve\n"
                        "serve(ServeConfig(model_uri=sys.argv[1], port=int(sys.argv[2]), max_batch=int(sys.argv[3]), "
                        "max_wait_ms=float(sys.argv[4]), max_body_mb=float(sys.argv[5])))",
                        model_uri, "{port}", str(args.max_batch), str(args.max_wait_ms), str(max_body_mb)],

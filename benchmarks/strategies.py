@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.feature_extraction import cpu_description
-from components import compress, evaluate, export, finetune
-from components.onnx_runtime import predict_frame, softmax
+from components.evaluation import evaluate
+from components.models.onnx_io import predict_frame, softmax
+from components.packaging import compress, export
+from components.training import finetune
 from tlops.cli import configure_logging
 from tlops.config import load_params
 from tlops.stages import validated_dataset

@@ -25,9 +25,9 @@ from uuid import UUID
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from components import promote
-from components.errors import UserError
-from components.promote import PromoteConfig
+from components.core.errors import UserError
+from components.registry import promote
+from components.registry.promote import PromoteConfig
 from flows.train import train
 from tlops.config import ScheduleConfig, load_params
 from tlops.stages import check_owned, validated_dataset

@@ -1,7 +1,7 @@
 """Drift checks as a Prefect flow, and the event that lets Prefect start a retraining run.
 
 `check_drift` embeds a batch of new images, compares it with the training features
-(`components.drift`), draws the history, and, when the batch is flagged, emits the Prefect event
+(`components.monitoring.drift`), draws the history, and, when the batch is flagged, emits the Prefect event
 `tlops.drift.detected`. Retraining is not called from here: a deployment of the training flow
 carries a `DeploymentEventTrigger` on that event (`retrain_trigger`), so Prefect's automations
 decide, the event stays visible in the UI, and the check and the retraining stay decoupled
@@ -17,9 +17,9 @@ from typing import Any
 from prefect import flow
 from prefect.events import DeploymentEventTrigger, Event, emit_event
 
-from components import drift
-from components.features import split_features
-from components.result import StageResult
+from components.core.result import StageResult
+from components.features.extract import split_features
+from components.monitoring import drift
 from tlops import tracking
 from tlops.config import load_params
 from tlops.stages import selected_backbone, validated_dataset

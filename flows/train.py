@@ -23,9 +23,9 @@ from prefect.tasks import Task
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from components.errors import UserError
-from components.ingest import source_fingerprint
-from components.result import StageResult, sha256_json
+from components.core.errors import UserError
+from components.core.result import StageResult, sha256_json
+from components.data.ingest import source_fingerprint
 from tlops import tracking
 from tlops.config import Params, load_params
 from tlops.run_state import RunLock, killed_run

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.manifest import Dataset, read_manifest
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import Dataset, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

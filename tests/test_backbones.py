@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from components.backbones import REGISTRY, build_classifier, build_trunk, get_entry, weights_path
+from components.models.backbones import REGISTRY, build_classifier, build_trunk, get_entry, weights_path
 
 
 def test_registry_holds_the_three_lite_models_with_verified_weights() -> None:

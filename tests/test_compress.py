@@ -14,13 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-from components import export
-from components.classifier import load_checkpoint
-from components.compress import (
-    CompressConfig, ExportChangedError, choose, compression_order, exclusion_steps, prune_model, run,
+from components.models.classifier import load_checkpoint
+from components.models.onnx_io import predict_frame, read_metadata
+from components.models.quantization import shape_arithmetic_nodes
+from components.packaging import export
+from components.packaging.compress import (
+    CompressConfig,
+    ExportChangedError,
+    choose,
+    compression_order,
+    exclusion_steps,
+    prune_model,
+    run,
 )
-from components.int8 import shape_arithmetic_nodes
-from components.onnx_runtime import predict_frame, read_metadata
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 from tlops.config import ConfigError, load_params

@@ -11,8 +11,12 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 from pydantic import ValidationError
 
-from components import features
-from components.drift import (
+from components.core.result import StageResult
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import read_manifest
+from components.features import extract as features
+from components.monitoring.drift import (
     HISTORY_FILE,
     DriftConfig,
     DriftInputError,
@@ -22,10 +26,6 @@ from components.drift import (
     run,
     tracking_record,
 )
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.manifest import read_manifest
-from components.result import StageResult
 
 BACKBONE = "efficientnet_lite0"
 FEATURES = features.FeaturesConfig(image_size=64)

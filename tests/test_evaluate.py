@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import export
-from components.evaluate import EvaluateConfig, calibration_table, decide, expected_calibration_error, run
-from components.onnx_runtime import LabelMismatchError
+from components.evaluation.evaluate import EvaluateConfig, calibration_table, decide, expected_calibration_error, run
+from components.models.onnx_io import LabelMismatchError
+from components.packaging import export
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 

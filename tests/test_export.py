@@ -14,15 +14,21 @@ import torch
 from onnx import numpy_helper
 from pydantic import ValidationError
 
-from components.classifier import build_model, dihedral_view, load_checkpoint
-from components.partial_finetune import dihedral
-from components.export import (
-    ExportConfig, ExportParityError, TrainServeSkewError, check_parity, check_train_serve, parity_images, run,
+from components.core.lineage import data_version
+from components.core.result import StageResult
+from components.data.preprocess import Preprocessing
+from components.models.classifier import build_model, dihedral_view, load_checkpoint
+from components.models.onnx_io import open_session, read_metadata, stamp_metadata
+from components.packaging.export import (
+    ExportConfig,
+    ExportParityError,
+    TrainServeSkewError,
+    check_parity,
+    check_train_serve,
+    parity_images,
+    run,
 )
-from components.lineage import data_version
-from components.onnx_runtime import open_session, read_metadata, stamp_metadata
-from components.preprocess import Preprocessing
-from components.result import StageResult
+from components.training.partial import dihedral
 from tests.tiny_features import BACKBONE, make_features
 from tests.tiny_model import IMAGE_SIZE, make_checkpoint, make_dataset
 

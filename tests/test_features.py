@@ -9,15 +9,21 @@ import torch
 from onnx import numpy_helper
 from pydantic import ValidationError
 
-from components import features as features_module
-from components import preprocess
-from components.backbones import build_trunk, get_entry
-from components.features import (
-    FeatureCacheError, FeaturesConfig, FeatureStore, TrunkParityError, config_key_inputs, load_features, run,
+from components.data import preprocess
+from components.data.manifest import Dataset
+from components.data.preprocess import load_batch
+from components.features import extract as features_module
+from components.features.extract import (
+    FeatureCacheError,
+    FeaturesConfig,
+    FeatureStore,
+    TrunkParityError,
+    config_key_inputs,
+    load_features,
+    run,
     space_key,
 )
-from components.manifest import Dataset
-from components.preprocess import load_batch
+from components.models.backbones import build_trunk, get_entry
 
 CFG = FeaturesConfig(image_size=64, taps=("stage3", "pooled"), batch_size=8)
 LITE0 = "efficientnet_lite0"
@@ -53,8 +59,8 @@ def test_onnx_features_match_the_torch_trunk(elpv_small: Dataset, tmp_path: Path
     assert described["key"] == store.dir.name == record["cache_key"]
     assert described["inputs"] == record["cache_key_inputs"] == json.loads(json.dumps(config_key_inputs(entry, CFG)))
     assert described["inputs"]["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
-    assert set(described["inputs"]["code_sha256"]) >= {"components.preprocess", "components.features",
-                                                       "components.backbones.Trunk"}
+    assert set(described["inputs"]["code_sha256"]) >= {"components.data.preprocess", "components.features.extract",
+                                                       "components.models.backbones.Trunk"}
     assert record["preprocessing"] == entry.preprocessing(64).model_dump(mode="json")
 
 
@@ -152,7 +158,7 @@ def test_editing_the_preprocessing_code_misses_the_cache(
     assert edited != original
 
     def hash_sees(folder: str, source: str) -> None:
-        """The key computed as if components/preprocess.py held `source`."""
+        """The key computed as if components/data/preprocess.py held `source`."""
         copy = load_module_copy(source, tmp_path / folder, preprocess.__name__)
         monkeypatch.setattr(features_module, "feature_code", lambda: tuple(copy if o is preprocess else o for o in code))
 

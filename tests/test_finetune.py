@@ -15,15 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from components import devices, export, features, int8, partial_finetune
-from components.classifier import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from components.errors import UserError
-from components.finetune import FinetuneConfig, run
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.linear_probe import fit_probe
-from components.manifest import Dataset, read_manifest
-from components.train_loop import FitResult, LoopConfig, class_weight_vector, fit, lr_scheduler, param_groups, scores
+from components.core import devices
+from components.core.errors import UserError
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import Dataset, read_manifest
+from components.features import extract as features
+from components.models import quantization as int8
+from components.models.classifier import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from components.packaging import export
+from components.training import partial as partial_finetune
+from components.training.finetune import FinetuneConfig, run
+from components.training.linear_probe import fit_probe
+from components.training.loop import FitResult, LoopConfig, class_weight_vector, fit, lr_scheduler, param_groups, scores
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
@@ -90,7 +94,7 @@ def test_partial_trains_only_the_last_blocks_and_caches_their_inputs(cells: Cell
     assert any("blocks.6.0" in k for k in changed) and any("blocks.5.3" in k for k in changed)
     assert not any("blocks.5.2" in k or "conv_stem" in k or "blocks.0." in k for k in changed)
     # A second run (another seed) trains on the cached activations: nothing is recomputed.
-    caplog.set_level("INFO", logger="components.partial_finetune")
+    caplog.set_level("INFO", logger="components.training.partial")
     cells.run(tmp_path / "b", strategy="partial", seed=1)
     assert "activations computed" not in caplog.text
     stores = list((cells.cache / BACKBONE).glob("partial-*"))
@@ -198,7 +202,7 @@ def test_a_killed_full_run_resumes_from_its_last_epoch(cells: Cells, tmp_path: P
     script = (
         "import sys, json; from pathlib import Path; from tests.test_finetune import Cells;"
         "cells = Cells.__new__(Cells); root = Path(sys.argv[1]); cells.root = root;"
-        "cells.manifest = root / 'data/manifest.csv'; from components.manifest import read_manifest;"
+        "cells.manifest = root / 'data/manifest.csv'; from components.data.manifest import read_manifest;"
         "cells.dataset = read_manifest(cells.manifest); cells.features = root / 'features'; cells.cache = root / 'cache';"
         "cells.run(Path(sys.argv[2]), Path(sys.argv[3]), **json.loads(sys.argv[4]))"
     )
@@ -279,7 +283,7 @@ def test_discriminative_learning_rates_and_warmup() -> None:
 
 def test_ema_keeps_the_moving_average_of_the_weights(tmp_path: Path) -> None:
     """With `ema`, the weights evaluated and returned are the average, and a resumed run continues it."""
-    from components.devices import Placement
+    from components.core.devices import Placement
 
     x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 2
     placement = Placement(torch.device("cpu"), None, "cpu")

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from components.ingest import IngestConfig, IngestError, run
-from components.manifest import REQUIRED_COLUMNS, assign_split, read_manifest
+from components.data.ingest import IngestConfig, IngestError, run
+from components.data.manifest import REQUIRED_COLUMNS, assign_split, read_manifest
 from tests.conftest import write_imagefolder
 
 

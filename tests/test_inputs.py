@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.errors import UserError
-from components.ingest import MAX_PIXELS, IngestConfig, IngestError, source_fingerprint
-from components.ingest import run as ingest
-from components.manifest import ManifestError, read_manifest, stratified_subset, write_manifest
-from components.validate import DataValidationError, ValidateConfig
-from components.validate import run as validate
+from components.core.errors import UserError
+from components.data.ingest import MAX_PIXELS, IngestConfig, IngestError, source_fingerprint
+from components.data.ingest import run as ingest
+from components.data.manifest import ManifestError, read_manifest, stratified_subset, write_manifest
+from components.data.validate import DataValidationError, ValidateConfig
+from components.data.validate import run as validate
 from tests.conftest import write_imagefolder
 from tlops.config import ConfigError, load_params
 

@@ -14,11 +14,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from components.classifier import load_checkpoint
-from components.lineage import data_version
-from components.onnx_runtime import read_metadata
-from components.preprocess import load_batch
-from components.result import sha256_file
+from components.core.lineage import data_version
+from components.core.result import sha256_file
+from components.data.preprocess import load_batch
+from components.models.classifier import load_checkpoint
+from components.models.onnx_io import read_metadata
 from tests.conftest import REPO, small_params, venv_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

@@ -25,8 +25,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from components.onnx_runtime import model_preprocessing, read_metadata
-from components.preprocess import load_batch
+from components.data.preprocess import load_batch
+from components.models.onnx_io import model_preprocessing, read_metadata
 from tests.conftest import REPO, small_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

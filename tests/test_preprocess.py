@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from components.backbones import get_entry
-from components.onnx_runtime import model_preprocessing
-from components.preprocess import Preprocessing, PreprocessingError, load_batch
+from components.data.preprocess import Preprocessing, PreprocessingError, load_batch
+from components.models.backbones import get_entry
+from components.models.onnx_io import model_preprocessing
 
 IMAGENET = Preprocessing(input_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
 

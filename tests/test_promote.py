@@ -20,13 +20,15 @@ from mlflow import MlflowClient
 from pydantic import ValidationError
 from torch import nn
 
-from components import export, features, finetune
-from components.backbones import get_entry
-from components.classifier import save_checkpoint
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.manifest import Dataset, read_manifest
-from components.promote import PromoteConfig, paired_test, run
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import Dataset, read_manifest
+from components.features import extract as features
+from components.models.backbones import get_entry
+from components.models.classifier import save_checkpoint
+from components.packaging import export
+from components.registry.promote import PromoteConfig, paired_test, run
+from components.training import finetune
 from tests.conftest import write_imagefolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from components import compress, export
-from components.backbones import build_trunk, get_entry
-from components.classifier import Classifier
-from components.manifest import Dataset
-from components.onnx_runtime import read_metadata
-from components.pruning import ChannelPruning, macs_and_params, prune_channels
+from components.data.manifest import Dataset
+from components.models.backbones import build_trunk, get_entry
+from components.models.classifier import Classifier
+from components.models.onnx_io import read_metadata
+from components.packaging import compress, export
+from components.packaging.pruning import ChannelPruning, macs_and_params, prune_channels
 from tests.tiny_features import make_features
 from tests.tiny_model import IMAGE_SIZE, make_checkpoint
 from tlops.config import ConfigError, load_params

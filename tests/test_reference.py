@@ -10,11 +10,18 @@ from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from components import features
-from components.ingest import IngestConfig
-from components.ingest import run as ingest_run
-from components.manifest import Dataset, read_manifest
-from components.reference import DEEPER_FINETUNING, ReferenceConfig, ReferenceError, ReferenceResult, fit_reference, judge
+from components.data.ingest import IngestConfig
+from components.data.ingest import run as ingest_run
+from components.data.manifest import Dataset, read_manifest
+from components.features import extract as features
+from components.training.reference import (
+    DEEPER_FINETUNING,
+    ReferenceConfig,
+    ReferenceError,
+    ReferenceResult,
+    fit_reference,
+    judge,
+)
 from tests.far_dataset import CLASSES, write_far_dataset
 
 BACKBONE = "efficientnet_lite0"

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.manifest import Dataset
-from components.features import FeatureCacheError, load_features, split_features
-from components.select import SelectConfig, logme_evidences, logme_score, run
+from components.data.manifest import Dataset
+from components.features.extract import FeatureCacheError, load_features, split_features
+from components.features.select import SelectConfig, logme_evidences, logme_score, run
 
 LABELS = ("defective", "functional")
 

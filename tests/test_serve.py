@@ -26,17 +26,17 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from components.errors import UserError
-from components.export import ExportConfig
-from components.export import run as export_run
-from components.onnx_runtime import model_labels, model_preprocessing, open_session, read_metadata, softmax
-from components.preprocess import load_batch
-from components.pyfunc_model import log_model
-from components.serve import ModelServer, ServeConfig
-from components.served_model import sha256_of
+from components.core.errors import UserError
+from components.data.preprocess import load_batch
+from components.models.onnx_io import model_labels, model_preprocessing, open_session, read_metadata, softmax
+from components.packaging.export import ExportConfig
+from components.packaging.export import run as export_run
+from components.serving.app import running_service
+from components.serving.pyfunc import log_model
+from components.serving.served_model import sha256_of
+from components.serving.server import ModelServer, ServeConfig
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
-from tlops.serve_app import running_service
 
 MODEL_NAME = "tiny-serve"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.errors import UserError
-from components.result import StageResult
+from components.core.errors import UserError
+from components.core.result import StageResult
 from tests.conftest import REPO, small_params, venv_env
 from tlops import dvc_pipeline, fingerprints
 from tlops.config import load_params
@@ -65,7 +65,7 @@ def test_cache_key_changes_with_code_libraries_params_and_upstream(monkeypatch: 
         (copy / name).write_bytes((REPO / name).read_bytes())
     monkeypatch.setattr(fingerprints, "ROOT", copy)
     assert cache_inputs(params, features, {"validate": "abc"})["code"] == base["code"]
-    (copy / "components/preprocess.py").write_text((REPO / "components/preprocess.py").read_text() + "\n# edit\n")
+    (copy / "components/data/preprocess.py").write_text((REPO / "components/data/preprocess.py").read_text() + "\n# edit\n")
     assert cache_inputs(params, features, {"validate": "abc"})["code"] != base["code"]
     monkeypatch.setattr(fingerprints, "ROOT", REPO)
     # A library upgrade changes it too.
@@ -99,7 +99,7 @@ def writer(content: str, fail: bool = False) -> Stage:
         result.save()
         return result
 
-    return Stage("demo", "components.result", compute, (), (), "export", (Output(),))
+    return Stage("demo", "components.core.result", compute, (), (), "export", (Output(),))
 
 
 def test_a_stage_publishes_whole_or_not_at_all(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ import optuna
 import pytest
 import yaml
 
-from components import finetune
-from components.finetune import CHECKPOINT_FILE
+from components.training import finetune
+from components.training.finetune import CHECKPOINT_FILE
 from tests.conftest import small_params
 from tlops import cli
 from tlops.config import ConfigError, load_params

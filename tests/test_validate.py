@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from components.manifest import write_manifest
-from components.result import StageResult, sha256_file
-from components.validate import DataValidationError, ValidateConfig, run
+from components.core.result import StageResult, sha256_file
+from components.data.manifest import write_manifest
+from components.data.validate import DataValidationError, ValidateConfig, run
 
 LABELS = ("defective", "functional")
 PER_CLASS_SPLIT = 2

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components import features
-from components.manifest import Dataset
+from components.data.manifest import Dataset
+from components.features import extract as features
 from tests.tiny_model import IMAGE_SIZE
 
 BACKBONE = "efficientnet_lite0"

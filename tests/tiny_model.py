@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from components.backbones import get_entry
-from components.classifier import save_checkpoint
-from components.lineage import data_version
-from components.manifest import Dataset, read_manifest, write_manifest
-from components.result import sha256_file
+from components.core.lineage import data_version
+from components.core.result import sha256_file
+from components.data.manifest import Dataset, read_manifest, write_manifest
+from components.models.backbones import get_entry
+from components.models.classifier import save_checkpoint
 
 LABELS = ("defective", "functional")
 SPLITS = ("train", "train", "val", "val", "test", "test")  # 2 images of each label per split

@@ -90,7 +90,7 @@ def record_in_dvc() -> None:
     recomputing, and `dvc push` stores the data in the configured (local by default) remote.
     A failure here fails the command: the run's outputs are not versioned until it succeeds.
     """
-    from components.errors import UserError
+    from components.core.errors import UserError
 
     if not Path("dvc.yaml").exists():
         return
@@ -109,7 +109,7 @@ class HideUserErrorTracebacks(logging.Filter):
     """Prefect logs a failed task with its traceback; for bad input the message alone is the report."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from components.errors import UserError
+        from components.core.errors import UserError
 
         if record.exc_info and isinstance(record.exc_info[1], UserError):
             record.exc_info, record.exc_text = None, None
@@ -146,7 +146,7 @@ def run_flow(args: argparse.Namespace) -> None:
 
 
 def list_backbones() -> None:
-    from components.backbones import REGISTRY
+    from components.models.backbones import REGISTRY
 
     for entry in REGISTRY.values():
         print(f"{entry.name:22s} {entry.architecture:34s} {entry.input_size}px  dim={entry.feature_dim}  "
@@ -165,8 +165,8 @@ def write_dvc_yaml(args: argparse.Namespace) -> int:
 
 
 def serve_model(args: argparse.Namespace) -> None:
+    from components.serving.app import serve
     from tlops.config import load_params
-    from tlops.serve_app import serve
 
     flags = {"model_uri": args.model, "host": args.host, "port": args.port}
     params = load_params(args.params, [*args.overrides, *(f"serve.{k}={v}" for k, v in flags.items() if v is not None)])
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     configure_logging()
-    from components.errors import UserError
+    from components.core.errors import UserError
     from tlops.config import ConfigError
 
     try:

@@ -14,20 +14,20 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from components.compress import CompressConfig
-from components.config import StageConfig
-from components.drift import DriftConfig
-from components.errors import UserError
-from components.evaluate import EvaluateConfig
-from components.export import ExportConfig
-from components.features import FeaturesConfig
-from components.finetune import FinetuneConfig
-from components.ingest import IngestConfig
-from components.promote import PromoteConfig
-from components.select import SelectConfig
-from components.serve import ServeConfig
-from components.tune import TuneConfig
-from components.validate import ValidateConfig
+from components.core.config import StageConfig
+from components.core.errors import UserError
+from components.data.ingest import IngestConfig
+from components.data.validate import ValidateConfig
+from components.evaluation.evaluate import EvaluateConfig
+from components.features.extract import FeaturesConfig
+from components.features.select import SelectConfig
+from components.monitoring.drift import DriftConfig
+from components.packaging.compress import CompressConfig
+from components.packaging.export import ExportConfig
+from components.registry.promote import PromoteConfig
+from components.serving.server import ServeConfig
+from components.training.finetune import FinetuneConfig
+from components.training.tune import TuneConfig
 
 
 class ConfigError(UserError):

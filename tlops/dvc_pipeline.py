@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from components.result import atomic_path
+from components.core.result import atomic_path
 from tlops.stages import STAGES, Stage
 
 HEADER = """\

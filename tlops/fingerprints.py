@@ -20,7 +20,7 @@ PROJECT_PACKAGES = ("components", "tlops", "flows")
 
 
 def module_file(name: str) -> Path | None:
-    """The source file of a project module (`components.features`), or None for anything else."""
+    """The source file of a project module (`components.features.extract`), or None for anything else."""
     if name.split(".")[0] not in PROJECT_PACKAGES:
         return None
     base = ROOT.joinpath(*name.split("."))

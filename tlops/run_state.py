@@ -21,8 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from components.errors import UserError
-from components.result import atomic_path
+from components.core.errors import UserError
+from components.core.result import atomic_path
 from tlops.config import Params
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from components import compress, evaluate, export, features, finetune, ingest, int8, promote, select, validate
-from components.errors import UserError
-from components.manifest import Dataset, read_manifest
-from components.progress import Progress, no_progress
-from components.result import RESULT_FILE, StageResult, sha256_file, write_json
+from components.core.errors import UserError
+from components.core.progress import Progress, no_progress
+from components.core.result import RESULT_FILE, StageResult, sha256_file, write_json
+from components.data import ingest, validate
+from components.data.manifest import Dataset, read_manifest
+from components.evaluation import evaluate
+from components.features import extract as features
+from components.features import select
+from components.models import quantization as int8
+from components.packaging import compress, export
+from components.registry import promote
+from components.training import finetune
 from tlops.config import Params
 from tlops.fingerprints import code_hash, library_versions, project_modules
 
@@ -146,28 +153,28 @@ def _version_exists(result: StageResult) -> bool:
 INT8_KEYS = ("quantize", *(key.name for key in fields(int8.Recipe)))  # compress keys of the INT8 recipe
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "components.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
-    Stage("validate", "components.validate", _validate, ("validate",), ("dataset",), "validate",
+    Stage("ingest", "components.data.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
+    Stage("validate", "components.data.validate", _validate, ("validate",), ("dataset",), "validate",
           tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
-    Stage("features", "components.features", _features, ("features", "select.candidates", "select.backbone"),
+    Stage("features", "components.features.extract", _features, ("features", "select.candidates", "select.backbone"),
           ("dataset", "validate/manifest.csv"), "features"),
-    Stage("select", "components.select", _select, ("select",), ("features", "validate/manifest.csv"), "select",
+    Stage("select", "components.features.select", _select, ("select",), ("features", "validate/manifest.csv"), "select",
           (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
            Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
                                                                "template": "bar_horizontal"}))),
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
-    Stage("finetune", "components.finetune", _finetune,
+    Stage("finetune", "components.training.finetune", _finetune,
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS)),
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
           files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
-    Stage("export", "components.export", _export,
+    Stage("export", "components.packaging.export", _export,
           ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
            "compress.recovery_epochs", "compress.recovery_lr", "compress.recovery_batch_size",
            "compress.recovery_patience", "finetune.seed"),
           ("finetune", "features", "dataset", "validate/manifest.csv"), "export"),
-    Stage("compress", "components.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
+    Stage("compress", "components.packaging.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
           "compress"),
-    Stage("evaluate", "components.evaluate", _evaluate, ("evaluate",),
+    Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
           (f"compress/{compress.SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
           (Output("confusion_matrix.png"), Output("reliability.png"), Output(RESULT_FILE),
            Output(METRICS_FILE, "metrics"),
@@ -177,7 +184,7 @@ STAGES: tuple[Stage, ...] = (
           (f"compress/{compress.SHIPPED_FILE}", f"evaluate/{METRICS_FILE}", "validate/manifest.csv"), "register",
           (Output(cache=False),), io_bound=True, tracked=False, still_valid=_version_exists),
     # Never cached: the champion it is judged against lives in the registry and moves between runs.
-    Stage("promote", "components.promote", _promote, ("promote",),
+    Stage("promote", "components.registry.promote", _promote, ("promote",),
           (f"register/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "promote",
           (Output(cache=False),), cached=False, io_bound=True),
 )

@@ -27,12 +27,12 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from components import pyfunc_model
-from components.compress import SHIPPED_FILE
-from components.errors import UserError
-from components.lineage import data_version as manifest_version
-from components.manifest import read_manifest
-from components.result import StageResult, sha256_file, write_json
+from components.core.errors import UserError
+from components.core.lineage import data_version as manifest_version
+from components.core.result import StageResult, sha256_file, write_json
+from components.data.manifest import read_manifest
+from components.packaging.compress import SHIPPED_FILE
+from components.serving import pyfunc as pyfunc_model
 
 if TYPE_CHECKING:  # the schema imports every component; tracking needs none of them
     from tlops.config import Params

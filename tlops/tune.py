@@ -3,7 +3,7 @@
 One parent run "tune" (tag `tlops.kind=tune`) holds the study settings, the best params, the
 optimisation history plot and `best.json` / `best_params.yaml`; each trial is a nested run with its
 params, its val accuracy per epoch as metric steps and its Optuna state as the tag `optuna.state`
-(COMPLETE, PRUNED or FAIL). The study itself is `components.tune` (no MLflow there).
+(COMPLETE, PRUNED or FAIL). The study itself is `components.training.tune` (no MLflow there).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus
 
-from components import tune as tuning
-from components.result import RESULT_FILE, StageResult, atomic_path, write_json
+from components.core.result import RESULT_FILE, StageResult, atomic_path, write_json
+from components.training import tune as tuning
 from tlops import tracking
 
 if TYPE_CHECKING:

@@ -1,0 +1,168 @@
+"""Evaluate: the shipped ONNX model on the test split, in ONNX Runtime, as it will be served.
+
+Labels and preprocessing are read from the model's metadata_props, so the numbers describe
+the file that ships, not the PyTorch model it came from. Returns flat metrics (the caller
+writes them as DVC's `metrics.json`) and writes `predictions.csv` (for DVC's confusion plot), a
+labelled confusion matrix and a reliability diagram.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from pydantic import Field
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from components.core.config import StageConfig
+from components.core.result import StageResult
+from components.data.manifest import Dataset
+from components.models.onnx_io import predict_frame, read_metadata, softmax
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.csv"
+CONFUSION_FILE = "confusion_matrix.png"
+RELIABILITY_FILE = "reliability.png"
+
+
+class EvaluateConfig(StageConfig):
+    batch_size: int = Field(32, ge=1)
+    calibration_bins: int = Field(10, ge=1)
+
+
+def calibration_table(confidence: np.ndarray, correct: np.ndarray, bins: int) -> pd.DataFrame:
+    """Per equal-width confidence bin: count, mean confidence, accuracy (empty bins kept, as NaN)."""
+    index = np.minimum((confidence * bins).astype(int), bins - 1)
+    frame = pd.DataFrame({"bin": index, "confidence": confidence, "correct": correct.astype(float)})
+    grouped = frame.groupby("bin").agg(count=("correct", "size"), confidence=("confidence", "mean"),
+                                       accuracy=("correct", "mean"))
+    table = grouped.reindex(range(bins))
+    table["count"] = table["count"].fillna(0).astype(int)
+    table["lower"] = np.arange(bins) / bins
+    return table
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """Sum over bins of (share of images) * |accuracy - mean confidence|."""
+    used = table[table["count"] > 0]
+    return float((used["count"] * (used["accuracy"] - used["confidence"]).abs()).sum() / used["count"].sum())
+
+
+def classification_metrics(actual: np.ndarray, predicted: np.ndarray, labels: tuple[str, ...]) -> dict[str, float]:
+    classes = list(range(len(labels)))
+    precision, recall, _, _ = precision_recall_fscore_support(
+        actual, predicted, labels=classes, zero_division=0
+    )
+    metrics = {
+        "accuracy": float(accuracy_score(actual, predicted)),
+        "macro_f1": float(f1_score(actual, predicted, labels=classes, average="macro", zero_division=0)),
+    }
+    metrics |= {f"precision_{label}": float(p) for label, p in zip(labels, precision)}
+    metrics |= {f"recall_{label}": float(r) for label, r in zip(labels, recall)}
+    return metrics
+
+
+def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path) -> Path:
+    # A bare Figure renders through Agg without touching pyplot's global backend state.
+    figure = Figure(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
+    ax = figure.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"test split, {int(matrix.sum())} images")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
+    bins = len(table)
+    centres = table["lower"] + 0.5 / bins
+    figure = Figure(figsize=(5, 5))
+    ax = figure.subplots()
+    accuracy, confidence = table["accuracy"].fillna(0), table["confidence"].fillna(0)
+    ax.bar(centres, accuracy, width=1 / bins, edgecolor="black", label="accuracy")
+    ax.bar(centres, (confidence - accuracy).abs(), bottom=np.minimum(accuracy, confidence), width=1 / bins,
+           color="tab:red", alpha=0.35, hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    for x, count in zip(centres, table["count"]):
+        if count:
+            ax.text(x, 0.02, str(count), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max softmax probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability, ECE = {ece:.3f}")
+    ax.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def decide(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class indices and their softmax confidence.
+
+    The class is the logits' argmax, as compress, promote and the server decide it: a float32 softmax
+    rounds logits a few ulps apart into an exact tie (INT8 logits averaged over views are, on 3 of 679
+    ELPV test cells), and the probabilities' argmax then reported another class than the server answers.
+    """
+    return logits.argmax(axis=1), softmax(logits).max(axis=1)
+
+
+def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
+    test = dataset.split("test")
+    if test.empty:
+        raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")
+    predicted, confidence = decide(predict_frame(model_path, dataset, test, cfg.batch_size))
+    actual = np.asarray(dataset.label_index(test))
+    correct = predicted == actual
+
+    metrics = {"n_test": float(len(test)), **classification_metrics(actual, predicted, dataset.labels)}
+    if "cell_type" in test.columns:
+        for cell_type, rows in test.groupby("cell_type").groups.items():
+            metrics[f"accuracy_cell_type_{cell_type}"] = float(correct[np.asarray(rows)].mean())
+    table = calibration_table(confidence, correct, cfg.calibration_bins)
+    metrics["ece"] = expected_calibration_error(table)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.asarray(dataset.labels)
+    predictions = pd.DataFrame(
+        {"path": test["path"], "actual": labels[actual], "predicted": labels[predicted], "confidence": confidence}
+    )
+    matrix = confusion_matrix(actual, predicted, labels=list(range(len(labels))))
+    artifacts = {
+        "predictions": out_dir / PREDICTIONS_FILE,
+        "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / CONFUSION_FILE),
+        "reliability": plot_reliability(table, metrics["ece"], out_dir / RELIABILITY_FILE),
+    }
+    # Labels are free text (commas, quotes, line breaks): quote every text field so the CSV always parses.
+    predictions.to_csv(artifacts["predictions"], index=False, float_format="%.6f", quoting=csv.QUOTE_NONNUMERIC)
+    log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images with %s",
+             metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(test), model_path.name)
+
+    metadata = read_metadata(model_path)
+    described = {k: metadata[k] for k in ("compression", "sparsity", "backbone", "checkpoint_sha256") if k in metadata}
+    result = StageResult(
+        stage="evaluate",
+        out_dir=out_dir,
+        metrics=metrics,
+        artifacts=artifacts,
+        info={
+            "model": model_path.name,
+            "model_metadata": described,
+            "labels": list(dataset.labels),
+            "confusion_matrix": matrix.tolist(),
+        },
+    )
+    result.save()
+    return result

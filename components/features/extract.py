@@ -1,0 +1,447 @@
+"""Features: frozen-trunk activations computed once with ONNX Runtime, cached by content.
+
+A feature vector is stored per image at `<cache>/<backbone>/<key>/<sha[:2]>/<image sha256>.npz`.
+The key is a hash of everything that determines the vector besides the image (`key_inputs`):
+weights, architecture, preprocessing, taps, ONNX opset, the versions of the libraries that
+compute it and a hash of the source code that does. A hit is therefore always a correct value
+and any change misses; `cache_key.json` beside the entries lists what the key covers.
+
+The trunk is exported to ONNX under the same key, checked (`onnx.checker`, ONNX Runtime vs
+torch on real images) before it computes a single feature. Entries are written atomically as
+they are computed, so an interrupted run resumes where it stopped; an unreadable or misshapen
+entry is logged and recomputed, never read as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import logging
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import pandas as pd
+import torch
+from pydantic import Field, field_validator
+
+from components.core.config import StageConfig
+from components.core.errors import UserError
+from components.core.progress import Progress, no_progress
+from components.core.result import StageResult, atomic_path, sha256_json, write_json
+from components.data import preprocess
+from components.data.manifest import Dataset
+from components.data.preprocess import Preprocessing, load_batch
+from components.models import backbones
+from components.models.backbones import REGISTRY, BackboneEntry, Trunk, build_trunk, get_entry
+from components.models.onnx_io import open_session
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.npz"
+RECORD_FILE = "backbone.json"
+KEY_FILE = "cache_key.json"
+TRUNK_FILE = "trunk.onnx"
+RERUN_FEATURES = "rerun the features stage (`tlops stage features` or `dvc repro`)"
+# Opset 13 is the first with per-channel QuantizeLinear (compress's INT8); 20 is the newest the
+# TorchScript exporter (the one usable without onnxscript) writes.
+MIN_OPSET, MAX_OPSET = 13, 20
+# Libraries whose arithmetic or image decoding ends up in a cached vector.
+KEYED_PACKAGES = ("numpy", "onnx", "onnxruntime", "pillow", "timm", "torch", "torchvision")
+
+B = TypeVar("B")
+
+
+class FeatureCacheError(UserError):
+    """Cached features that do not cover the manifest; the message names the backbone and the fix."""
+
+
+class TrunkParityError(UserError):
+    """An exported trunk that does not compute what the torch trunk computes (or fails onnx.checker)."""
+
+
+def known_taps() -> list[str]:
+    return sorted({tap for entry in REGISTRY.values() for tap in entry.taps})
+
+
+class FeaturesConfig(StageConfig):
+    image_size: int | None = Field(None, ge=32)  # None = each backbone's native size; the trunks stride 32
+    taps: tuple[str, ...] = Field(("pooled",), min_length=1)
+    batch_size: int = Field(32, ge=1)
+    num_threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = its default (all cores)
+    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
+    parity_images: int = Field(4, ge=1)  # real images the exported trunk is checked on against torch
+    parity_atol: float = Field(1e-4, ge=0)  # max |feature difference| ONNX Runtime vs torch
+
+    @field_validator("taps")
+    @classmethod
+    def _taps_are_known(cls, taps: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [t for t in taps if t not in known_taps()]
+        if unknown:
+            raise ValueError(f"unknown tap(s) {unknown}; the registered backbones offer {known_taps()}")
+        if len(set(taps)) != len(taps):
+            raise ValueError(f"taps {list(taps)} name a tap twice")
+        return taps
+
+
+def feature_code() -> tuple[Any, ...]:
+    """The code between an image file and a cached vector; its source is part of every key.
+
+    Whole modules for preprocessing and this one; from backbones.py only the trunk builder and
+    weight-key mapping, so registering another backbone leaves existing caches valid.
+    """
+    return (
+        preprocess,
+        sys.modules[__name__],
+        backbones.weights_path,
+        backbones.lukemelas_to_timm,
+        backbones.build_classifier,
+        backbones.Trunk,
+        backbones.build_trunk,
+    )
+
+
+def source_sha256(objects: Sequence[Any]) -> dict[str, str]:
+    """sha256 of each object's source text, by qualified name."""
+    hashes = {}
+    for obj in objects:
+        name = obj.__name__ if inspect.ismodule(obj) else f"{obj.__module__}.{obj.__qualname__}"
+        hashes[name] = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    return hashes
+
+
+def package_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in KEYED_PACKAGES}
+
+
+def key_inputs(entry: BackboneEntry, preprocessing: Preprocessing, taps: Sequence[str], opset: int) -> dict[str, Any]:
+    """Everything that changes a feature vector except the image itself."""
+    return {
+        "architecture": entry.architecture,
+        "weights_sha256": entry.weights_sha256,
+        "key_layout": entry.key_layout,
+        "preprocessing": preprocessing.model_dump(mode="json"),
+        "taps": {tap: entry.taps[tap] for tap in taps},
+        "opset": opset,
+        "versions": package_versions(),
+        "code_sha256": source_sha256(feature_code()),
+    }
+
+
+def config_key_inputs(entry: BackboneEntry, cfg: FeaturesConfig) -> dict[str, Any]:
+    return key_inputs(entry, entry.preprocessing(cfg.image_size), cfg.taps, cfg.opset)
+
+
+def cache_key(inputs: Mapping[str, Any]) -> str:
+    return sha256_json(inputs)[:20]
+
+
+def space_key(entry: BackboneEntry, cfg: FeaturesConfig) -> str:
+    return cache_key(config_key_inputs(entry, cfg))
+
+
+class FeatureStore:
+    """One `.npz` per image under `root/<key>/<sha[:2]>/<sha>.npz`, written atomically."""
+
+    def __init__(self, root: Path, key: str):
+        self.key = key
+        self.dir = root / key
+        self.trunk_path = self.dir / TRUNK_FILE
+
+    def describe(self, inputs: Mapping[str, Any]) -> None:
+        """Write `cache_key.json` (what the key covers) unless it is already there."""
+        if cache_key(inputs) != self.key:
+            raise ValueError(f"inputs hash to {cache_key(inputs)}, not this store's key {self.key}")
+        if not (self.dir / KEY_FILE).exists():
+            write_json(self.dir / KEY_FILE, {"key": self.key, "inputs": inputs})
+
+    def path(self, sha256: str) -> Path:
+        return self.dir / sha256[:2] / f"{sha256}.npz"
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def put(self, sha256: str, arrays: Mapping[str, np.ndarray]) -> None:
+        with atomic_path(self.path(sha256)) as partial, open(partial, "wb") as f:
+            np.savez(f, **arrays)
+
+    def get(self, sha256: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
+        """The entry's arrays, or None when it is absent or not a valid entry of this key."""
+        path = self.path(sha256)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            log.warning("%s: unreadable cached features (%s); recomputing it", path, error)
+            return None
+        problem = entry_problem(arrays, shapes)
+        if problem:
+            log.warning("%s: %s; recomputing it", path, problem)
+            return None
+        return arrays
+
+
+def entry_problem(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why `arrays` is not a valid cache entry for taps of `shapes`, or None."""
+    if set(arrays) != set(shapes):
+        return f"holds taps {sorted(arrays)}, expected {sorted(shapes)}"
+    for tap, shape in shapes.items():
+        array = arrays[tap]
+        if array.dtype != np.float32 or array.shape != shape:
+            return f"tap {tap!r} is {array.dtype}{list(array.shape)}, expected float32{list(shape)}"
+        if not np.isfinite(array).all():
+            return f"tap {tap!r} holds non-finite values"
+    return None
+
+
+def export_trunk(trunk: Trunk, input_size: int, opset: int, path: Path) -> Path:
+    """`trunk` as ONNX with one output per tap and a dynamic batch axis."""
+    with torch.no_grad():
+        torch.onnx.export(
+            trunk,
+            (torch.zeros(1, 3, input_size, input_size),),
+            str(path),
+            dynamo=False,  # the dynamo exporter needs onnxscript, which this environment does not carry
+            input_names=["image"],
+            output_names=list(trunk.tap_names),
+            dynamic_axes={"image": {0: "batch"}, **{t: {0: "batch"} for t in trunk.tap_names}},
+            opset_version=opset,
+        )
+    return path
+
+
+def verify_trunk(entry: BackboneEntry, trunk: Trunk, path: Path, images: np.ndarray, cfg: FeaturesConfig,
+                 fix: str) -> float:
+    """Full onnx.checker, then max |ONNX Runtime - torch| over taps on `images`; raises beyond tolerance."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise TrunkParityError(f"backbone {entry.name!r}: trunk {path} fails onnx.checker ({first_line}); {fix}.") from None
+    actual = open_session(path, cfg.num_threads).run(list(trunk.tap_names), {"image": images})
+    with torch.no_grad():
+        expected = [t.numpy() for t in trunk(torch.from_numpy(images))]
+    diffs = {
+        tap: float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+        for tap, got, want in zip(trunk.tap_names, actual, expected)
+    }
+    worst = max(diffs, key=lambda tap: diffs[tap] if np.isfinite(diffs[tap]) else float("inf"))
+    diff = diffs[worst]
+    if not diff <= cfg.parity_atol:  # also true for NaN
+        raise TrunkParityError(
+            f"backbone {entry.name!r}: trunk {path} differs from the torch trunk by max |diff| {diff:.3g} "
+            f"(tap {worst!r}, {len(images)} images), above features.parity_atol={cfg.parity_atol:g}; {fix}."
+        )
+    return diff
+
+
+def trunk_output_shapes(path: Path, taps: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Per tap, the shape of one image's vector, as the exported graph declares it."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = {o.name: tuple(d.dim_value for d in o.type.tensor_type.shape.dim[1:]) for o in graph.output}
+    return {tap: shapes[tap] for tap in taps}
+
+
+def decode_ahead(batches: Sequence[B], decode: Callable[[B], np.ndarray]) -> Iterator[tuple[B, np.ndarray]]:
+    """Each batch with its decoded images; the next batch decodes on a thread while the caller uses this one.
+
+    Decoding (PIL, torchvision) and inference (ONNX Runtime, torch) both release the GIL.
+    """
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=1) as decoder:
+        upcoming = decoder.submit(decode, batches[0])
+        for index, batch in enumerate(batches):
+            images = upcoming.result()
+            if index + 1 < len(batches):
+                upcoming = decoder.submit(decode, batches[index + 1])
+            yield batch, images
+
+
+def extract(
+    entry: BackboneEntry,
+    cfg: FeaturesConfig,
+    dataset: Dataset,
+    cache_dir: Path,
+    progress: Progress = no_progress,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Features of every manifest image for one backbone, computing only what the cache lacks."""
+    inputs = config_key_inputs(entry, cfg)
+    store = FeatureStore(cache_dir / entry.name, cache_key(inputs))
+    store.describe(inputs)
+    preprocessing = entry.preprocessing(cfg.image_size)
+    frame = dataset.manifest.drop_duplicates("sha256").sort_values("sha256")
+    stats: dict[str, float] = {}
+
+    def decode(batch: pd.DataFrame) -> np.ndarray:
+        return load_batch([dataset.image_path(p) for p in batch["path"]], preprocessing)
+
+    trunk: Trunk | None = None
+    if not store.trunk_path.exists():
+        trunk = build_trunk(entry, cfg.taps)
+        sample = decode(frame.head(cfg.parity_images))
+        with atomic_path(store.trunk_path) as partial:
+            export_trunk(trunk, preprocessing.input_size, cfg.opset, partial)
+            fix = "try another features.opset"
+            stats["trunk_parity_max_diff"] = verify_trunk(entry, trunk, partial, sample, cfg, fix)
+        log.info("exported %s trunk to %s (parity max diff %.2g)", entry.name, store.trunk_path,
+                 stats["trunk_parity_max_diff"])
+    shapes = trunk_output_shapes(store.trunk_path, cfg.taps)
+    cached = {sha: store.get(sha, shapes) for sha in frame["sha256"]}
+    missing = frame[[cached[sha] is None for sha in frame["sha256"]]]
+    invalid = sum(store.has(sha) for sha in missing["sha256"])
+    seconds = 0.0
+    if len(missing):
+        if trunk is None:  # a trunk exported earlier is checked again before it computes anything new
+            trunk = build_trunk(entry, cfg.taps)
+            fix = f"delete {store.trunk_path} to re-export it"
+            stats["trunk_parity_max_diff"] = verify_trunk(
+                entry, trunk, store.trunk_path, decode(missing.head(cfg.parity_images)), cfg, fix
+            )
+        runner = open_session(store.trunk_path, cfg.num_threads)
+        started = time.perf_counter()  # throughput of decode + preprocess + inference, not export
+        batches = [missing.iloc[i : i + cfg.batch_size] for i in range(0, len(missing), cfg.batch_size)]
+        with progress(total=len(missing), desc=f"features {entry.name}", unit="img") as bar:
+            for batch, images in decode_ahead(batches, decode):
+                outputs = runner.run(list(cfg.taps), {"image": images})
+                for row, sha in enumerate(batch["sha256"]):
+                    arrays = {tap: out[row] for tap, out in zip(cfg.taps, outputs)}
+                    store.put(sha, arrays)  # written as computed, so a killed run resumes here
+                    cached[sha] = arrays
+                bar.update(len(batch))
+        seconds = time.perf_counter() - started
+    rows = [cached[s] for s in dataset.manifest["sha256"]]
+    features = {"sha256": dataset.manifest["sha256"].to_numpy(dtype=str)}
+    for tap in cfg.taps:
+        features[tap] = np.stack([r[tap] for r in rows]).astype(np.float32)
+    stats |= {
+        "n_computed": float(len(missing)),
+        "n_cached": float(len(frame) - len(missing)),
+        "n_invalid_recomputed": float(invalid),
+        "images_per_s": len(missing) / seconds if len(missing) and seconds > 0 else 0.0,
+    }
+    log.info("%s: %d computed (%d replacing invalid entries), %d from cache %s", entry.name, len(missing),
+             invalid, len(frame) - len(missing), store.dir)
+    return features, stats
+
+
+def load_features(features_dir: Path, backbone: str, tap: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
+    """(sha256 per row as str, features float32) from `features_dir/<backbone>/features.npz`."""
+    path = Path(features_dir) / backbone / FEATURES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no cached features for backbone {backbone!r}; {RERUN_FEATURES}.")
+    try:
+        with np.load(path, allow_pickle=False) as cache:
+            if "sha256" not in cache.files:
+                raise FeatureCacheError(f"{path}: no 'sha256' array (backbone {backbone!r}); {RERUN_FEATURES}.")
+            if tap not in cache.files:
+                taps = sorted(k for k in cache.files if k != "sha256")
+                raise KeyError(f"{path}: backbone {backbone!r} has no cached tap {tap!r}; cached: {taps}.")
+            sha256, features = cache["sha256"].astype(str), cache[tap]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise FeatureCacheError(f"{path}: unreadable ({error}); {RERUN_FEATURES}.") from None
+    if features.ndim != 2 or features.shape[0] != sha256.shape[0]:
+        raise FeatureCacheError(
+            f"{path}: tap {tap!r} has shape {features.shape} for {sha256.shape[0]} sha256 rows; {RERUN_FEATURES}."
+        )
+    return sha256, features.astype(np.float32, copy=False)
+
+
+def rows_by_sha256(sha256: np.ndarray, features: np.ndarray, wanted: pd.Series, backbone: str, what: str) -> np.ndarray:
+    """Rows of `features` for the `wanted` sha256 values, in their order."""
+    index = pd.Index(sha256)
+    keep = ~index.duplicated()  # identical images have identical features
+    positions = index[keep].get_indexer(wanted.astype(str))
+    missing = int((positions < 0).sum())
+    if missing:
+        example = wanted.iloc[int(np.argmax(positions < 0))]
+        raise FeatureCacheError(
+            f"cached features for backbone {backbone!r} lack {missing} of {positions.size} {what} images "
+            f"(e.g. sha256 {example}): the cache predates the manifest; {RERUN_FEATURES}."
+        )
+    return features[keep][positions]
+
+
+def split_features(dataset: Dataset, features_dir: Path, backbone: str, tap: str, split: str = "train") -> np.ndarray:
+    """The cached features of `split`'s rows, in manifest order, matched by sha256."""
+    sha256, features = load_features(features_dir, backbone, tap)
+    return rows_by_sha256(sha256, features, dataset.split(split)["sha256"], backbone, split)
+
+
+def read_record(features_dir: Path, backbone: str) -> dict[str, Any]:
+    """`features_dir/<backbone>/backbone.json`: the entry, preprocessing, taps and cache key of the features."""
+    path = Path(features_dir) / backbone / RECORD_FILE
+    if not path.exists():
+        raise FeatureCacheError(f"{path}: not found (backbone {backbone!r}); {RERUN_FEATURES}.")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise FeatureCacheError(f"{path}: not valid JSON ({error}); {RERUN_FEATURES}.") from None
+    missing = [k for k in ("preprocessing", "taps", "cache_key", "cache_key_inputs") if k not in record]
+    if missing:
+        raise FeatureCacheError(f"{path}: lacks {missing}, written by an older tlops; {RERUN_FEATURES}.")
+    return record
+
+
+def stale_inputs(record: Mapping[str, Any], entry: BackboneEntry) -> list[str]:
+    """What differs between the key inputs recorded with cached features and today's code, versions, entry.
+
+    Empty when features computed now with the recorded settings would get the same key.
+    """
+    recorded = record["cache_key_inputs"]
+    current = key_inputs(entry, Preprocessing.of(record["preprocessing"]), record["taps"], recorded["opset"])
+    differences = []
+    for name in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(name), current.get(name)
+        if isinstance(was, dict) and isinstance(now, dict):
+            differences += [f"{name}.{k}: {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
+                            if was.get(k) != now.get(k)]
+        elif was != now:
+            differences.append(f"{name}: {was} -> {now}")
+    return differences
+
+
+def run(
+    cfg: FeaturesConfig,
+    backbones: tuple[str, ...],
+    dataset: Dataset,
+    cache_dir: Path,
+    out_dir: Path,
+    progress: Progress = no_progress,
+) -> StageResult:
+    entries = [get_entry(name) for name in backbones]  # unknown names fail before any work
+    for entry in entries:
+        unknown = [t for t in cfg.taps if t not in entry.taps]
+        if unknown:
+            raise KeyError(f"features.taps: {entry.name} has no tap(s) {unknown}; available: {sorted(entry.taps)}.")
+    metrics: dict[str, float] = {}
+    artifacts: dict[str, Path] = {}
+    for entry in entries:
+        features, stats = extract(entry, cfg, dataset, cache_dir, progress)
+        target = out_dir / entry.name
+        with atomic_path(target / FEATURES_FILE) as partial, open(partial, "wb") as f:
+            np.savez(f, **features)
+        inputs = config_key_inputs(entry, cfg)
+        write_json(
+            target / RECORD_FILE,
+            {"entry": entry.describe(), "preprocessing": entry.preprocessing(cfg.image_size),
+             "taps": list(cfg.taps), "cache_key": cache_key(inputs), "cache_key_inputs": inputs},
+        )
+        artifacts[f"{entry.name}.features"] = target / FEATURES_FILE
+        metrics.update({f"{entry.name}.{k}": v for k, v in stats.items()})
+    result = StageResult(
+        stage="features", out_dir=out_dir, metrics=metrics, artifacts=artifacts,
+        info={"backbones": list(backbones), "taps": list(cfg.taps)},
+    )
+    result.save()
+    return result

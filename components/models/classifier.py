@@ -1,0 +1,109 @@
+"""The fine-tuned model: a pretrained trunk (frozen, partly or fully trained) and a linear head.
+
+A checkpoint is self-describing (nanoGPT style): it carries the resolved config, the backbone
+entry, labels, preprocessing and data version, so export and serving need nothing else.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.core.errors import UserError
+from components.models.backbones import Trunk, build_trunk, get_entry
+
+CHECKPOINT_FORMAT = "tlops.classifier/2"  # /2: `taps` (a list) replaced `tap`
+
+
+class Classifier(nn.Module):
+    """image -> logits. `trunk` returns one pooled vector per tap; the head reads them concatenated."""
+
+    def __init__(self, trunk: Trunk, head: nn.Linear):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.trunk(images)
+        return self.head(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))
+
+
+MAX_VIEWS = 8  # the dihedral group of a square: 4 rotations, each also mirrored
+
+
+def dihedral_view(images: torch.Tensor, view: int) -> torch.Tensor:
+    """The torch twin of `partial_finetune.dihedral` (the views `partial` trains on): view 0-3 rotates NCHW
+    images by view x 90° counter-clockwise, 4-7 does the same and mirrors left-right. Written with
+    transpose and flip so that the ONNX graph holds Transpose and Slice nodes, which every runtime has."""
+    turns = view % 4
+    if turns == 1:
+        images = images.flip(3).transpose(2, 3)
+    elif turns == 2:
+        images = images.flip(2).flip(3)
+    elif turns == 3:
+        images = images.transpose(2, 3).flip(3)
+    return images.flip(3) if view >= 4 else images
+
+
+class ViewAverage(nn.Module):
+    """Test-time augmentation inside the model: the mean of `model`'s logits over its first `views` dihedral views.
+
+    The views run as one batch, so an ONNX Runtime consumer gets the averaged prediction from one call
+    and `views` times the work of the plain model.
+    """
+
+    def __init__(self, model: nn.Module, views: int):
+        super().__init__()
+        if not 1 <= views <= MAX_VIEWS:
+            raise ValueError(f"views={views}: the dihedral group has 1 to {MAX_VIEWS} views")
+        self.model, self.views = model, views
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.model(torch.cat([dihedral_view(images, view) for view in range(self.views)]))
+        return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
+
+
+def save_checkpoint(path: Path, head: nn.Linear, trunk_state: dict | None, **description: Any) -> Path:
+    """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy."""
+    required = {"backbone", "taps", "labels", "preprocessing", "config", "data", "strategy"}
+    missing = required - description.keys()
+    if missing:
+        raise ValueError(f"checkpoint description lacks {sorted(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "head": head.state_dict(), "trunk": trunk_state, **description}, path)
+    return path
+
+
+class CheckpointError(UserError):
+    """A file that is not a readable tlops checkpoint; the message names it and the fix."""
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found; run the finetune stage first.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0][:120]}); "
+                              f"rerun the finetune stage.") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{path}: not a tlops checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r}); "
+                              f"rerun the finetune stage.")
+    return checkpoint
+
+
+def build_model(checkpoint: dict[str, Any]) -> Classifier:
+    """Rebuild the full model (pretrained trunk + trained head) from a checkpoint, in eval mode."""
+    entry = get_entry(checkpoint["backbone"]["name"])
+    trunk = build_trunk(entry, tuple(checkpoint["taps"]))
+    if checkpoint.get("trunk") is not None:
+        trunk.load_state_dict(checkpoint["trunk"])
+    weight = checkpoint["head"]["weight"]
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict(checkpoint["head"])
+    return Classifier(trunk, head).eval()

@@ -1,0 +1,108 @@
+"""ONNX models that explain themselves: metadata_props in and out, and batched ONNX Runtime inference.
+
+A model exported by tlops carries its labels and preprocessing in `metadata_props`; every
+consumer (compress, evaluate, serving) reads them from the file rather than from arguments,
+so a model can never be fed images prepared for another one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+
+from components.core.errors import UserError
+from components.data.manifest import Dataset
+from components.data.preprocess import Preprocessing, PreprocessingError, load_batch
+
+log = logging.getLogger(__name__)
+
+
+class LabelMismatchError(UserError):
+    """A model asked to score a dataset whose label set is not the one it was trained on."""
+
+
+def read_metadata(model_path: Path) -> dict[str, str]:
+    model = onnx.load(str(model_path), load_external_data=False)
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def stamp_metadata(model_path: Path, props: Mapping[str, str]) -> Path:
+    """Set (or overwrite) `props` in the file's metadata_props, keeping every other key."""
+    model = onnx.load(str(model_path))
+    merged = {prop.key: prop.value for prop in model.metadata_props} | {k: str(v) for k, v in props.items()}
+    del model.metadata_props[:]
+    for key, value in sorted(merged.items()):
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(model_path))
+    return model_path
+
+
+def model_preprocessing(model_path: Path, metadata: Mapping[str, str]) -> Preprocessing:
+    """The preprocessing a model declares in its metadata_props; the error names the file."""
+    try:
+        return Preprocessing.from_metadata(metadata)
+    except PreprocessingError as error:
+        raise PreprocessingError(
+            f"{model_path}: {error}; it was not exported by tlops (or was stripped). Re-export it with the export stage."
+        ) from None
+
+
+def model_labels(model_path: Path, metadata: Mapping[str, str]) -> tuple[str, ...]:
+    if "labels" not in metadata:
+        raise KeyError(f"{model_path}: metadata_props lack `labels`; re-export it with the export stage.")
+    return tuple(json.loads(metadata["labels"]))
+
+
+def open_session(model_path: Path, num_threads: int = 0) -> ort.InferenceSession:
+    """A CPU session; `num_threads` 0 lets ONNX Runtime use every core."""
+    if not Path(model_path).is_file():
+        raise FileNotFoundError(f"{model_path}: ONNX model not found; run the stage that writes it first.")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
+    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def predict_logits(
+    session: ort.InferenceSession, paths: list[Path], preprocessing: Preprocessing, batch_size: int
+) -> np.ndarray:
+    """Logits for each image, decoded and preprocessed `batch_size` at a time."""
+    input_name = session.get_inputs()[0].name
+    batches = [
+        session.run(None, {input_name: load_batch(paths[start : start + batch_size], preprocessing)})[0]
+        for start in range(0, len(paths), batch_size)
+    ]
+    return np.concatenate(batches).astype(np.float32)
+
+
+def predict_frame(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch_size: int = 32) -> np.ndarray:
+    """Logits of the model at `model_path` for the rows of `frame`, columns in the dataset's label order.
+
+    Labels and preprocessing come from the model's own metadata; a model whose labels differ
+    from the dataset's is refused, since its class indices would mean something else.
+    """
+    metadata = read_metadata(model_path)
+    labels = model_labels(model_path, metadata)
+    if labels != dataset.labels:
+        raise LabelMismatchError(
+            f"{model_path}: the model's labels {list(labels)} differ from the dataset's {list(dataset.labels)} "
+            f"(dataset root {dataset.root.name}); score it on the dataset it was trained for, or retrain."
+        )
+    if frame.empty:
+        return np.zeros((0, len(labels)), dtype=np.float32)
+    session = open_session(model_path)
+    paths = [dataset.image_path(p) for p in frame["path"]]
+    log.debug("scoring %d images with %s", len(paths), model_path)
+    return predict_logits(session, paths, model_preprocessing(model_path, metadata), batch_size)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)

@@ -1,0 +1,427 @@
+"""Compress: prune, quantize, and ship the smallest model that keeps its validation accuracy.
+
+Candidates are the exported FP32 model, the pruned export (when compress.prune is
+`unstructured` or `structured`: see components/packaging/pruning.py) and a post-training static INT8
+model (of the pruned one if present). When full INT8 loses more than
+`max_accuracy_drop`, a budgeted mixed-precision search keeps the nodes whose quantization hurts
+most (lowest SQNR, measured with onnxruntime.quantization.qdq_loss_debug) in FP32, a growing
+number at a time, up to `max_fp32_nodes`; each step is a candidate. Every candidate is scored on
+the val split and timed at batch 1 and 32 in ONNX Runtime in the same run with the same threads;
+the most compressed candidate within the accuracy budget that is also no slower than FP32 (at
+most `max_latency_ratio` times its latency at each batch size) ships as `model.onnx`, otherwise
+FP32 ships, and the reason is recorded. The speed rule exists because keeping many nodes in FP32
+adds a Quantize/Dequantize pair at every border: such a model is smaller but can be slower than
+FP32 (Lite2 with 32 FP32 nodes: 1.14x FP32's latency at batch 32).
+
+The INT8 recipe and its reasons are in components/models/quantization.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import onnx
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn.utils import prune
+
+from components.core.config import StageConfig
+from components.core.errors import UserError
+from components.core.result import StageResult, write_json
+from components.data.manifest import Dataset
+from components.data.preprocess import load_batch
+from components.models import quantization as int8
+from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
+
+if TYPE_CHECKING:
+    from components.packaging.pruning import ChannelPruning
+
+log = logging.getLogger(__name__)
+
+INT8_FILE = "model_int8.onnx"
+SHIPPED_FILE = "model.onnx"
+REPORT_FILE = "compress.json"
+SENSITIVITY_FILE = "sensitivity.csv"
+SENSITIVITY_PLOT = "sensitivity.png"
+LATENCY_BATCHES = (1, 32)
+MIXED_PREFIX = "int8_fp32x"  # int8_fp32x4: INT8 with its 4 most sensitive nodes kept in FP32
+
+class ExportChangedError(UserError):
+    """The export folder's files no longer match what export recorded."""
+
+
+class CompressConfig(StageConfig):
+    # Which pruned candidate export writes as model_pruned.onnx. Unset: "unstructured" when sparsity > 0, else "none".
+    prune: Literal["none", "unstructured", "structured"] = "none"
+    sparsity: float = Field(0.0, ge=0.0, lt=1.0)  # unstructured: share of conv+linear weights zeroed (smaller zipped only)
+    prune_ratio: float = Field(0.3, gt=0.0, lt=1.0)  # structured: share of each layer's channels removed (faster)
+    prune_round_to: int = Field(8, ge=1)  # structured: channel counts kept at multiples of this (SIMD widths)
+    recovery_epochs: int = Field(3, ge=0)  # structured: fine-tuning epochs after pruning; 0 = none
+    recovery_lr: float = Field(1e-4, gt=0)  # structured: peak lr of the recovery fine-tuning (every layer)
+    recovery_batch_size: int = Field(32, ge=2)
+    recovery_patience: int = Field(2, ge=1)  # structured: epochs without a better val accuracy before stopping
+    quantize: bool = True  # post-training static INT8 (onnxruntime.quantization)
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)  # absolute val accuracy the shipped model may lose vs FP32
+    calibration_images: int = Field(256, ge=1)  # training images (stratified by label) used to calibrate activations
+    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    per_channel: bool = True  # per-output-channel weight scales (depthwise convs need them)
+    activation_type: Literal["uint8", "int8"] = "uint8"  # asymmetric u8 suits ReLU6 outputs and x86 kernels
+    reduce_range: bool = True  # 7-bit weights: no 16-bit saturation on CPUs without VNNI
+    max_fp32_nodes: int = Field(16, ge=0)  # mixed precision: most nodes kept in FP32; 0 = full INT8 only
+    sensitivity_images: int = Field(8, ge=1)  # calibration images compared float vs INT8 to rank nodes
+    latency_threads: int = Field(0, ge=0)  # ONNX Runtime threads when timing candidates; 0 = all cores
+    latency_runs: int = Field(5, ge=1)  # timed runs per candidate and batch size (median reported)
+    # A candidate ships only if its latency at every timed batch size is at most this times FP32's; null = size alone.
+    # Above 1.0 so that a candidate as fast as FP32 (unstructured pruning) is not refused on timing noise.
+    max_latency_ratio: float | None = Field(1.05, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_sparsity(cls, data: Any) -> Any:
+        """params written before `prune` existed turned unstructured pruning on with sparsity alone."""
+        if isinstance(data, dict) and "prune" not in data and float(data.get("sparsity", 0) or 0) > 0:
+            return {**data, "prune": "unstructured"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_pruning(self) -> CompressConfig:
+        if self.prune == "unstructured" and self.sparsity == 0:
+            raise ValueError("sparsity: compress.prune=unstructured needs compress.sparsity > 0")
+        if self.prune != "unstructured" and self.sparsity > 0:
+            raise ValueError(f"sparsity: compress.sparsity > 0 applies to compress.prune=unstructured only, "
+                             f"not {self.prune}; set it to 0")
+        return self
+
+    def recipe(self) -> int8.Recipe:
+        """The INT8 recipe these keys describe (also what `partial` fine-tuning quantizes its frozen part with)."""
+        return int8.Recipe(self.calibration_images, self.calibration_method, self.per_channel, self.activation_type,
+                           self.reduce_range)
+
+    def planned_recipe(self) -> int8.Recipe | None:
+        """What `partial` fine-tuning prepares its tail for: the recipe, or None when compress will not quantize."""
+        return self.recipe() if self.quantize else None
+
+    def unstructured_sparsity(self) -> float:
+        """What export's `sparsity` argument gets: 0 unless unstructured pruning is on."""
+        return self.sparsity if self.prune == "unstructured" else 0.0
+
+    def channel_pruning(self, seed: int = 0) -> ChannelPruning | None:
+        """What export's `channel_pruning` argument gets: None unless structured pruning is on."""
+        from components.packaging.pruning import ChannelPruning
+
+        if self.prune != "structured":
+            return None
+        return ChannelPruning(self.prune_ratio, self.prune_round_to, self.recovery_epochs, self.recovery_lr,
+                              self.recovery_batch_size, self.recovery_patience, seed)
+
+
+def prune_model(model: nn.Module, sparsity: float) -> nn.Module:
+    """A copy of `model` with the smallest `sparsity` share of all conv and linear weights set to zero.
+
+    Global (not per-layer) L1 magnitude pruning; the masks are folded into the weights, so the
+    copy is a plain module that exports like the original.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"compress.sparsity must be in [0, 1), got {sparsity}; 0 turns pruning off.")
+    pruned = copy.deepcopy(model)
+    if sparsity == 0:
+        return pruned
+    targets = [(module, "weight") for module in pruned.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    for module, name in targets:
+        prune.remove(module, name)
+    return pruned
+
+
+class Quantizer:
+    """Static QDQ INT8 of one prepared model; calibration runs once and is reused per exclusion set."""
+
+    def __init__(self, cfg: CompressConfig, source: Path, dataset: Dataset, scratch: Path):
+        self.recipe_ = cfg.recipe()
+        self.metadata = read_metadata(source)
+        # The model says how its input is prepared; calibration must see exactly that.
+        self.images = int8.calibration_images(dataset, cfg.calibration_images, model_preprocessing(source, self.metadata))
+        self.prepared = scratch / "prepared.onnx"
+        int8.prepare(source, self.prepared, scratch)
+        self.shape_nodes = int8.shape_arithmetic_nodes(onnx.load(str(self.prepared), load_external_data=False).graph)
+        self.cache = scratch / "calibration.json"
+
+    def recipe(self, excluded: Sequence[str]) -> str:
+        text = self.recipe_.describe(len(self.images))
+        return text + (f", {len(excluded)} nodes kept fp32" if excluded else "")
+
+    def quantize(self, target: Path, excluded: Sequence[str] = ()) -> Path:
+        partial = target.with_name(target.stem + ".partial.onnx")  # renamed once checked: no half-written model
+        int8.quantize(self.prepared, partial, self.images, self.recipe_, excluded, self.cache)
+        stamp_metadata(partial, self.metadata | {"quantization": self.recipe(excluded),
+                                                 "fp32_nodes": ",".join(excluded)})
+        onnx.checker.check_model(str(partial), full_check=True)
+        os.replace(partial, target)
+        log.info("quantized -> %s (%s)", target.name, self.recipe(excluded))
+        return target
+
+
+def write_sensitivity(rows: list[dict[str, object]], out_dir: Path) -> tuple[Path, Path]:
+    """sensitivity.csv (every quantized node, worst first) and a bar chart of the worst 40."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = out_dir / SENSITIVITY_FILE
+    fields = ["rank", "node", "exclude", "op_type", "sqnr_lost_db", "input_sqnr_db", "output_sqnr_db", "weight_sqnr_db", "kept_fp32"]
+    temporary = csv_path.with_suffix(".csv.tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, csv_path)
+
+    shown = rows[:40]
+    figure, axis = plt.subplots(figsize=(8, max(3.0, 0.22 * len(shown))))
+    colours = ["tab:red" if row.get("kept_fp32") else "tab:blue" for row in shown]
+    axis.barh([f"{row['node']} ({row['op_type']})" for row in shown], [row["sqnr_lost_db"] for row in shown], color=colours)
+    axis.invert_yaxis()
+    axis.set_xlabel("SQNR lost at the node, float vs INT8 activations (dB, higher = more sensitive)")
+    axis.set_title("INT8 sensitivity per node (red: kept in FP32)")
+    axis.tick_params(axis="y", labelsize=6)
+    figure.tight_layout()
+    plot_path = out_dir / SENSITIVITY_PLOT
+    temporary_plot = plot_path.with_name(plot_path.stem + ".tmp.png")
+    figure.savefig(temporary_plot, dpi=120)
+    plt.close(figure)
+    os.replace(temporary_plot, plot_path)
+    return csv_path, plot_path
+
+
+def exclusion_steps(max_nodes: int) -> list[int]:
+    """How many nodes to keep in FP32 at each step: 1, 2, 4, ... then the cap itself."""
+    steps, count = [], 1
+    while count < max_nodes:
+        steps.append(count)
+        count *= 2
+    return steps + ([max_nodes] if max_nodes else [])
+
+
+def onnx_accuracy(model_path: Path, dataset: Dataset, split: str, batch_size: int = 32) -> float:
+    frame = dataset.split(split)
+    if frame.empty:
+        raise ValueError(f"the dataset has no `{split}` rows to measure {model_path.name}'s accuracy on.")
+    logits = predict_frame(model_path, dataset, frame, batch_size)
+    return float(np.mean(logits.argmax(axis=1) == np.asarray(dataset.label_index(frame))))
+
+
+def latency_ms(model_path: Path, images: np.ndarray, threads: int, runs: int) -> dict[int, float]:
+    """Median wall time (ms) of one session.run at each batch size in LATENCY_BATCHES, after a warm-up."""
+    session = open_session(model_path, threads)
+    input_name = session.get_inputs()[0].name
+    timings = {}
+    for batch_size in LATENCY_BATCHES:
+        batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
+        session.run(None, {input_name: batch})
+        samples = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, {input_name: batch})
+            samples.append((time.perf_counter() - start) * 1e3)
+        timings[batch_size] = statistics.median(samples)
+    return timings
+
+
+def zipped_mb(path: Path) -> float:
+    """Size after deflate: the only size in which unstructured sparsity shows (ONNX stores dense tensors)."""
+    return len(zlib.compress(path.read_bytes(), 6)) / 1e6
+
+
+def compression_order(names: Sequence[str]) -> list[str]:
+    """Most compressed first: full INT8, INT8 with the fewest FP32 nodes, pruned, FP32."""
+
+    def key(name: str) -> tuple[int, int]:
+        if name == "int8":
+            return (0, 0)
+        mixed = re.fullmatch(MIXED_PREFIX + r"(\d+)", name)
+        if mixed:
+            return (1, int(mixed.group(1)))
+        return {"pruned": (2, 0), "fp32": (3, 0)}[name]
+
+    return sorted(names, key=key)
+
+
+def choose(
+    accuracy: dict[str, float], max_drop: float, latency_ratio: dict[str, float] | None = None,
+    max_latency_ratio: float | None = None,
+) -> tuple[str, str, dict[str, bool]]:
+    """(shipped candidate, reason, within-budget flags) under the FP32-relative accuracy budget.
+
+    `latency_ratio` is each candidate's worst latency over FP32's across the timed batch sizes; with
+    `max_latency_ratio` set, a candidate slower than that is passed over whatever its accuracy.
+    """
+    baseline = accuracy["fp32"]
+    floor = baseline - max_drop
+    # The tolerance keeps k/n accuracies that meet the floor exactly from failing on rounding.
+    within = {name: value >= floor - 1e-9 for name, value in accuracy.items()}
+    fast = {name: name == "fp32" or max_latency_ratio is None or latency_ratio is None
+            or latency_ratio[name] <= max_latency_ratio for name in accuracy}
+    budget = f"val accuracy >= {floor:.4f} (fp32 {baseline:.4f} - compress.max_accuracy_drop {max_drop:g})"
+    if max_latency_ratio is not None and latency_ratio is not None:
+        budget += f" and latency <= {max_latency_ratio:g}x fp32's (compress.max_latency_ratio)"
+    ranked = compression_order(list(accuracy))
+    passing = [name for name in ranked if within[name] and fast[name]]
+    shipped = passing[0]  # fp32 always passes
+    passed_over = []
+    for name in ranked[: ranked.index(shipped)]:
+        why = [f"{accuracy[name]:.4f}"] if not within[name] else []
+        why += [] if fast[name] else [f"{latency_ratio[name]:.2f}x fp32's latency"]
+        passed_over.append(f"{name} {' and '.join(why)}")
+    reason = f"{shipped} is the most compressed candidate with {budget}: {accuracy[shipped]:.4f}"
+    if passed_over:
+        reason += f"; more compressed but over budget: {', '.join(passed_over)}"
+    if len(ranked) == 1:
+        reason += " (the only candidate: compress.quantize is off and export wrote no pruned model)"
+    return shipped, reason, within
+
+
+def search_int8(
+    cfg: CompressConfig, source: Path, dataset: Dataset, fp32_accuracy: float, out_dir: Path
+) -> tuple[dict[str, Path], dict[str, float], dict[str, object]]:
+    """Full INT8, then (over budget) ever more of the most sensitive nodes in FP32 until within budget or capped.
+
+    Returns the candidate files, their val accuracies and what the search did.
+    """
+    floor = fp32_accuracy - cfg.max_accuracy_drop
+    models, accuracy = {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        quantizer = Quantizer(cfg, source, dataset, Path(scratch))
+        models["int8"] = quantizer.quantize(out_dir / INT8_FILE)
+        accuracy["int8"] = onnx_accuracy(models["int8"], dataset, "val")
+        log.info("int8: val accuracy %.4f (floor %.4f)", accuracy["int8"], floor)
+        search: dict[str, object] = {"recipe": quantizer.recipe(()), "calibration_images": len(quantizer.images),
+                                     "shape_nodes_not_quantized": len(quantizer.shape_nodes), "fp32_nodes": []}
+        if accuracy["int8"] >= floor - 1e-9 or cfg.max_fp32_nodes == 0:
+            search["stopped"] = "full int8 within budget" if accuracy["int8"] >= floor - 1e-9 else "compress.max_fp32_nodes is 0"
+            return models, accuracy, search
+        rows = int8.node_sensitivity(quantizer.prepared, models["int8"], quantizer.images[: cfg.sensitivity_images],
+                                Path(scratch), quantizer.shape_nodes)
+        search["stopped"] = f"compress.max_fp32_nodes {cfg.max_fp32_nodes} reached over budget"
+        excluded: list[str] = []
+        for count in exclusion_steps(min(cfg.max_fp32_nodes, len(rows))):
+            excluded = [name for row in rows[:count] for name in str(row["exclude"]).split()]
+            name = f"{MIXED_PREFIX}{count}"
+            models[name] = quantizer.quantize(out_dir / f"model_{name}.onnx", excluded)
+            accuracy[name] = onnx_accuracy(models[name], dataset, "val")
+            log.info("%s: val accuracy %.4f (floor %.4f)", name, accuracy[name], floor)
+            if accuracy[name] >= floor - 1e-9:
+                search["stopped"] = f"{name} within budget"
+                break
+        kept = set(excluded)
+        for row in rows:
+            row["kept_fp32"] = row["node"] in kept
+        search["fp32_nodes"] = excluded
+        search["ranked_nodes_kept"] = [row["node"] for row in rows if row["kept_fp32"]]
+        csv_path, plot_path = write_sensitivity(rows, out_dir)
+        search["sensitivity"] = {"csv": csv_path.name, "plot": plot_path.name}
+    return models, accuracy, search
+
+
+def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) -> StageResult:
+    exported = StageResult.load(export_dir)
+    if not exported.is_intact():
+        raise ExportChangedError(f"{export_dir}: the exported files changed since export wrote them; re-run export.")
+    candidates = {name: path for name, path in exported.artifacts.items() if name in ("fp32", "pruned")}
+    if "fp32" not in candidates:
+        raise KeyError(f"{export_dir}: the export result lists no `fp32` model; re-run export.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accuracy = {name: onnx_accuracy(path, dataset, "val") for name, path in candidates.items()}
+    search: dict[str, object] = {}
+    if cfg.quantize:
+        source = candidates.get("pruned", candidates["fp32"])
+        int8_models, int8_accuracy, search = search_int8(cfg, source, dataset, accuracy["fp32"], out_dir)
+        candidates |= int8_models
+        accuracy |= int8_accuracy
+
+    # Timed together, one after another, with the same threads and inputs, so ratios compare.
+    timing_images = load_batch([dataset.image_path(p) for p in dataset.split("val")["path"].head(8)],
+                               model_preprocessing(candidates["fp32"], read_metadata(candidates["fp32"])))
+    latency = {name: latency_ms(path, timing_images, cfg.latency_threads, cfg.latency_runs)
+               for name, path in candidates.items()}
+    ratio = {name: {batch: latency[name][batch] / latency["fp32"][batch] for batch in LATENCY_BATCHES}
+             for name in candidates}
+    shipped, reason, within = choose(accuracy, cfg.max_accuracy_drop, {n: max(r.values()) for n, r in ratio.items()},
+                                     cfg.max_latency_ratio)
+    log.info("shipping %s: %s", shipped, reason)
+
+    model_path = out_dir / SHIPPED_FILE
+    temporary = out_dir / (SHIPPED_FILE + ".tmp")
+    shutil.copyfile(candidates[shipped], temporary)
+    stamp_metadata(
+        temporary,
+        {
+            "compression": shipped,
+            "val_accuracy": f"{accuracy[shipped]:.6f}",
+            "val_accuracy_fp32": f"{accuracy['fp32']:.6f}",
+            "max_accuracy_drop": f"{cfg.max_accuracy_drop:g}",
+        },
+    )
+    os.replace(temporary, model_path)
+
+    sizes = {name: path.stat().st_size / 1e6 for name, path in candidates.items()}
+    report = {
+        "candidates": {
+            name: {
+                "file": path.name,
+                "size_mb": sizes[name],
+                "zipped_mb": zipped_mb(path),
+                "val_accuracy": accuracy[name],
+                "val_accuracy_drop": accuracy["fp32"] - accuracy[name],
+                "within_budget": within[name],
+                "latency_ms_batch1": latency[name][1],
+                "latency_ms_batch32": latency[name][32],
+                "latency_ratio_fp32_batch1": ratio[name][1],
+                "latency_ratio_fp32_batch32": ratio[name][32],
+            }
+            for name, path in candidates.items()
+        },
+        "val_images": len(dataset.split("val")),
+        "max_accuracy_drop": cfg.max_accuracy_drop,
+        "latency_threads": cfg.latency_threads,
+        "max_latency_ratio": cfg.max_latency_ratio,
+        "int8_search": search,
+        "pruning": exported.info.get("pruning") or ({"method": "unstructured magnitude", "sparsity": exported.info["sparsity"]}
+                                                    if "pruned" in candidates else None),
+        "shipped": shipped,
+        "reason": reason,
+    }
+    report_path = write_json(out_dir / REPORT_FILE, report)
+
+    metrics = {f"val_accuracy_{name}": value for name, value in accuracy.items()}
+    metrics |= {f"size_mb_{name}": value for name, value in sizes.items()}
+    metrics |= {f"zipped_mb_{name}": entry["zipped_mb"] for name, entry in report["candidates"].items()}
+    for name in candidates:
+        metrics |= {f"latency_ms_b{batch}_{name}": latency[name][batch] for batch in LATENCY_BATCHES}
+    if "int8" in sizes:
+        metrics["size_ratio_int8"] = sizes["int8"] / sizes["fp32"]
+    metrics["fp32_nodes_shipped"] = float(len(search.get("fp32_nodes", [])) if shipped.startswith(MIXED_PREFIX) else 0)
+    artifacts = {"model": model_path, "report": report_path}
+    artifacts |= {name: path for name, path in candidates.items() if path.parent == out_dir}
+    if "sensitivity" in search:
+        artifacts["sensitivity"] = out_dir / SENSITIVITY_FILE
+        artifacts["sensitivity_plot"] = out_dir / SENSITIVITY_PLOT
+    result = StageResult(
+        stage="compress", out_dir=out_dir, metrics=metrics, artifacts=artifacts,
+        info={"shipped": shipped, "reason": reason},
+    )
+    result.save()
+    return result
