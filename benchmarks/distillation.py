@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 
 from benchmarks.compression import RESULTS, cpu_description
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import read_manifest
 from components.features import extract as features
+from components.features.config import FeaturesConfig
 from components.training import finetune
+from components.training.config import FinetuneConfig
 
 
 def main() -> None:
@@ -40,14 +42,14 @@ def main() -> None:
     if not manifest.exists():
         ingest_run(IngestConfig(limit=args.cells, seed=7), work / "data")
     dataset = read_manifest(manifest)
-    features.run(features.FeaturesConfig(image_size=args.size, batch_size=32), (args.teacher, args.student), dataset,
+    features.run(FeaturesConfig(image_size=args.size, batch_size=32), (args.teacher, args.student), dataset,
                  work / "cache", work / "features")
     partial = {"epochs": args.epochs, "views": args.views, "batch_size": 32}
 
     def train(name: str, backbone: str, seed: int = 0, **distill: object) -> dict:
         out = work / name
         if not (out / "finetune.json").exists():
-            cfg = finetune.FinetuneConfig.model_validate({"strategy": "partial", "device": "cpu", "precision": "fp32",
+            cfg = FinetuneConfig.model_validate({"strategy": "partial", "device": "cpu", "precision": "fp32",
                                                           "seed": seed, "partial": partial, "distill": distill})
             finetune.run(cfg, backbone, work / "features", dataset, manifest, out, work / "cache", work / "state")
         report = json.loads((out / "finetune.json").read_text())

@@ -23,13 +23,16 @@ import numpy as np
 import onnxruntime
 import torch
 
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest
 from components.data.manifest import read_manifest
 from components.data.preprocess import Preprocessing, load_batch
-from components.features.extract import FeaturesConfig, FeatureStore, decode_ahead, run, space_key
-from components.models.backbones import build_trunk, get_entry
+from components.features.cache import FeatureStore
+from components.features.config import FeaturesConfig
+from components.features.extract import decode_ahead, run, space_key
+from components.models.backbones import build_trunk
 from components.models.onnx_io import open_session
+from components.models.registry import get_entry
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,16 +18,20 @@ import time
 from pathlib import Path
 
 from benchmarks.compression import BATCHES, RESULTS, cpu_description, time_candidates
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import read_manifest
 from components.data.preprocess import Preprocessing
 from components.features import extract as features
+from components.features.config import FeaturesConfig
 from components.models.classifier import build_model, load_checkpoint
-from components.packaging.compress import onnx_accuracy, prune_model, zipped_mb
-from components.packaging.export import check_parity, export_onnx, model_metadata, parity_images
-from components.packaging.pruning import ChannelPruning, macs_and_params, prune_and_recover
+from components.models.onnx_export import export_onnx
+from components.packaging.compress import onnx_accuracy, zipped_mb
+from components.packaging.config import ChannelPruning
+from components.packaging.export import check_parity, model_metadata, parity_images
+from components.packaging.pruning import macs_and_params, prune_and_recover, prune_model
 from components.training import finetune
+from components.training.config import FinetuneConfig
 
 
 def main() -> None:
@@ -49,11 +53,11 @@ def main() -> None:
         ingest_run(IngestConfig(limit=args.cells, seed=7), work / "data")
     dataset = read_manifest(work / "data" / "manifest.csv")
     backbone = "efficientnet_lite0"
-    features.run(features.FeaturesConfig(image_size=args.size, batch_size=32), (backbone,), dataset,
+    features.run(FeaturesConfig(image_size=args.size, batch_size=32), (backbone,), dataset,
                  work / "feature_cache", work / "features")
     checkpoint_path = work / "finetune" / finetune.CHECKPOINT_FILE
     if not checkpoint_path.exists():
-        finetune.run(finetune.FinetuneConfig(strategy=args.strategy, device="cpu", precision="fp32"), backbone,
+        finetune.run(FinetuneConfig(strategy=args.strategy, device="cpu", precision="fp32"), backbone,
                      work / "features", dataset, work / "data" / "manifest.csv", work / "finetune",
                      work / "feature_cache", work / "state")
     checkpoint = load_checkpoint(checkpoint_path)

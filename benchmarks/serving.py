@@ -36,21 +36,21 @@ from pathlib import Path
 
 import httpx
 import mlflow
-import numpy as np
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 from torch import nn
 
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest
 from components.data.manifest import Dataset, read_manifest
 from components.data.preprocess import load_batch
 from components.features import extract as features
-from components.models.backbones import get_entry
+from components.features.config import FeaturesConfig
 from components.models.classifier import save_checkpoint
 from components.models.onnx_io import model_labels, model_preprocessing, open_session, read_metadata, softmax
-from components.packaging.export import ExportConfig
+from components.models.registry import get_entry
+from components.packaging.config import ExportConfig
 from components.packaging.export import run as export_run
 from components.serving.pyfunc import log_model
 
@@ -100,7 +100,7 @@ def build_model(work: Path, image_size: int) -> tuple[Path, Dataset]:
         data={"benchmark": "serving"}, strategy="linear",
     )
     # Export checks the served model against the head on the features stage's output: compute it.
-    features.run(features.FeaturesConfig(image_size=image_size), (BACKBONE,), dataset, work / "cache", work / "features")
+    features.run(FeaturesConfig(image_size=image_size), (BACKBONE,), dataset, work / "cache", work / "features")
     exported = export_run(ExportConfig(parity_images=4), 0.0, checkpoint, dataset, work / "export",
                           features_dir=work / "features")
     return exported.artifacts["fp32"], dataset

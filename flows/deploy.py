@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from components.core.errors import UserError
 from components.registry import promote
-from components.registry.promote import PromoteConfig
+from components.registry.config import PromoteConfig
 from flows.train import train
 from tlops.config import ScheduleConfig, load_params
 from tlops.stages import check_owned, validated_dataset

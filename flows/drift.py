@@ -18,7 +18,7 @@ from prefect import flow
 from prefect.events import DeploymentEventTrigger, Event, emit_event
 
 from components.core.result import StageResult
-from components.features.extract import split_features
+from components.features.cache import split_features
 from components.monitoring import drift
 from tlops import tracking
 from tlops.config import load_params

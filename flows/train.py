@@ -30,6 +30,7 @@ from tlops import tracking
 from tlops.config import Params, load_params
 from tlops.run_state import RunLock, killed_run
 from tlops.stages import STAGES, Stage, StageContext, cache_inputs, execute, stage_dir, stage_params
+from tlops.tracking import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,9 @@ def stage_key(context: TaskRunContext, arguments: dict[str, Any]) -> str:
 
 
 def stage_task(stage: Stage) -> Task:
-    def run(params: Params, upstream: dict[str, str], parent_run_id: str | None) -> StageRecord:
+    def run(params: Params, upstream: dict[str, str], run_id: str | None) -> StageRecord:
         progress = partial(tqdm, dynamic_ncols=True, mininterval=1.0)
-        result = execute(stage, params, StageContext(progress=progress, parent_run_id=parent_run_id))
+        result = execute(stage, params, StageContext(progress=progress, run_id=run_id))
         return StageRecord(stage=stage.name, out_dir=str(result.out_dir), fingerprint=result.fingerprint(),
                            info=result.info)
 
@@ -89,18 +90,19 @@ def still_valid(stage: Stage, record: StageRecord) -> bool:
     return result.is_intact() and result.fingerprint() == record.fingerprint and stage.still_valid(result)
 
 
-def run_stage(stage: Stage, params: Params, upstream: dict[str, str], parent_run_id: str) -> tuple[StageRecord, bool]:
-    """(record, cached) of one stage; a stage that fails keeps its report in MLflow."""
-    call = {"params": params, "upstream": dict(upstream), "parent_run_id": parent_run_id}
+def run_stage(stage: Stage, params: Params, upstream: dict[str, str], recorder: Recorder) -> tuple[StageRecord, bool]:
+    """(record, cached) of one stage, recorded in MLflow as it starts and ends (a failed one keeps its report)."""
+    call = {"params": params, "upstream": dict(upstream), "run_id": recorder.stage_started(stage)}
     state = TASKS[stage.name](**call, return_state=True)
     if state.is_failed():
-        tracking.log_failed_stage(params, parent_run_id, stage.name, stage_dir(params, stage), stage_params(params, stage))
+        recorder.stage_failed(stage, stage_dir(params, stage), stage_params(params, stage))
     record: StageRecord = state.result()  # re-raises the stage's own error
     cached = state.name == "Cached"
     if cached and not still_valid(stage, record):
         log.warning("%s: cached outputs changed on disk since they were recorded; recomputing", stage.name)
         record = TASKS[stage.name].with_options(refresh_cache=True)(**call)
         cached = False
+    recorder.stage_done(stage, StageResult.load(Path(record.out_dir)), stage_params(params, stage), cached)
     return record, cached
 
 
@@ -109,21 +111,16 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
     """Ingest -> validate -> features -> select -> finetune -> export -> compress -> evaluate -> register -> promote."""
     params = load_params(Path(params_file), overrides or [])
     tracking.check_tracking_server()
-    with RunLock(params, "tlops run") as lock:
-        if previous := killed_run(lock):
-            tracking.mark_killed(previous)
-        summary: dict[str, Any] = {}
-        with tracking.pipeline_run(params, runner="prefect", overrides=overrides or []) as parent_run_id:
-            lock.update(mlflow_run_id=parent_run_id, prefect_flow_run_id=str(flow_run.get_id()))
-            upstream: dict[str, str] = {"source": source_fingerprint(params.ingest)}
-            for stage in STAGES:
-                record, cached = run_stage(stage, params, upstream, parent_run_id)
-                lock.stage_done(stage.name)
-                if stage.tracked:
-                    tracking.log_stage(params, parent_run_id, StageResult.load(Path(record.out_dir)),
-                                       stage_params(params, stage), cached, runner="prefect")
-                upstream[stage.name] = record.fingerprint
-                summary[stage.name] = {"out_dir": record.out_dir, "cached": cached, **record.info}
-            tracking.summarize_pipeline(params, parent_run_id, overrides or [])
-            summary["parent_run_id"] = parent_run_id
+    summary: dict[str, Any] = {}
+    with RunLock(params, "tlops run") as lock, \
+            tracking.Recorder(params, "prefect", overrides or [], killed=killed_run(lock)) as recorder:
+        lock.update(mlflow_run_id=recorder.run_id, prefect_flow_run_id=str(flow_run.get_id()))
+        upstream: dict[str, str] = {"source": source_fingerprint(params.ingest)}
+        for stage in STAGES:
+            record, cached = run_stage(stage, params, upstream, recorder)
+            lock.stage_done(stage.name)
+            upstream[stage.name] = record.fingerprint
+            summary[stage.name] = {"out_dir": record.out_dir, "cached": cached, **record.info}
+        summary["parent_run_id"] = recorder.run_id
+        summary["replay"] = recorder.replayed()
     return summary

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import Dataset, read_manifest
 

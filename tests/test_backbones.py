@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from components.models.backbones import REGISTRY, build_classifier, build_trunk, get_entry, weights_path
+from components.models.backbones import build_classifier, build_trunk, weights_path
+from components.models.registry import REGISTRY, get_entry
 
 
 def test_registry_holds_the_three_lite_models_with_verified_weights() -> None:

@@ -18,15 +18,9 @@ from components.models.classifier import load_checkpoint
 from components.models.onnx_io import predict_frame, read_metadata
 from components.models.quantization import shape_arithmetic_nodes
 from components.packaging import export
-from components.packaging.compress import (
-    CompressConfig,
-    ExportChangedError,
-    choose,
-    compression_order,
-    exclusion_steps,
-    prune_model,
-    run,
-)
+from components.packaging.compress import ExportChangedError, choose, compression_order, exclusion_steps, run
+from components.packaging.config import CompressConfig
+from components.packaging.pruning import prune_model
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 from tlops.config import ConfigError, load_params

@@ -11,10 +11,11 @@ from torch import nn
 
 from components.core.lineage import data_version
 from components.data.manifest import Dataset
-from components.models.backbones import get_entry
 from components.models.classifier import save_checkpoint
+from components.models.registry import get_entry
+from components.training.config import FinetuneConfig
 from components.training.distill import TeacherError, kd_loss, pack_targets, teacher_checkpoint, teacher_logits
-from components.training.finetune import FinetuneConfig, run
+from components.training.finetune import run
 from tests.tiny_features import make_features
 
 TEACHER_SIZE = 96  # not the student's 64 px: the teacher reads images through its own preprocessing

@@ -12,13 +12,15 @@ from PIL import Image, ImageEnhance, ImageFilter
 from pydantic import ValidationError
 
 from components.core.result import StageResult
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import read_manifest
 from components.features import extract as features
+from components.features.cache import load_features, split_features
+from components.features.config import FeaturesConfig
+from components.monitoring.config import DriftConfig
 from components.monitoring.drift import (
     HISTORY_FILE,
-    DriftConfig,
     DriftInputError,
     mmd_test,
     plot_history,
@@ -28,7 +30,7 @@ from components.monitoring.drift import (
 )
 
 BACKBONE = "efficientnet_lite0"
-FEATURES = features.FeaturesConfig(image_size=64)
+FEATURES = FeaturesConfig(image_size=64)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def cells(tmp_path_factory: pytest.TempPathFactory) -> Cells:
     ingest_run(IngestConfig(limit=100, seed=3, test_fraction=0.33), root / "ingest")
     dataset = read_manifest(root / "ingest/manifest.csv")
     features.run(FEATURES, (BACKBONE,), dataset, root / "cache", root / "features")
-    train = features.split_features(dataset, root / "features", BACKBONE, "pooled", "train")
+    train = split_features(dataset, root / "features", BACKBONE, "pooled", "train")
     held_out = [dataset.image_path(p) for p in dataset.split("test")["path"]]
     assert len(train) >= 55 and len(held_out) >= 20
     return Cells(root / "features", root / "cache", train, held_out, root)
@@ -87,7 +89,7 @@ def test_held_out_cells_are_not_flagged(cells: Cells, tmp_path: Path) -> None:
 
 def test_held_out_cells_against_the_features_folder_leave_themselves_out(cells: Cells, tmp_path: Path) -> None:
     # The features folder holds every split, the held-out cells included: they are dropped from the reference.
-    all_rows = features.load_features(cells.features_dir, BACKBONE, "pooled")[1]
+    all_rows = load_features(cells.features_dir, BACKBONE, "pooled")[1]
     result = check(cells, cells.features_dir, cells.held_out, tmp_path)
     assert result.metrics["n_reference"] == len(all_rows) - len(cells.held_out)
     assert not result.info["flagged"] and result.metrics["p_value"] > 0.2

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.evaluation.evaluate import EvaluateConfig, calibration_table, decide, expected_calibration_error, run
+from components.evaluation.config import EvaluateConfig
+from components.evaluation.evaluate import calibration_table, decide, expected_calibration_error, run
 from components.models.onnx_io import LabelMismatchError
 from components.packaging import export
 from tests.tiny_features import make_features

@@ -17,10 +17,11 @@ from pydantic import ValidationError
 from components.core.lineage import data_version
 from components.core.result import StageResult
 from components.data.preprocess import Preprocessing
+from components.data.views import dihedral
 from components.models.classifier import build_model, dihedral_view, load_checkpoint
 from components.models.onnx_io import open_session, read_metadata, stamp_metadata
+from components.packaging.config import ExportConfig
 from components.packaging.export import (
-    ExportConfig,
     ExportParityError,
     TrainServeSkewError,
     check_parity,
@@ -28,7 +29,6 @@ from components.packaging.export import (
     parity_images,
     run,
 )
-from components.training.partial import dihedral
 from tests.tiny_features import BACKBONE, make_features
 from tests.tiny_model import IMAGE_SIZE, make_checkpoint, make_dataset
 

@@ -13,17 +13,11 @@ from components.data import preprocess
 from components.data.manifest import Dataset
 from components.data.preprocess import load_batch
 from components.features import extract as features_module
-from components.features.extract import (
-    FeatureCacheError,
-    FeaturesConfig,
-    FeatureStore,
-    TrunkParityError,
-    config_key_inputs,
-    load_features,
-    run,
-    space_key,
-)
-from components.models.backbones import build_trunk, get_entry
+from components.features.cache import FeatureCacheError, FeatureStore, load_features
+from components.features.config import FeaturesConfig
+from components.features.extract import TrunkParityError, config_key_inputs, run, space_key
+from components.models.backbones import build_trunk
+from components.models.registry import get_entry
 
 CFG = FeaturesConfig(image_size=64, taps=("stage3", "pooled"), batch_size=8)
 LITE0 = "efficientnet_lite0"
@@ -59,8 +53,8 @@ def test_onnx_features_match_the_torch_trunk(elpv_small: Dataset, tmp_path: Path
     assert described["key"] == store.dir.name == record["cache_key"]
     assert described["inputs"] == record["cache_key_inputs"] == json.loads(json.dumps(config_key_inputs(entry, CFG)))
     assert described["inputs"]["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
-    assert set(described["inputs"]["code_sha256"]) >= {"components.data.preprocess", "components.features.extract",
-                                                       "components.models.backbones.Trunk"}
+    assert set(described["inputs"]["code_sha256"]) == {"components.data.preprocess", "components.features.extract",
+                                                       "components.features.cache", "components.models.backbones"}
     assert record["preprocessing"] == entry.preprocessing(64).model_dump(mode="json")
 
 
@@ -154,7 +148,7 @@ def test_editing_the_preprocessing_code_misses_the_cache(
     base = space_key(entry, CFG)
     code = features_module.feature_code()
     original = Path(preprocess.__file__).read_text()
-    edited = original.replace("antialias=True", "antialias=False")
+    edited = original.replace("np.float32(255)", "np.float32(256)")
     assert edited != original
 
     def hash_sees(folder: str, source: str) -> None:

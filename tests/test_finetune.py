@@ -17,17 +17,19 @@ import torch
 
 from components.core import devices
 from components.core.errors import UserError
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
-from components.data.manifest import Dataset, read_manifest
+from components.data.manifest import read_manifest
 from components.features import extract as features
-from components.models import quantization as int8
+from components.features.config import FeaturesConfig
 from components.models.classifier import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from components.models.int8_recipe import Recipe
 from components.packaging import export
-from components.training import partial as partial_finetune
-from components.training.finetune import FinetuneConfig, run
-from components.training.linear_probe import fit_probe
-from components.training.loop import FitResult, LoopConfig, class_weight_vector, fit, lr_scheduler, param_groups, scores
+from components.training import activations
+from components.training.config import FinetuneConfig, LoopConfig
+from components.training.finetune import run
+from components.training.loop import FitResult, class_weight_vector, fit, lr_scheduler, param_groups, scores
+from components.training.strategies.linear import fit_probe
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "efficientnet_lite0"
@@ -43,10 +45,10 @@ class Cells:
         self.dataset = read_manifest(self.manifest)
         self.features = root / "features"
         self.cache = root / "cache"
-        features.run(features.FeaturesConfig(image_size=64, taps=("pooled", "stage5")), (BACKBONE,), self.dataset,
+        features.run(FeaturesConfig(image_size=64, taps=("pooled", "stage5")), (BACKBONE,), self.dataset,
                      self.cache, self.features)
 
-    def run(self, out: Path, state: Path | None = None, int8_recipe: int8.Recipe | None = None, **settings: object):
+    def run(self, out: Path, state: Path | None = None, int8_recipe: Recipe | None = None, **settings: object):
         cfg = FinetuneConfig.model_validate({**FAST, **settings})
         return run(cfg, BACKBONE, self.features, self.dataset, self.manifest, out, self.cache, state or out.parent / "state",
                    int8_recipe=int8_recipe)
@@ -94,7 +96,7 @@ def test_partial_trains_only_the_last_blocks_and_caches_their_inputs(cells: Cell
     assert any("blocks.6.0" in k for k in changed) and any("blocks.5.3" in k for k in changed)
     assert not any("blocks.5.2" in k or "conv_stem" in k or "blocks.0." in k for k in changed)
     # A second run (another seed) trains on the cached activations: nothing is recomputed.
-    caplog.set_level("INFO", logger="components.training.partial")
+    caplog.set_level("INFO", logger="components.training.activations")
     cells.run(tmp_path / "b", strategy="partial", seed=1)
     assert "activations computed" not in caplog.text
     stores = list((cells.cache / BACKBONE).glob("partial-*"))
@@ -104,24 +106,24 @@ def test_partial_trains_only_the_last_blocks_and_caches_their_inputs(cells: Cell
 
 
 def test_partial_also_trains_on_the_int8_activations_compress_will_serve(cells: Cells, tmp_path: Path) -> None:
-    recipe = int8.Recipe(calibration_images=8)
+    recipe = Recipe(calibration_images=8)
     settings = {"partial": {**FAST["partial"], "blocks": 1, "epochs": 1}}
     result = cells.run(tmp_path / "a", tmp_path / "state-a", int8_recipe=recipe, strategy="partial", **settings)
     report = json.loads(result.artifacts["report"].read_text())
     assert report["info"]["int8_views"] == recipe.describe(8)
     store = next(s for s in (cells.cache / BACKBONE).glob("partial-*") if '"trainable_blocks": 1' in (s / "cache_key.json").read_text())
-    quantized = partial_finetune.int8_store(partial_finetune.ViewStore(store, np.float16, "activation"), recipe, cells.dataset)
-    assert (quantized.dir / partial_finetune.FROZEN_INT8_FILE).exists()
+    quantized = activations.int8_store(activations.ViewStore(store, np.float16, "activation"), recipe, cells.dataset)
+    assert (quantized.dir / activations.FROZEN_INT8_FILE).exists()
     train = cells.dataset.split("train")["sha256"]
     assert len(list(quantized.dir.glob("*/*.npy"))) == 2 * len(train)  # every view of every train image, nothing else
     # INT8 activations are the float ones plus quantization noise: close, not equal.
     sha = train.iloc[0]
-    exact, noisy = (np.load(s.path(sha, 1)).astype(np.float32) for s in (partial_finetune.ViewStore(store, np.float16, ""), quantized))
+    exact, noisy = (np.load(s.path(sha, 1)).astype(np.float32) for s in (activations.ViewStore(store, np.float16, ""), quantized))
     assert not np.array_equal(exact, noisy) and np.abs(noisy - exact).mean() < 0.25 * np.abs(exact).mean()
     # Another recipe is another store; the same one is found again without quantizing.
-    other = partial_finetune.int8_store(partial_finetune.ViewStore(store, np.float16, ""),
-                                        int8.Recipe(calibration_images=8, calibration_method="percentile"), cells.dataset)
-    assert other.dir != quantized.dir and not (other.dir / partial_finetune.FROZEN_INT8_FILE).exists()
+    other = activations.int8_store(activations.ViewStore(store, np.float16, ""),
+                                        Recipe(calibration_images=8, calibration_method="percentile"), cells.dataset)
+    assert other.dir != quantized.dir and not (other.dir / activations.FROZEN_INT8_FILE).exists()
     # Negative: when compress will not quantize (no recipe), or int8_views is off, only float activations train.
     plain = cells.run(tmp_path / "b", tmp_path / "state-b", strategy="partial", **settings)
     off = cells.run(tmp_path / "c", tmp_path / "state-c", int8_recipe=recipe, strategy="partial",
@@ -193,7 +195,7 @@ def test_a_frozen_part_unlike_torch_is_refused_with_the_activations_scale(cells:
         run(cfg, BACKBONE, cells.features, cells.dataset, cells.manifest, tmp_path / "out", cells.cache,
             tmp_path / "state", atol=0.0)
     stores = [s for s in (cells.cache / BACKBONE).glob("partial-*") if '"trainable_blocks": 3' in (s / "cache_key.json").read_text()]
-    assert stores and not any((s / partial_finetune.FROZEN_FILE).exists() for s in stores)  # nothing cached from it
+    assert stores and not any((s / activations.FROZEN_FILE).exists() for s in stores)  # nothing cached from it
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
@@ -364,7 +366,7 @@ def test_on_data_far_from_imagenet_the_guard_fires_and_auto_recovers(tmp_path: P
     source = write_far_dataset(tmp_path / "far", per_class=80, contrast=0.05)
     ingest_run(IngestConfig(source="imagefolder", path=str(source), test_fraction=0.1, val_fraction=0.4), tmp_path / "data")
     dataset = read_manifest(tmp_path / "data" / "manifest.csv")
-    features.run(features.FeaturesConfig(image_size=64), (BACKBONE,), dataset, tmp_path / "cache", tmp_path / "features")
+    features.run(FeaturesConfig(image_size=64), (BACKBONE,), dataset, tmp_path / "cache", tmp_path / "features")
     cfg = FinetuneConfig.model_validate({
         "strategy": "auto", "budget_minutes": 60,
         "partial": {"epochs": 4, "batch_size": 16},

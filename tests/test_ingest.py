@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from components.data.ingest import IngestConfig, IngestError, run
+from components.data.config import IngestConfig
+from components.data.ingest import IngestError, run
 from components.data.manifest import REQUIRED_COLUMNS, assign_split, read_manifest
 from tests.conftest import write_imagefolder
 

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 
 from components.core.errors import UserError
-from components.data.ingest import MAX_PIXELS, IngestConfig, IngestError, source_fingerprint
+from components.data.config import IngestConfig, ValidateConfig
+from components.data.ingest import MAX_PIXELS, IngestError, source_fingerprint
 from components.data.ingest import run as ingest
 from components.data.manifest import ManifestError, read_manifest, stratified_subset, write_manifest
-from components.data.validate import DataValidationError, ValidateConfig
+from components.data.validate import DataValidationError
 from components.data.validate import run as validate
 from tests.conftest import write_imagefolder
 from tlops.config import ConfigError, load_params

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, small_params, venv_env
+from tests.conftest import small_params, venv_env
 
 pytestmark = pytest.mark.slow
 

@@ -50,7 +50,8 @@ def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.tags["tlops.backbone"] == "efficientnet_lite0"
     assert parent.data.tags["data.version"] == version_hash
-    assert parent.info.run_name.startswith("efficientnet_lite0/linear/") and version_hash[:8] in parent.info.run_name
+    assert parent.info.run_name.startswith("efficientnet_lite0 linear ") and f"d{version_hash[:8]}" in parent.info.run_name
+    assert parent.data.tags["tlops.replay"] == "false"
     assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == [version_hash]
     assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.metrics["test_accuracy"] == pytest.approx(float(model_version.tags["test.accuracy"]), abs=1e-4)
@@ -81,11 +82,18 @@ def test_prefect_flow_registers_a_model_that_serves(tmp_path: Path) -> None:
     assert not again["promote"]["cached"] and again["promote"]["decision"] == "kept"
     assert all(again[stage]["cached"] for stage in ("ingest", "features", "finetune", "evaluate", "register"))
     assert again["register"]["version"] == version
+    # ... and the parent run says so, in its name and a tag, so it is not read as a second training run.
+    replayed = client.get_run(again["parent_run_id"])
+    assert again["replay"] and replayed.data.tags["tlops.replay"] == "true"
+    assert replayed.info.run_name.startswith("replay efficientnet_lite0 linear ")
+    assert {r.data.tags["tlops.cached"] for r in client.search_runs(
+        [replayed.info.experiment_id], f"tags.mlflow.parentRunId = '{replayed.info.run_id}'")} == {"true", "false"}
 
     # An edited output is not trusted: that stage and only what follows it recompute.
     (tmp_path / "outputs/finetune/model.pt").write_bytes(b"tampered")
     third = train(params_file=str(params_file))
     assert third["features"]["cached"] and not third["finetune"]["cached"]
+    assert not third["replay"] and client.get_run(third["parent_run_id"]).data.tags["tlops.replay"] == "false"
 
 
 def test_flow_on_your_own_imagefolder(tmp_path: Path) -> None:

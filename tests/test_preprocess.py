@@ -11,8 +11,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from components.data.preprocess import Preprocessing, PreprocessingError, load_batch
-from components.models.backbones import get_entry
 from components.models.onnx_io import model_preprocessing
+from components.models.registry import get_entry
 
 IMAGENET = Preprocessing(input_size=64, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
 
@@ -59,3 +59,26 @@ def test_load_batch_squashes_to_the_declared_size(tmp_path: Path) -> None:
     np.testing.assert_array_equal(batch, load_batch([path, path], IMAGENET.model_dump(mode="json")))
     bicubic = load_batch([path], IMAGENET.model_copy(update={"interpolation": "bicubic"}))
     assert np.abs(bicubic[0] - batch[0]).max() > 1e-3  # the interpolation is applied, not ignored
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear", "nearest", "lanczos"])
+def test_numpy_preprocessing_is_bitwise_torchvisions(elpv_small, interpolation: str) -> None:
+    # The server preprocesses without torch; training used torchvision's Resize -> ToTensor -> Normalize.
+    # Both must give the very same floats, or a served model would see other inputs than it was trained on.
+    from torchvision import transforms
+
+    from components.data.preprocess import model_mode, preprocess_image
+
+    preprocessing = IMAGENET.model_copy(update={"interpolation": interpolation})
+    reference = transforms.Compose([
+        transforms.Lambda(lambda image: (model_mode(image) or image).convert("RGB")),
+        transforms.Resize((64, 64), interpolation=transforms.InterpolationMode[interpolation.upper()], antialias=True),
+        transforms.ToTensor(), transforms.Normalize(preprocessing.mean, preprocessing.std)])
+    rng = np.random.default_rng(0)
+    images = [Image.open(elpv_small.image_path(p)) for p in elpv_small.manifest["path"][:6]]  # grayscale cells
+    images.append(Image.fromarray(rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)))  # RGB, not square
+    images.append(Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)).convert("P"))  # palette, upsampled
+    for image in images:
+        ours, theirs = preprocess_image(image, preprocessing), reference(image).numpy()
+        assert ours.dtype == theirs.dtype == np.float32 and ours.shape == theirs.shape == (3, 64, 64)
+        assert np.array_equal(ours, theirs)

@@ -20,15 +20,18 @@ from mlflow import MlflowClient
 from pydantic import ValidationError
 from torch import nn
 
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import Dataset, read_manifest
 from components.features import extract as features
-from components.models.backbones import get_entry
+from components.features.config import FeaturesConfig
 from components.models.classifier import save_checkpoint
+from components.models.registry import get_entry
 from components.packaging import export
-from components.registry.promote import PromoteConfig, paired_test, run
+from components.registry.config import PromoteConfig
+from components.registry.promote import paired_test, run
 from components.training import finetune
+from components.training.config import FinetuneConfig
 from tests.conftest import write_imagefolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,8 +58,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, dict[str,
     source = write_imagefolder(root / "source", per_class=24)
     ingest_run(IngestConfig(source="imagefolder", path=str(source), test_fraction=0.4, val_fraction=0.3), root / "data")
     dataset = read_manifest(root / "data" / "manifest.csv")
-    features.run(features.FeaturesConfig(image_size=64), ("efficientnet_lite0",), dataset, root / "cache", root / "features")
-    trained = finetune.run(finetune.FinetuneConfig(strategy="linear"), "efficientnet_lite0", root / "features",
+    features.run(FeaturesConfig(image_size=64), ("efficientnet_lite0",), dataset, root / "cache", root / "features")
+    trained = finetune.run(FinetuneConfig(strategy="linear"), "efficientnet_lite0", root / "features",
                            dataset, root / "data" / "manifest.csv", root / "finetune", root / "cache", root / "state")
     checkpoints = {
         "good": trained.artifacts["checkpoint"],

@@ -11,11 +11,13 @@ import torch
 from onnx import numpy_helper
 
 from components.data.manifest import Dataset
-from components.models.backbones import build_trunk, get_entry
+from components.models.backbones import build_trunk
 from components.models.classifier import Classifier
 from components.models.onnx_io import read_metadata
+from components.models.registry import get_entry
 from components.packaging import compress, export
-from components.packaging.pruning import ChannelPruning, macs_and_params, prune_channels
+from components.packaging.config import ChannelPruning
+from components.packaging.pruning import macs_and_params, prune_channels
 from tests.tiny_features import make_features
 from tests.tiny_model import IMAGE_SIZE, make_checkpoint
 from tlops.config import ConfigError, load_params

@@ -10,18 +10,14 @@ from pydantic import ValidationError
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from components.data.ingest import IngestConfig
+from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import Dataset, read_manifest
 from components.features import extract as features
-from components.training.reference import (
-    DEEPER_FINETUNING,
-    ReferenceConfig,
-    ReferenceError,
-    ReferenceResult,
-    fit_reference,
-    judge,
-)
+from components.features.cache import split_features
+from components.features.config import FeaturesConfig
+from components.training.config import ReferenceConfig
+from components.training.reference import DEEPER_FINETUNING, ReferenceError, ReferenceResult, fit_reference, judge
 from tests.far_dataset import CLASSES, write_far_dataset
 
 BACKBONE = "efficientnet_lite0"
@@ -35,7 +31,7 @@ def far(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
     ingest_run(IngestConfig(source="imagefolder", path=str(root / "source"), test_fraction=0.1, val_fraction=0.4),
                root / "data")
     dataset = read_manifest(root / "data" / "manifest.csv")
-    features.run(features.FeaturesConfig(image_size=64), (BACKBONE,), dataset, root / "cache", root / "features")
+    features.run(FeaturesConfig(image_size=64), (BACKBONE,), dataset, root / "cache", root / "features")
     return dataset, root / "features"
 
 
@@ -45,7 +41,7 @@ def frozen_probe_accuracy(dataset: Dataset, features_dir: Path) -> float:
     C is chosen on val itself, which flatters the probe: the guard must fire even so.
     """
     splits = {
-        split: (features.split_features(dataset, features_dir, BACKBONE, "pooled", split),
+        split: (split_features(dataset, features_dir, BACKBONE, "pooled", split),
                 np.asarray(dataset.label_index(dataset.split(split))))
         for split in ("train", "val")
     }

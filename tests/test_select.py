@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from components.data.manifest import Dataset
-from components.features.extract import FeatureCacheError, load_features, split_features
-from components.features.select import SelectConfig, logme_evidences, logme_score, run
+from components.features.cache import FeatureCacheError, load_features, split_features
+from components.features.config import SelectConfig
+from components.features.select import logme_evidences, logme_score, run
 
 LABELS = ("defective", "functional")
 

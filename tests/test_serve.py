@@ -29,12 +29,13 @@ from pydantic import ValidationError
 from components.core.errors import UserError
 from components.data.preprocess import load_batch
 from components.models.onnx_io import model_labels, model_preprocessing, open_session, read_metadata, softmax
-from components.packaging.export import ExportConfig
+from components.packaging.config import ExportConfig
 from components.packaging.export import run as export_run
 from components.serving.app import running_service
+from components.serving.config import ServeConfig
 from components.serving.pyfunc import log_model
 from components.serving.served_model import sha256_of
-from components.serving.server import ModelServer, ServeConfig
+from components.serving.server import ModelServer
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from tests.conftest import REPO, small_params, venv_env
 from tlops import dvc_pipeline, fingerprints
 from tlops.config import load_params
 from tlops.run_state import STATE_FILE, RunInProgressError, RunLock, killed_run
-from tlops.stages import BY_NAME, STAGES, Output, Stage, StageContext, cache_inputs, execute
+from tlops.stages import BY_NAME, STAGES, Output, Stage, cache_inputs, execute
 
 
 def test_committed_dvc_yaml_is_generated_from_the_declaration() -> None:

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from components.core.result import StageResult, sha256_file
+from components.data.config import ValidateConfig
 from components.data.manifest import write_manifest
-from components.data.validate import DataValidationError, ValidateConfig, run
+from components.data.validate import DataValidationError, run
 
 LABELS = ("defective", "functional")
 PER_CLASS_SPLIT = 2

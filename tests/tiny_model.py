@@ -17,8 +17,8 @@ from torch import nn
 from components.core.lineage import data_version
 from components.core.result import sha256_file
 from components.data.manifest import Dataset, read_manifest, write_manifest
-from components.models.backbones import get_entry
 from components.models.classifier import save_checkpoint
+from components.models.registry import get_entry
 
 LABELS = ("defective", "functional")
 SPLITS = ("train", "train", "val", "val", "test", "test")  # 2 images of each label per split

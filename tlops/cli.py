@@ -69,16 +69,20 @@ def run_stage(args: argparse.Namespace) -> None:
     from tlops import tracking
     from tlops.config import load_params
     from tlops.run_state import RunLock
-    from tlops.stages import StageContext, execute, get_stage, stage_params
+    from tlops.stages import StageContext, execute, get_stage, stage_dir, stage_params
 
     params = load_params(args.params, args.overrides)
     stage = get_stage(args.name)
     tracking.check_tracking_server()
-    with RunLock(params, f"tlops stage {stage.name}") as lock:
-        result = execute(stage, params, StageContext(progress=progress_bar()))
+    with RunLock(params, f"tlops stage {stage.name}") as lock, tracking.Recorder(params, "stage") as recorder:
+        run_id = recorder.stage_started(stage)
+        try:
+            result = execute(stage, params, StageContext(progress=progress_bar(), run_id=run_id))
+        except Exception:
+            recorder.stage_failed(stage, stage_dir(params, stage), stage_params(params, stage))
+            raise
+        recorder.stage_done(stage, result, stage_params(params, stage), cached=False)
         lock.stage_done(stage.name)
-    if stage.tracked:
-        tracking.log_stage(params, None, result, stage_params(params, stage), cached=False, runner="stage")
     print(json.dumps({"stage": stage.name, "out_dir": str(result.out_dir), "metrics": result.metrics}, indent=2,
                      default=str))
 
@@ -146,7 +150,7 @@ def run_flow(args: argparse.Namespace) -> None:
 
 
 def list_backbones() -> None:
-    from components.models.backbones import REGISTRY
+    from components.models.registry import REGISTRY
 
     for entry in REGISTRY.values():
         print(f"{entry.name:22s} {entry.architecture:34s} {entry.input_size}px  dim={entry.feature_dim}  "

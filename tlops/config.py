@@ -6,7 +6,7 @@ the dotted key. Overrides use the same dotted keys as `dvc exp run -S`.
 
 from __future__ import annotations
 
-import re
+import warnings
 import zoneinfo
 from pathlib import Path
 from typing import Any
@@ -16,18 +16,19 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from components.core.config import StageConfig
 from components.core.errors import UserError
-from components.data.ingest import IngestConfig
-from components.data.validate import ValidateConfig
-from components.evaluation.evaluate import EvaluateConfig
-from components.features.extract import FeaturesConfig
-from components.features.select import SelectConfig
-from components.monitoring.drift import DriftConfig
-from components.packaging.compress import CompressConfig
-from components.packaging.export import ExportConfig
-from components.registry.promote import PromoteConfig
-from components.serving.server import ServeConfig
-from components.training.finetune import FinetuneConfig
-from components.training.tune import TuneConfig
+from components.data.config import IngestConfig, ValidateConfig
+from components.evaluation.config import EvaluateConfig
+from components.features.config import FeaturesConfig, SelectConfig
+from components.monitoring.config import DriftConfig
+from components.packaging.config import CompressConfig, ExportConfig
+from components.registry.config import PromoteConfig, RegisterConfig
+from components.serving.config import ServeConfig
+from components.training.config import FinetuneConfig, TuneConfig
+
+# `validate` and `register` are stage names, hence block and path names; pydantic warns that they shadow
+# BaseModel.validate (deprecated) and ABCMeta.register, neither of which a params block uses.
+warnings.filterwarnings("ignore", message=r'Field name "(validate|register)" in "(PathsConfig|Params)" shadows',
+                        category=UserWarning)
 
 
 class ConfigError(UserError):
@@ -51,19 +52,6 @@ class PathsConfig(StageConfig):
     promote: str = "outputs/promote"
     drift: str = "outputs/drift"  # appended to by `tlops drift`, never emptied
     tune: str = "outputs/tune"  # `tlops tune`: best.json, best_params.yaml, the optimisation history
-
-
-class RegisterConfig(StageConfig):
-    experiment: str = Field("tlops", min_length=1)
-    model_name: str = Field("tlops-elpv", min_length=1)
-    alias: str = Field("challenger", pattern=r"^[\w\-]+$")  # MLflow's alias characters
-
-    @field_validator("alias")
-    @classmethod
-    def _not_a_version(cls, alias: str) -> str:
-        if re.fullmatch(r"[vV]\d+", alias):
-            raise ValueError(f"{alias!r} reads as a version number to MLflow; choose an alias like 'challenger'")
-        return alias
 
 
 class ScheduleConfig(StageConfig):

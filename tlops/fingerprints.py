@@ -47,6 +47,13 @@ def imported_modules(path: Path) -> set[str]:
 NOT_FOLLOWED = ("tlops.config", "tlops.stages")
 
 
+def holds_code(path: Path) -> bool:
+    """False for an empty module or one that is only a docstring (a package's description is not its code)."""
+    body = ast.parse(path.read_text()).body
+    return bool(body) and not (len(body) == 1 and isinstance(body[0], ast.Expr)
+                               and isinstance(getattr(body[0], "value", None), ast.Constant))
+
+
 @cache
 def project_modules(*roots: str) -> tuple[str, ...]:
     """The files (relative to the repo, sorted) of `roots` and every project module they import."""
@@ -60,7 +67,7 @@ def project_modules(*roots: str) -> tuple[str, ...]:
         seen[name] = path
         if name not in NOT_FOLLOWED:
             pending.extend(imported_modules(path))
-    files = {path for name, path in seen.items() if not path.name == "__init__.py" or path.read_text().strip()}
+    files = {path for path in seen.values() if path.name != "__init__.py" or holds_code(path)}
     return tuple(sorted(str(p.relative_to(ROOT)) for p in files))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from components.core.errors import UserError
+from components.core.lineage import data_version, git_commit
 from components.core.progress import Progress, no_progress
 from components.core.result import RESULT_FILE, StageResult, sha256_file, write_json
 from components.data import ingest, validate
@@ -27,7 +28,7 @@ from components.data.manifest import Dataset, read_manifest
 from components.evaluation import evaluate
 from components.features import extract as features
 from components.features import select
-from components.models import quantization as int8
+from components.models.int8_recipe import Recipe
 from components.packaging import compress, export
 from components.registry import promote
 from components.training import finetune
@@ -43,10 +44,10 @@ TRAINING_FLOW = "flows/train.py"  # part of every Prefect cache key (DVC runs st
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a run passes to every stage besides params: progress bars and the MLflow parent run."""
+    """What a run passes to every stage besides params: progress bars and the stage's tracking run."""
 
     progress: Progress = no_progress
-    parent_run_id: str | None = None
+    run_id: str | None = None  # the MLflow run the recorder opened for this stage
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,6 @@ class Stage:
     outputs: tuple[Output, ...] = (Output(),)
     cached: bool = True  # False: runs every time (DVC: always_changed)
     io_bound: bool = False  # retried on I/O errors (never on bad data)
-    tracked: bool = True  # False: the stage records its own MLflow run
     # A cached result is reused only while this holds (its files are checked for every stage).
     still_valid: Callable[[StageResult], bool] = lambda result: True
     # Files outside the pipeline's folders that params name and the stage reads (a distillation teacher):
@@ -133,9 +133,16 @@ def _evaluate(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 
 def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    from tlops import tracking  # MLflow is imported only by the stages that talk to it
+    from components.registry import register  # MLflow is imported only by the stages that talk to it
 
-    return tracking.register_model(params, out, ctx.parent_run_id)
+    finetuned, compressed = StageResult.load(params.path("finetune")), StageResult.load(params.path("compress"))
+    evaluated = StageResult.load(params.path("evaluate"))
+    lineage = {"backbone": finetuned.info["backbone"], "strategy": finetuned.info["strategy"],
+               "compression": str(compressed.info["shipped"]),
+               "data.version": data_version(params.path("validate") / "manifest.csv"), "git.commit": git_commit()}
+    test_metrics = {k: float(v) for k, v in evaluated.metrics.items() if isinstance(v, (int, float))}
+    return register.run(params.register, params.path("compress") / compress.SHIPPED_FILE, test_metrics, lineage, out,
+                        ctx.run_id)
 
 
 def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -145,12 +152,12 @@ def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 
 def _version_exists(result: StageResult) -> bool:
-    from tlops import tracking
+    from components.registry.register import version_exists
 
-    return tracking.version_exists(result.info["model_name"], result.info["version"])
+    return version_exists(result.info["model_name"], result.info["version"])
 
 
-INT8_KEYS = ("quantize", *(key.name for key in fields(int8.Recipe)))  # compress keys of the INT8 recipe
+INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe)))  # compress keys of the INT8 recipe
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "components.data.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
@@ -180,9 +187,9 @@ STAGES: tuple[Stage, ...] = (
            Output(METRICS_FILE, "metrics"),
            Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
                                                                   "y": "predicted"}))),
-    Stage("register", "tlops.tracking", _register, ("register",),
-          (f"compress/{compress.SHIPPED_FILE}", f"evaluate/{METRICS_FILE}", "validate/manifest.csv"), "register",
-          (Output(cache=False),), io_bound=True, tracked=False, still_valid=_version_exists),
+    Stage("register", "components.registry.register", _register, ("register",),
+          (f"compress/{compress.SHIPPED_FILE}", f"compress/{RESULT_FILE}", f"evaluate/{METRICS_FILE}",
+           f"finetune/{RESULT_FILE}", "validate/manifest.csv"), "register", (Output(cache=False),), io_bound=True, still_valid=_version_exists),
     # Never cached: the champion it is judged against lives in the registry and moves between runs.
     Stage("promote", "components.registry.promote", _promote, ("promote",),
           (f"register/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "promote",

@@ -1,4 +1,10 @@
-"""MLflow tracking: a parent run per pipeline run, a nested run per stage, the model registry.
+"""MLflow tracking at a run's edges: one `Recorder` per `tlops run` or `tlops stage`.
+
+A pipeline run is a parent MLflow run with one nested run per stage; a single `tlops stage` (what
+`dvc repro` calls) is one top-level stage run. The flow and the CLI hold a `Recorder` and tell it
+four things: the run started (entering it), a stage started, a stage is done (or failed), the run
+finished (leaving it). Nothing else in the loop talks to MLflow; the one stage that writes to the
+registry itself (register) is handed its stage run's id so the version links back to it.
 
 With no `MLFLOW_TRACKING_URI`, MLflow uses its embedded default (`sqlite:///mlflow.db` plus
 `mlruns/` artifacts in the working directory); pointing the variable at a server works as is.
@@ -6,53 +12,39 @@ With no `MLFLOW_TRACKING_URI`, MLflow uses its embedded default (`sqlite:///mlfl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from components.core.errors import UserError
 from components.core.lineage import data_version as manifest_version
-from components.core.result import StageResult, sha256_file, write_json
+from components.core.lineage import git_commit
+from components.core.result import StageResult, metric_key
 from components.data.manifest import read_manifest
-from components.packaging.compress import SHIPPED_FILE
-from components.serving import pyfunc as pyfunc_model
 
-if TYPE_CHECKING:  # the schema imports every component; tracking needs none of them
+if TYPE_CHECKING:  # the schema imports every component's config; tracking needs none of them
     from tlops.config import Params
+    from tlops.stages import Stage
 
 log = logging.getLogger(__name__)
 
 # What is worth showing in the MLflow UI; data (images, features) stays with DVC, and the
-# shipped ONNX model is logged once, as an MLflow model, by `register_model`.
+# shipped ONNX model is logged once, as an MLflow model, by the register stage.
 LOGGED_SUFFIXES = {".json", ".png", ".csv", ".md", ".html"}
 LOGGED_FOLDERS = {"data_docs"}  # Great Expectations' HTML report
 MAX_LOGGED_FILE_BYTES = 5 * 2**20
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+INFO_TAGS = ("selected", "backbone", "shipped", "strategy", "negative_transfer", "device", "precision")
+NEVER_CACHED_NOTE = "stages that never replay (promote) do not count"
 
 
 class TrackingError(UserError):
@@ -88,13 +80,6 @@ def data_version(params: Params) -> str:
     return manifest_version(manifest) if manifest.exists() else "unknown"
 
 
-def metric_key(name: str) -> str:
-    """A metric name MLflow accepts whatever the labels are (commas, spaces, any script): unsafe
-    characters become `_`, plus a short hash of the original so two labels never collide."""
-    clean = re.sub(r"[^A-Za-z0-9_.\- ]", "_", name)
-    return clean if clean == name else f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
-
-
 def flat(prefix: str, value: Any) -> dict[str, Any]:
     if isinstance(value, dict):
         out: dict[str, Any] = {}
@@ -112,21 +97,18 @@ def experiment(params: Params) -> str:
     return found.experiment_id
 
 
-@contextmanager
-def pipeline_run(params: Params, runner: str, overrides: list[str] | tuple[str, ...] = ()) -> Iterator[str]:
-    """The parent run of one pipeline execution; yields its run id. Named for what it trained
-    once that is known (`summarize_pipeline`); until then for the backbone choice and overrides."""
-    experiment(params)
-    name = " ".join([f"{params.select.backbone}/{params.finetune.strategy}", *overrides])
-    tags = {"tlops.kind": "pipeline", "tlops.runner": runner, "git.commit": git_commit(),
-            "tlops.overrides": " ".join(overrides) or "none"}
-    with mlflow.start_run(run_name=name, tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in flat("", params.to_dict()).items()})
-        yield run.info.run_id
+def run_name(backbone: str, strategy: str, shipped: str, data: str, overrides: list[str] | tuple[str, ...],
+             replay: bool = False) -> str:
+    """What the runs table shows: `efficientnet_lite0 partial int8 · d1a2b3c4`, `replay` first when nothing
+    was trained, and how many `--set` overrides (their values are the tag `tlops.overrides` and the params)."""
+    words = (["replay"] if replay else []) + [backbone, strategy, shipped, f"· d{data[:8]}"]
+    if overrides:
+        words.append(f"+{len(overrides)} set")
+    return " ".join(words)
 
 
-def log_dataset(params: Params) -> None:
-    """The validated manifest as the active run's MLflow dataset input, its digest the data version."""
+def log_dataset(params: Params, run_id: str) -> None:
+    """The validated manifest as the run's MLflow dataset input, its digest the data version."""
     manifest = params.path("validate") / "manifest.csv"
     frame = read_manifest(manifest, root=params.path("dataset")).manifest
     with warnings.catch_warnings():  # MLflow's hints about local paths and integer columns do not apply here
@@ -134,33 +116,153 @@ def log_dataset(params: Params) -> None:
         dataset = mlflow.data.from_pandas(frame, source=str(manifest.resolve()), targets="label",
                                           name=f"{params.ingest.source}-{params.ingest.label_mode}",
                                           digest=data_version(params))
-        mlflow.log_input(dataset, context="training")
+        with mlflow.start_run(run_id=run_id):  # resumed only to attach the input; the caller ends the run
+            mlflow.log_input(dataset, context="training")
 
 
-def summarize_pipeline(params: Params, parent_run_id: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
-    """Headline name, tags, dataset and test metrics on the parent run, so runs compare side by side."""
-    evaluated = StageResult.load(params.path("evaluate"))
-    selected = StageResult.load(params.path("select")).info["selected"]
-    shipped = StageResult.load(params.path("compress")).info["shipped"]
-    finetuned = StageResult.load(params.path("finetune")).info
-    strategy = finetuned["strategy"]
-    version = data_version(params)
-    client = MlflowClient()
-    name = " ".join([f"{selected}/{strategy}/{shipped}", f"data:{version[:8]}", *overrides])
-    client.update_run(parent_run_id, name=name)
-    for key, value in {"tlops.backbone": selected, "tlops.strategy": strategy, "tlops.shipped": shipped,
-                       "tlops.negative_transfer": finetuned.get("negative_transfer", "unknown"),
-                       "data.version": version}.items():
-        client.set_tag(parent_run_id, key, value)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == parent_run_id:
-        log_dataset(params)
-    else:
-        with mlflow.start_run(run_id=parent_run_id):
-            log_dataset(params)
-    for key, value in evaluated.metrics.items():
-        if isinstance(value, (int, float)):
-            client.log_metric(parent_run_id, metric_key(f"test_{key}"), float(value))
+def log_artifacts(client: MlflowClient, run_id: str, result: StageResult) -> None:
+    """The stage's report files (top level of its folder) and report sites, never its data."""
+    if not result.out_dir.is_dir():
+        return
+    for path in sorted(result.out_dir.iterdir()):
+        if path.is_file() and path.suffix in LOGGED_SUFFIXES and path.stat().st_size <= MAX_LOGGED_FILE_BYTES:
+            client.log_artifact(run_id, str(path))
+        elif path.is_dir() and path.name in LOGGED_FOLDERS:
+            client.log_artifacts(run_id, str(path), artifact_path=path.name)
+
+
+def history_metrics(result: StageResult) -> list[Metric]:
+    """Per-epoch curves (a stage's `history.json`) as MLflow metric steps, so the UI draws them."""
+    history = result.artifacts.get("history")
+    if history is None or not Path(history).is_file():
+        return []
+    now = int(time.time() * 1000)
+    return [Metric(metric_key(f"epoch.{key}"), float(value), now, int(entry.get("epoch", step)))
+            for step, entry in enumerate(json.loads(Path(history).read_text())) for key, value in entry.items()
+            if key != "epoch" and isinstance(value, (int, float))]
+
+
+def log_batch(client: MlflowClient, run_id: str, metrics: list[Metric] | None = None,
+              params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> None:
+    """Within MLflow's batch limits: 1,000 metrics, 100 params, 100 tags a call."""
+    params_list = [Param(k, str(v)[:500]) for k, v in (params or {}).items()]
+    tags_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, len(params_list), 100):
+        client.log_batch(run_id, params=params_list[start:start + 100])
+    for start in range(0, len(tags_list), 100):
+        client.log_batch(run_id, tags=tags_list[start:start + 100])
+    for start in range(0, len(metrics or []), 1000):
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
+class Recorder:
+    """`with Recorder(params, runner, overrides) as recorder:` — one run's record in MLflow.
+
+    `runner="prefect"` (a `tlops run`) opens a parent run on entering and, on leaving, names it for
+    what it trained and gives it the test metrics, the dataset and, when nothing was recomputed, the
+    mark of a replay. `runner="stage"` (a `tlops stage`, i.e. `dvc repro`) records stage runs only.
+    """
+
+    def __init__(self, params: Params, runner: str, overrides: list[str] | tuple[str, ...] = (),
+                 killed: dict[str, Any] | None = None):
+        self.params, self.runner, self.overrides, self.killed = params, runner, list(overrides), killed
+        self.client = MlflowClient()
+        self.run_id: str | None = None  # the parent run, for a pipeline
+        self.cached: dict[str, bool] = {}  # per stage that can replay from cache: whether it did
+        self._stage_runs: dict[str, str] = {}
+        self._experiment_id = ""
+
+    def __enter__(self) -> Recorder:
+        self._experiment_id = experiment(self.params)
+        if self.killed:
+            mark_killed(self.killed)
+        if self.runner == "prefect":
+            params, overrides = self.params, self.overrides
+            name = " ".join([params.select.backbone, params.finetune.strategy, "(running)"])
+            tags = {"tlops.kind": "pipeline", "tlops.runner": self.runner, "git.commit": git_commit(),
+                    "tlops.overrides": " ".join(overrides) or "none", "mlflow.runName": name}
+            self.run_id = self.client.create_run(self._experiment_id, run_name=name, tags=tags).info.run_id
+            log_batch(self.client, self.run_id, params=flat("", params.to_dict()))
+        return self
+
+    def stage_started(self, stage: Stage) -> str:
+        """Open the stage's run (nested under the pipeline's, if any) and return its id."""
+        tags = {"tlops.kind": "stage", "tlops.stage": stage.name, "tlops.runner": self.runner,
+                "git.commit": git_commit()}
+        if self.run_id:
+            tags["mlflow.parentRunId"] = self.run_id
+        run_id = self.client.create_run(self._experiment_id, run_name=stage.name, tags=tags).info.run_id
+        self._stage_runs[stage.name] = run_id
+        return run_id
+
+    def stage_done(self, stage: Stage, result: StageResult, stage_params: dict[str, Any], cached: bool) -> None:
+        """Params, metrics, curves, tags and report files of a finished (or replayed) stage."""
+        run_id = self._stage_runs.pop(stage.name)
+        if stage.cached:
+            self.cached[stage.name] = cached
+        tags = {"tlops.cached": str(cached).lower(), "data.version": data_version(self.params)}
+        tags |= {f"tlops.{key}": str(result.info[key]) for key in INFO_TAGS if key in result.info}
+        if "why" in result.info:
+            tags["mlflow.note.content"] = str(result.info["why"])  # shown as the run's description in the UI
+        metrics = [Metric(metric_key(k), float(v), int(time.time() * 1000), 0)
+                   for k, v in result.metrics.items() if isinstance(v, (int, float))]
+        log_batch(self.client, run_id, metrics + history_metrics(result), stage_params, tags)
+        log_artifacts(self.client, run_id, result)
+        if "model_uri" in result.info:  # a registered version: its source run shows the data it was trained on
+            log_dataset(self.params, run_id)
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def stage_failed(self, stage: Stage, out_dir: Path, stage_params: dict[str, Any]) -> None:
+        """A FAILED stage run holding whatever the stage wrote before it stopped (reports, data docs)."""
+        run_id = self._stage_runs.pop(stage.name, None)
+        if run_id is None:
+            return
+        try:
+            result = StageResult.load(out_dir)
+        except FileNotFoundError:
+            result = StageResult(stage=stage.name, out_dir=out_dir)
+        log_batch(self.client, run_id, params=stage_params, tags={"tlops.cached": "false"})
+        log_artifacts(self.client, run_id, result)
+        self.client.set_terminated(run_id, status="FAILED")
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        for run_id in self._stage_runs.values():  # stages interrupted between started and done
+            self.client.set_terminated(run_id, status="KILLED" if kind is KeyboardInterrupt else "FAILED")
+        if self.run_id is None:
+            return
+        if kind is None:
+            self.finished()
+        else:
+            self.client.set_terminated(self.run_id, status="KILLED" if kind is KeyboardInterrupt else "FAILED")
+
+    def replayed(self) -> bool:
+        """Nothing was recomputed: every stage that can replay from cache did."""
+        return bool(self.cached) and all(self.cached.values())
+
+    def finished(self) -> None:
+        """Headline name, tags, dataset and test metrics on the parent run, so runs compare side by side."""
+        params, run_id = self.params, self.run_id
+        assert run_id is not None
+        evaluated = StageResult.load(params.path("evaluate"))
+        selected = StageResult.load(params.path("select")).info["selected"]
+        shipped = StageResult.load(params.path("compress")).info["shipped"]
+        finetuned = StageResult.load(params.path("finetune")).info
+        version, replay = data_version(params), self.replayed()
+        tags = {"mlflow.runName": run_name(selected, finetuned["strategy"], shipped, version, self.overrides, replay),
+                "tlops.backbone": selected, "tlops.strategy": finetuned["strategy"], "tlops.shipped": shipped,
+                "tlops.negative_transfer": finetuned.get("negative_transfer", "unknown"), "data.version": version,
+                "tlops.replay": str(replay).lower()}
+        note = [f"Overrides: `{' '.join(self.overrides)}`." if self.overrides else "params.yaml as it is."]
+        if replay:
+            note.insert(0, f"Replayed from cache: no stage was recomputed ({NEVER_CACHED_NOTE}); the metrics are "
+                           f"those of the run that trained this model.")
+        tags["mlflow.note.content"] = " ".join(note)
+        now = int(time.time() * 1000)
+        metrics = [Metric(metric_key(f"test_{k}"), float(v), now, 0) for k, v in evaluated.metrics.items()
+                   if isinstance(v, (int, float))]
+        log_batch(self.client, run_id, metrics, tags=tags)
+        log_dataset(params, run_id)
+        self.client.set_terminated(run_id, status="FINISHED")
 
 
 def log_drift(params: Params, record: dict[str, Any], plot: Path) -> str:
@@ -201,130 +303,3 @@ def mark_killed(previous: dict[str, Any]) -> None:
         except Exception as error:  # noqa: BLE001 - another API's run id: note it and go on
             log.warning("could not mark Prefect flow run %s as crashed: %s", flow_run_id, error)
     log.warning("the previous run (%s) was killed; marked it in MLflow and Prefect", previous.get("run_id"))
-
-
-def log_artifacts(result: StageResult) -> None:
-    """The stage's report files (top level of its folder) and report sites, never its data."""
-    if not result.out_dir.is_dir():
-        return
-    for path in sorted(result.out_dir.iterdir()):
-        if path.is_file() and path.suffix in LOGGED_SUFFIXES and path.stat().st_size <= MAX_LOGGED_FILE_BYTES:
-            mlflow.log_artifact(str(path))
-        elif path.is_dir() and path.name in LOGGED_FOLDERS:
-            mlflow.log_artifacts(str(path), artifact_path=path.name)
-
-
-def log_stage(params: Params, parent_run_id: str | None, result: StageResult, stage_params: dict[str, Any],
-              cached: bool, runner: str) -> str:
-    """A nested run for one stage: its params, metrics, tags and readable artifacts."""
-    experiment(params)
-    tags = {"tlops.kind": "stage", "tlops.stage": result.stage, "tlops.runner": runner, "tlops.cached": str(cached).lower(),
-            "git.commit": git_commit(), "data.version": data_version(params)}
-    for key in ("selected", "backbone", "shipped", "strategy", "negative_transfer", "device", "precision"):
-        if key in result.info:
-            tags[f"tlops.{key}"] = str(result.info[key])
-    if "why" in result.info:
-        tags["mlflow.note.content"] = str(result.info["why"])  # shown as the run's description in the UI
-    with mlflow.start_run(run_name=result.stage, nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags=tags) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in stage_params.items()})
-        numeric = {metric_key(k): float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        if numeric:
-            mlflow.log_metrics(numeric)
-        log_history(result)
-        log_artifacts(result)
-        return run.info.run_id
-
-
-def log_history(result: StageResult) -> None:
-    """Per-epoch curves (a stage's `history.json`) as MLflow metric steps, so the UI draws them."""
-    history = result.artifacts.get("history")
-    if history is None or not Path(history).is_file():
-        return
-    entries = json.loads(Path(history).read_text())
-    now = int(time.time() * 1000)
-    metrics = [Metric(metric_key(f"epoch.{key}"), float(value), now, int(entry.get("epoch", step)))
-               for step, entry in enumerate(entries) for key, value in entry.items()
-               if key != "epoch" and isinstance(value, (int, float))]
-    for start in range(0, len(metrics), 1000):
-        MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics[start:start + 1000])
-
-
-def log_failed_stage(params: Params, parent_run_id: str | None, stage: str, out_dir: Path,
-                     stage_params: dict[str, Any]) -> None:
-    """A FAILED nested run holding whatever the stage wrote before it stopped (reports, data docs)."""
-    try:
-        result = StageResult.load(out_dir)
-    except FileNotFoundError:
-        result = StageResult(stage=stage, out_dir=out_dir)
-    run_id = log_stage(params, parent_run_id, result, stage_params, cached=False, runner="prefect")
-    MlflowClient().set_terminated(run_id, status="FAILED")
-
-
-def registered_sha256(model_uri: str) -> str:
-    """sha256 of the ONNX file the registry actually holds for `model_uri` (read back, not assumed)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=scratch))
-        files = sorted(local.rglob("*.onnx"))
-        if len(files) != 1:
-            raise RuntimeError(f"{model_uri}: expected one .onnx file in the registered model, found {len(files)}")
-        return sha256_file(files[0])
-
-
-def register_model(params: Params, out_dir: Path, parent_run_id: str | None = None) -> StageResult:
-    """Log the shipped ONNX model with MLflow's ONNX flavor and register it as a new version."""
-    compressed = StageResult.load(params.path("compress"))
-    evaluated = StageResult.load(params.path("evaluate"))
-    finetuned = StageResult.load(params.path("finetune"))
-    model_path = params.path("compress") / SHIPPED_FILE
-    experiment(params)
-    name = params.register.model_name
-    test_metrics = {k: float(v) for k, v in evaluated.metrics.items() if isinstance(v, (int, float))}
-    with mlflow.start_run(run_name="register", nested=parent_run_id is not None, parent_run_id=parent_run_id,
-                          tags={"tlops.kind": "stage", "tlops.stage": "register", "git.commit": git_commit(),
-                                "data.version": data_version(params)}):
-        log_dataset(params)
-        # A pyfunc whose artifact is the ONNX file byte for byte: `mlflow models serve` takes images,
-        # and what is registered hashes to what evaluate scored.
-        info = pyfunc_model.log_model(model_path, registered_model_name=name)
-        mlflow.log_metrics({metric_key(f"test_{k}"): v for k, v in test_metrics.items()})
-    client = MlflowClient()
-    version = str(info.registered_model_version)
-    model_uri = f"models:/{name}/{version}"
-    lineage = {
-        "backbone": finetuned.info["backbone"],
-        "strategy": finetuned.info["strategy"],
-        "compression": str(compressed.info.get("shipped")),
-        "data.version": data_version(params),
-        "git.commit": git_commit(),
-        "model_sha256": registered_sha256(model_uri),
-    }
-    metrics = {metric_key(f"test.{k}"): f"{v:.4f}" for k, v in test_metrics.items()}
-    for key, value in {**lineage, **metrics}.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, params.register.alias, version)
-    log.info("registered %s version %s (alias %s)", name, version, params.register.alias)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "registration.json", {"model_name": name, "version": version, "alias": params.register.alias,
-                                                "model_uri": model_uri, "tracking_uri": mlflow.get_tracking_uri(),
-                                                **lineage})
-    result = StageResult(stage="register", out_dir=out_dir, metrics={"version": float(version)},
-                         artifacts={"registration": out_dir / "registration.json"},
-                         info={"model_name": name, "version": version, "model_uri": model_uri})
-    result.save()
-    return result
-
-
-def version_exists(model_name: str, version: str) -> bool:
-    """Whether the registry still holds this version. A registry that cannot be read is an
-    error, never taken as "the version is gone" (which would register a duplicate)."""
-    try:
-        MlflowClient().get_model_version(model_name, version)
-        return True
-    except MlflowException as error:
-        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return False
-        raise TrackingError(
-            f"MLFLOW_TRACKING_URI={mlflow.get_tracking_uri()}: cannot read {model_name} version {version} from the "
-            f"registry ({str(error).splitlines()[0][:200]})."
-        ) from None

@@ -22,7 +22,8 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunStatus
 
-from components.core.result import RESULT_FILE, StageResult, atomic_path, write_json
+from components.core.lineage import git_commit
+from components.core.result import RESULT_FILE, StageResult, atomic_path, metric_key, write_json
 from components.training import tune as tuning
 from tlops import tracking
 
@@ -67,7 +68,7 @@ def log_trial(parent_run_id: str, study: optuna.Study, trial: optuna.trial.Froze
     now = int(time.time() * 1000)
     metrics = [Metric("epoch.val_accuracy", float(v), now, int(step)) for step, v in trial.intermediate_values.items()]
     for entry in trial.user_attrs.get("history", []):
-        metrics += [Metric(tracking.metric_key(f"epoch.{k}"), float(v), now, int(entry["epoch"]))
+        metrics += [Metric(metric_key(f"epoch.{k}"), float(v), now, int(entry["epoch"]))
                     for k, v in entry.items() if k not in ("epoch", "val_accuracy") and isinstance(v, (int, float))]
     if trial.value is not None:
         metrics.append(Metric("val_accuracy", float(trial.value), now, 0))
@@ -133,7 +134,7 @@ def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
     with RunLock(params, command) as lock:
         ran = ensure_prerequisites(params, lock)
         tracking.experiment(params)
-        tags = {"tlops.kind": "tune", "tlops.strategy": cfg.strategy, "git.commit": tracking.git_commit(),
+        tags = {"tlops.kind": "tune", "tlops.strategy": cfg.strategy, "git.commit": git_commit(),
                 "data.version": tracking.data_version(params)}
         with mlflow.start_run(run_name="tune", tags=tags) as parent:
             parent_id = parent.info.run_id

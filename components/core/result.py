@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,13 @@ def to_json(value: Any, indent: int | None = None) -> str:
 def sha256_json(value: Any) -> str:
     """A stable hash of a JSON-able value (sorted keys), for cache keys."""
     return hashlib.sha256(to_json(value).encode()).hexdigest()
+
+
+def metric_key(name: str) -> str:
+    """A metric name every tracking store accepts whatever the labels are (commas, spaces, any script):
+    unsafe characters become `_`, plus a short hash of the original so two labels never collide."""
+    clean = re.sub(r"[^A-Za-z0-9_.\- ]", "_", name)
+    return clean if clean == name else f"{clean}-{hashlib.sha256(name.encode()).hexdigest()[:6]}"
 
 
 @contextmanager

@@ -50,16 +50,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import Field, ValidationInfo, field_validator
 
-from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.core.result import StageResult, sha256_file, sha256_json
+from components.data.config import IngestConfig
 from components.data.manifest import SPLITS, assign_split, stratified_subset, write_manifest
 from components.data.preprocess import model_mode
 
@@ -79,26 +76,6 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexErr
 # Columns ingest writes itself; a CSV source may not bring its own.
 RESERVED_COLUMNS = ("sha256", "width", "height", "mode", "source_path", "source_sha256", "source_mode")
 SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class IngestConfig(StageConfig):
-    source: Literal["elpv", "imagefolder", "csv"] = "elpv"
-    path: str | None = None
-    label_mode: Literal["binary", "four_class"] = "binary"
-    test_fraction: float = Field(default=0.25, gt=0, lt=1)
-    val_fraction: float = Field(default=0.2, ge=0, lt=1)
-    seed: int = 42
-    limit: int | None = Field(default=None, ge=1)
-    allow_outside_root: bool = False  # read CSV rows / ImageFolder symlinks that resolve outside the source
-
-    @field_validator("path")
-    @classmethod
-    def _path_for_file_sources(cls, path: str | None, info: ValidationInfo) -> str | None:
-        source = info.data.get("source")
-        if source in ("imagefolder", "csv") and not path:
-            what = "ImageFolder root" if source == "imagefolder" else "CSV file"
-            raise ValueError(f"needed when ingest.source={source}: the {what} to read")
-        return path
 
 
 class IngestError(UserError):

@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from torchvision import transforms
 
 from components.core.errors import UserError
 
@@ -106,27 +104,26 @@ def model_mode(image: Image.Image) -> Image.Image | None:
     return None
 
 
-def build_transform(preprocessing: Preprocessing) -> transforms.Compose:
-    """PIL image -> normalised CHW float tensor."""
+def preprocess_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """A decoded image -> the normalised CHW float32 array the network takes.
+
+    PIL and numpy only, so a server runs it without torch. It is bitwise what torchvision's
+    Resize(antialias) -> ToTensor -> Normalize computes on a PIL image: Resize on PIL input is
+    PIL's own resize, and both divide by 255 and then normalise in float32 (a test holds them equal).
+    """
+    rgb = (model_mode(image) or image).convert(preprocessing.color)
     size = preprocessing.input_size
-    return transforms.Compose(
-        [
-            transforms.Lambda(lambda image: (model_mode(image) or image).convert(preprocessing.color)),
-            transforms.Resize(
-                (size, size), interpolation=transforms.InterpolationMode[preprocessing.interpolation.upper()],
-                antialias=True,
-            ),
-            transforms.ToTensor(),
-            transforms.Normalize(preprocessing.mean, preprocessing.std),
-        ]
-    )
+    resized = rgb.resize((size, size), Image.Resampling[preprocessing.interpolation.upper()])
+    pixels = np.asarray(resized, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    normalised = (pixels - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
 def load_batch(paths: Sequence[Path], preprocessing: Preprocessing | Mapping[str, object]) -> np.ndarray:
     """Decode and preprocess images into one float32 NCHW array."""
-    transform = build_transform(Preprocessing.of(preprocessing))
-    tensors = []
+    preprocessing = Preprocessing.of(preprocessing)
+    arrays = []
     for path in paths:
         with Image.open(path) as image:
-            tensors.append(transform(image))
-    return torch.stack(tensors).numpy()
+            arrays.append(preprocess_image(image, preprocessing))
+    return np.stack(arrays)

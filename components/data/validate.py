@@ -18,7 +18,6 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
@@ -31,11 +30,10 @@ from great_expectations.data_context.types.base import (
     ProgressBarsConfig,
 )
 from PIL import ImageMode
-from pydantic import Field, ValidationInfo, field_validator
 
-from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.core.result import RESULT_FILE, StageResult, write_json
+from components.data.config import ValidateConfig
 from components.data.ingest import read_image
 from components.data.manifest import SPLITS, read_manifest, write_manifest
 
@@ -50,44 +48,6 @@ MODE_HINTS = {
     "I": "32-bit integer pixels have no fixed range; convert the source images to 8-bit yourself",
     "F": "floating-point pixels have no fixed range; convert the source images to 8-bit yourself",
 }
-
-
-class ValidateConfig(StageConfig):
-    on_invalid: Literal["fail", "exclude"] = "fail"
-    # None accepts the labels ingest produced; a declared set needs two or more distinct labels.
-    labels: tuple[str, ...] | None = Field(default=None, min_length=2)
-    min_per_class_split: int = Field(default=5, ge=1)
-    min_side: int = Field(default=32, ge=1)
-    max_side: int = Field(default=4096, ge=1)
-    allowed_modes: tuple[str, ...] = Field(default=("L", "RGB"), min_length=1)
-
-    @field_validator("labels")
-    @classmethod
-    def _distinct_labels(cls, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if labels is not None:
-            if any(not label.strip() for label in labels):
-                raise ValueError("a declared label may not be empty")
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"labels repeat in {list(labels)}")
-        return labels
-
-    @field_validator("max_side")
-    @classmethod
-    def _max_not_below_min(cls, max_side: int, info: ValidationInfo) -> int:
-        min_side = info.data.get("min_side")
-        if min_side is not None and max_side < min_side:
-            raise ValueError(f"max_side {max_side} is below min_side {min_side}")
-        return max_side
-
-    @field_validator("allowed_modes")
-    @classmethod
-    def _known_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
-        for mode in modes:
-            try:
-                ImageMode.getmode(mode)
-            except KeyError:
-                raise ValueError(f"{mode!r} is not a Pillow image mode (e.g. L, RGB)") from None
-        return modes
 
 
 class DataValidationError(UserError):

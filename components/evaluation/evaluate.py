@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from pydantic import Field
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from components.core.config import StageConfig
 from components.core.result import StageResult
 from components.data.manifest import Dataset
+from components.evaluation.config import EvaluateConfig
 from components.models.onnx_io import predict_frame, read_metadata, softmax
 
 log = logging.getLogger(__name__)
@@ -28,11 +27,6 @@ log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "confusion_matrix.png"
 RELIABILITY_FILE = "reliability.png"
-
-
-class EvaluateConfig(StageConfig):
-    batch_size: int = Field(32, ge=1)
-    calibration_bins: int = Field(10, ge=1)
 
 
 def calibration_table(confidence: np.ndarray, correct: np.ndarray, bins: int) -> pd.DataFrame:

@@ -1,0 +1,1 @@
+"""Frozen trunks in ONNX Runtime, their per-image content-addressed cache, and LogME backbone selection."""

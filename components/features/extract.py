@@ -14,14 +14,9 @@ entry is logged and recomputed, never read as valid.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import inspect
-import json
 import logging
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,95 +26,42 @@ import numpy as np
 import onnx
 import pandas as pd
 import torch
-from pydantic import Field, field_validator
 
-from components.core.config import StageConfig
+from components.core.code_version import package_versions, source_sha256
 from components.core.errors import UserError
 from components.core.progress import Progress, no_progress
-from components.core.result import StageResult, atomic_path, sha256_json, write_json
+from components.core.result import StageResult, atomic_path, write_json
 from components.data import preprocess
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
+from components.features import cache
+from components.features.cache import FEATURES_FILE, RECORD_FILE, FeatureStore, cache_key
+from components.features.config import FeaturesConfig
 from components.models import backbones
-from components.models.backbones import REGISTRY, BackboneEntry, Trunk, build_trunk, get_entry
+from components.models.backbones import Trunk, build_trunk
 from components.models.onnx_io import open_session
+from components.models.registry import BackboneEntry, get_entry
 
 log = logging.getLogger(__name__)
 
-FEATURES_FILE = "features.npz"
-RECORD_FILE = "backbone.json"
-KEY_FILE = "cache_key.json"
-TRUNK_FILE = "trunk.onnx"
-RERUN_FEATURES = "rerun the features stage (`tlops stage features` or `dvc repro`)"
-# Opset 13 is the first with per-channel QuantizeLinear (compress's INT8); 20 is the newest the
-# TorchScript exporter (the one usable without onnxscript) writes.
-MIN_OPSET, MAX_OPSET = 13, 20
 # Libraries whose arithmetic or image decoding ends up in a cached vector.
 KEYED_PACKAGES = ("numpy", "onnx", "onnxruntime", "pillow", "timm", "torch", "torchvision")
 
 B = TypeVar("B")
 
 
-class FeatureCacheError(UserError):
-    """Cached features that do not cover the manifest; the message names the backbone and the fix."""
-
-
 class TrunkParityError(UserError):
     """An exported trunk that does not compute what the torch trunk computes (or fails onnx.checker)."""
-
-
-def known_taps() -> list[str]:
-    return sorted({tap for entry in REGISTRY.values() for tap in entry.taps})
-
-
-class FeaturesConfig(StageConfig):
-    image_size: int | None = Field(None, ge=32)  # None = each backbone's native size; the trunks stride 32
-    taps: tuple[str, ...] = Field(("pooled",), min_length=1)
-    batch_size: int = Field(32, ge=1)
-    num_threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = its default (all cores)
-    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
-    parity_images: int = Field(4, ge=1)  # real images the exported trunk is checked on against torch
-    parity_atol: float = Field(1e-4, ge=0)  # max |feature difference| ONNX Runtime vs torch
-
-    @field_validator("taps")
-    @classmethod
-    def _taps_are_known(cls, taps: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [t for t in taps if t not in known_taps()]
-        if unknown:
-            raise ValueError(f"unknown tap(s) {unknown}; the registered backbones offer {known_taps()}")
-        if len(set(taps)) != len(taps):
-            raise ValueError(f"taps {list(taps)} name a tap twice")
-        return taps
 
 
 def feature_code() -> tuple[Any, ...]:
     """The code between an image file and a cached vector; its source is part of every key.
 
-    Whole modules for preprocessing and this one; from backbones.py only the trunk builder and
-    weight-key mapping, so registering another backbone leaves existing caches valid.
+    Whole modules: the preprocessing, the trunk builder (weights, key mapping, `Trunk`), this one and
+    the cache it writes. Not the registry: registering another backbone leaves existing caches valid
+    (an entry's own fields are in the key).
     """
-    return (
-        preprocess,
-        sys.modules[__name__],
-        backbones.weights_path,
-        backbones.lukemelas_to_timm,
-        backbones.build_classifier,
-        backbones.Trunk,
-        backbones.build_trunk,
-    )
-
-
-def source_sha256(objects: Sequence[Any]) -> dict[str, str]:
-    """sha256 of each object's source text, by qualified name."""
-    hashes = {}
-    for obj in objects:
-        name = obj.__name__ if inspect.ismodule(obj) else f"{obj.__module__}.{obj.__qualname__}"
-        hashes[name] = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
-    return hashes
-
-
-def package_versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in KEYED_PACKAGES}
+    return (preprocess, backbones, sys.modules[__name__], cache)
 
 
 def key_inputs(entry: BackboneEntry, preprocessing: Preprocessing, taps: Sequence[str], opset: int) -> dict[str, Any]:
@@ -131,7 +73,7 @@ def key_inputs(entry: BackboneEntry, preprocessing: Preprocessing, taps: Sequenc
         "preprocessing": preprocessing.model_dump(mode="json"),
         "taps": {tap: entry.taps[tap] for tap in taps},
         "opset": opset,
-        "versions": package_versions(),
+        "versions": package_versions(KEYED_PACKAGES),
         "code_sha256": source_sha256(feature_code()),
     }
 
@@ -140,68 +82,8 @@ def config_key_inputs(entry: BackboneEntry, cfg: FeaturesConfig) -> dict[str, An
     return key_inputs(entry, entry.preprocessing(cfg.image_size), cfg.taps, cfg.opset)
 
 
-def cache_key(inputs: Mapping[str, Any]) -> str:
-    return sha256_json(inputs)[:20]
-
-
 def space_key(entry: BackboneEntry, cfg: FeaturesConfig) -> str:
     return cache_key(config_key_inputs(entry, cfg))
-
-
-class FeatureStore:
-    """One `.npz` per image under `root/<key>/<sha[:2]>/<sha>.npz`, written atomically."""
-
-    def __init__(self, root: Path, key: str):
-        self.key = key
-        self.dir = root / key
-        self.trunk_path = self.dir / TRUNK_FILE
-
-    def describe(self, inputs: Mapping[str, Any]) -> None:
-        """Write `cache_key.json` (what the key covers) unless it is already there."""
-        if cache_key(inputs) != self.key:
-            raise ValueError(f"inputs hash to {cache_key(inputs)}, not this store's key {self.key}")
-        if not (self.dir / KEY_FILE).exists():
-            write_json(self.dir / KEY_FILE, {"key": self.key, "inputs": inputs})
-
-    def path(self, sha256: str) -> Path:
-        return self.dir / sha256[:2] / f"{sha256}.npz"
-
-    def has(self, sha256: str) -> bool:
-        return self.path(sha256).exists()
-
-    def put(self, sha256: str, arrays: Mapping[str, np.ndarray]) -> None:
-        with atomic_path(self.path(sha256)) as partial, open(partial, "wb") as f:
-            np.savez(f, **arrays)
-
-    def get(self, sha256: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
-        """The entry's arrays, or None when it is absent or not a valid entry of this key."""
-        path = self.path(sha256)
-        if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            log.warning("%s: unreadable cached features (%s); recomputing it", path, error)
-            return None
-        problem = entry_problem(arrays, shapes)
-        if problem:
-            log.warning("%s: %s; recomputing it", path, problem)
-            return None
-        return arrays
-
-
-def entry_problem(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why `arrays` is not a valid cache entry for taps of `shapes`, or None."""
-    if set(arrays) != set(shapes):
-        return f"holds taps {sorted(arrays)}, expected {sorted(shapes)}"
-    for tap, shape in shapes.items():
-        array = arrays[tap]
-        if array.dtype != np.float32 or array.shape != shape:
-            return f"tap {tap!r} is {array.dtype}{list(array.shape)}, expected float32{list(shape)}"
-        if not np.isfinite(array).all():
-            return f"tap {tap!r} holds non-finite values"
-    return None
 
 
 def export_trunk(trunk: Trunk, input_size: int, opset: int, path: Path) -> Path:
@@ -333,64 +215,6 @@ def extract(
     log.info("%s: %d computed (%d replacing invalid entries), %d from cache %s", entry.name, len(missing),
              invalid, len(frame) - len(missing), store.dir)
     return features, stats
-
-
-def load_features(features_dir: Path, backbone: str, tap: str = "pooled") -> tuple[np.ndarray, np.ndarray]:
-    """(sha256 per row as str, features float32) from `features_dir/<backbone>/features.npz`."""
-    path = Path(features_dir) / backbone / FEATURES_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no cached features for backbone {backbone!r}; {RERUN_FEATURES}.")
-    try:
-        with np.load(path, allow_pickle=False) as cache:
-            if "sha256" not in cache.files:
-                raise FeatureCacheError(f"{path}: no 'sha256' array (backbone {backbone!r}); {RERUN_FEATURES}.")
-            if tap not in cache.files:
-                taps = sorted(k for k in cache.files if k != "sha256")
-                raise KeyError(f"{path}: backbone {backbone!r} has no cached tap {tap!r}; cached: {taps}.")
-            sha256, features = cache["sha256"].astype(str), cache[tap]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise FeatureCacheError(f"{path}: unreadable ({error}); {RERUN_FEATURES}.") from None
-    if features.ndim != 2 or features.shape[0] != sha256.shape[0]:
-        raise FeatureCacheError(
-            f"{path}: tap {tap!r} has shape {features.shape} for {sha256.shape[0]} sha256 rows; {RERUN_FEATURES}."
-        )
-    return sha256, features.astype(np.float32, copy=False)
-
-
-def rows_by_sha256(sha256: np.ndarray, features: np.ndarray, wanted: pd.Series, backbone: str, what: str) -> np.ndarray:
-    """Rows of `features` for the `wanted` sha256 values, in their order."""
-    index = pd.Index(sha256)
-    keep = ~index.duplicated()  # identical images have identical features
-    positions = index[keep].get_indexer(wanted.astype(str))
-    missing = int((positions < 0).sum())
-    if missing:
-        example = wanted.iloc[int(np.argmax(positions < 0))]
-        raise FeatureCacheError(
-            f"cached features for backbone {backbone!r} lack {missing} of {positions.size} {what} images "
-            f"(e.g. sha256 {example}): the cache predates the manifest; {RERUN_FEATURES}."
-        )
-    return features[keep][positions]
-
-
-def split_features(dataset: Dataset, features_dir: Path, backbone: str, tap: str, split: str = "train") -> np.ndarray:
-    """The cached features of `split`'s rows, in manifest order, matched by sha256."""
-    sha256, features = load_features(features_dir, backbone, tap)
-    return rows_by_sha256(sha256, features, dataset.split(split)["sha256"], backbone, split)
-
-
-def read_record(features_dir: Path, backbone: str) -> dict[str, Any]:
-    """`features_dir/<backbone>/backbone.json`: the entry, preprocessing, taps and cache key of the features."""
-    path = Path(features_dir) / backbone / RECORD_FILE
-    if not path.exists():
-        raise FeatureCacheError(f"{path}: not found (backbone {backbone!r}); {RERUN_FEATURES}.")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise FeatureCacheError(f"{path}: not valid JSON ({error}); {RERUN_FEATURES}.") from None
-    missing = [k for k in ("preprocessing", "taps", "cache_key", "cache_key_inputs") if k not in record]
-    if missing:
-        raise FeatureCacheError(f"{path}: lacks {missing}, written by an older tlops; {RERUN_FEATURES}.")
-    return record
 
 
 def stale_inputs(record: Mapping[str, Any], entry: BackboneEntry) -> list[str]:

@@ -16,42 +16,14 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from pydantic import model_validator
 
-from components.core.config import StageConfig
 from components.core.result import StageResult, sha256_file, write_json
 from components.data.manifest import Dataset
-from components.features.extract import FEATURES_FILE, split_features
-from components.models.backbones import get_entry
+from components.features.cache import FEATURES_FILE, split_features
+from components.features.config import SelectConfig
+from components.models.registry import get_entry
 
 log = logging.getLogger(__name__)
-
-
-
-class SelectConfig(StageConfig):
-    candidates: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-    backbone: str = "auto"  # "auto": the top LogME; a registry name: use it, still rank all
-    tap: str = "pooled"
-
-    @model_validator(mode="after")
-    def _known_backbones(self) -> SelectConfig:
-        if not self.candidates:
-            raise ValueError("select.candidates is empty; list at least one registered backbone.")
-        if len(set(self.candidates)) != len(self.candidates):
-            raise ValueError(f"select.candidates lists a backbone twice: {list(self.candidates)}.")
-        for name in self.scored():
-            try:
-                entry = get_entry(name)
-            except KeyError as error:  # names the unknown backbone and the closest registered one
-                raise ValueError(error.args[0]) from None
-            if self.tap not in entry.taps:
-                raise ValueError(f"select.tap={self.tap!r}: backbone {name!r} has taps {sorted(entry.taps)}.")
-        return self
-
-    def scored(self) -> tuple[str, ...]:
-        """Every backbone to score: the candidates, plus a pinned backbone outside them."""
-        extra = () if self.backbone == "auto" or self.backbone in self.candidates else (self.backbone,)
-        return tuple(self.candidates) + extra
 
 
 @dataclass(frozen=True)

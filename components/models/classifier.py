@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from components.core.errors import UserError
-from components.models.backbones import Trunk, build_trunk, get_entry
+from components.data.views import MAX_VIEWS
+from components.models.backbones import Trunk, build_trunk
+from components.models.registry import get_entry
 
 CHECKPOINT_FORMAT = "tlops.classifier/2"  # /2: `taps` (a list) replaced `tap`
 
@@ -32,11 +34,8 @@ class Classifier(nn.Module):
         return self.head(pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1))
 
 
-MAX_VIEWS = 8  # the dihedral group of a square: 4 rotations, each also mirrored
-
-
 def dihedral_view(images: torch.Tensor, view: int) -> torch.Tensor:
-    """The torch twin of `partial_finetune.dihedral` (the views `partial` trains on): view 0-3 rotates NCHW
+    """The torch twin of `components.data.views.dihedral` (the views `partial` trains on): view 0-3 rotates NCHW
     images by view x 90° counter-clockwise, 4-7 does the same and mirrors left-right. Written with
     transpose and flip so that the ONNX graph holds Transpose and Slice nodes, which every runtime has."""
     turns = view % 4

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
@@ -36,6 +33,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
+from components.models.int8_recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +44,6 @@ CALIBRATION_METHODS = {
     "entropy": CalibrationMethod.Entropy,
 }
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a float model becomes static QDQ INT8 (compress's keys of the same names)."""
-
-    calibration_images: int = 256
-    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
-    per_channel: bool = True
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    reduce_range: bool = True
-
-    def describe(self, n_images: int) -> str:
-        return (f"static QDQ, {self.activation_type} activations, int8 weights"
-                f"{' (7-bit range)' if self.reduce_range else ''}, {'per-channel' if self.per_channel else 'per-tensor'}, "
-                f"{self.calibration_method} calibration on {n_images} images")
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
@@ -155,7 +134,6 @@ def shape_arithmetic_nodes(graph: onnx.GraphProto) -> list[str]:
             shape_tensors.update(node.output)
             names.append(node.name)
     return names
-
 
 
 def node_sensitivity(

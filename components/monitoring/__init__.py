@@ -1,0 +1,1 @@
+"""Drift: do new images still look like the training data, as the frozen trunk sees them."""

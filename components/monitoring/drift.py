@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
 from scipy.spatial.distance import cdist, pdist
 from scipy.stats import permutation_test
 from sklearn.linear_model import LogisticRegression
@@ -38,13 +37,15 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.core.progress import Progress, no_progress
 from components.core.result import StageResult, atomic_path, sha256_file
 from components.data.manifest import Dataset
-from components.features.extract import FeaturesConfig, extract, load_features
-from components.models.backbones import get_entry
+from components.features.cache import load_features
+from components.features.config import FeaturesConfig
+from components.features.extract import extract
+from components.models.registry import get_entry
+from components.monitoring.config import DriftConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +56,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 class DriftInputError(UserError):
     """New images or reference embeddings that cannot be compared; the message says what to fix."""
-
-
-class DriftConfig(StageConfig):
-    backbone: str = "auto"  # "auto": the caller passes the backbone the select stage chose
-    tap: str = "pooled"
-    p_value_threshold: float = Field(0.01, gt=0.0, lt=1.0)  # MMD permutation p-value below this flags
-    auc_threshold: float | None = Field(0.8, gt=0.5, le=1.0)  # domain-classifier AUC above this flags; null = off
-    permutations: int = Field(1000, ge=99, le=100_000)
-    max_reference: int = Field(1000, ge=10)  # reference rows used (a seeded subsample beyond this)
-    min_new_images: int = Field(10, ge=5)  # fewer new images give a test with no power
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _known_backbone(self) -> DriftConfig:
-        if self.backbone != "auto":
-            try:
-                entry = get_entry(self.backbone)
-            except KeyError as error:  # names the unknown backbone and the closest registered one
-                raise ValueError(f"drift.backbone: {error.args[0]}") from None
-            if self.tap not in entry.taps:
-                raise ValueError(f"drift.tap={self.tap!r}: backbone {self.backbone!r} has taps {sorted(entry.taps)}.")
-        return self
 
 
 def image_paths(new_images: Path | Sequence[Path]) -> list[Path]:

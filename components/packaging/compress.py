@@ -18,7 +18,6 @@ The INT8 recipe and its reasons are in components/models/quantization.py.
 
 from __future__ import annotations
 
-import copy
 import csv
 import logging
 import os
@@ -30,24 +29,21 @@ import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from pydantic import Field, model_validator
-from torch import nn
-from torch.nn.utils import prune
 
-from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.core.result import StageResult, write_json
 from components.data.manifest import Dataset
 from components.data.preprocess import load_batch
 from components.models import quantization as int8
 from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
+from components.packaging.config import CompressConfig
 
 if TYPE_CHECKING:
-    from components.packaging.pruning import ChannelPruning
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -61,89 +57,6 @@ MIXED_PREFIX = "int8_fp32x"  # int8_fp32x4: INT8 with its 4 most sensitive nodes
 
 class ExportChangedError(UserError):
     """The export folder's files no longer match what export recorded."""
-
-
-class CompressConfig(StageConfig):
-    # Which pruned candidate export writes as model_pruned.onnx. Unset: "unstructured" when sparsity > 0, else "none".
-    prune: Literal["none", "unstructured", "structured"] = "none"
-    sparsity: float = Field(0.0, ge=0.0, lt=1.0)  # unstructured: share of conv+linear weights zeroed (smaller zipped only)
-    prune_ratio: float = Field(0.3, gt=0.0, lt=1.0)  # structured: share of each layer's channels removed (faster)
-    prune_round_to: int = Field(8, ge=1)  # structured: channel counts kept at multiples of this (SIMD widths)
-    recovery_epochs: int = Field(3, ge=0)  # structured: fine-tuning epochs after pruning; 0 = none
-    recovery_lr: float = Field(1e-4, gt=0)  # structured: peak lr of the recovery fine-tuning (every layer)
-    recovery_batch_size: int = Field(32, ge=2)
-    recovery_patience: int = Field(2, ge=1)  # structured: epochs without a better val accuracy before stopping
-    quantize: bool = True  # post-training static INT8 (onnxruntime.quantization)
-    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)  # absolute val accuracy the shipped model may lose vs FP32
-    calibration_images: int = Field(256, ge=1)  # training images (stratified by label) used to calibrate activations
-    calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
-    per_channel: bool = True  # per-output-channel weight scales (depthwise convs need them)
-    activation_type: Literal["uint8", "int8"] = "uint8"  # asymmetric u8 suits ReLU6 outputs and x86 kernels
-    reduce_range: bool = True  # 7-bit weights: no 16-bit saturation on CPUs without VNNI
-    max_fp32_nodes: int = Field(16, ge=0)  # mixed precision: most nodes kept in FP32; 0 = full INT8 only
-    sensitivity_images: int = Field(8, ge=1)  # calibration images compared float vs INT8 to rank nodes
-    latency_threads: int = Field(0, ge=0)  # ONNX Runtime threads when timing candidates; 0 = all cores
-    latency_runs: int = Field(5, ge=1)  # timed runs per candidate and batch size (median reported)
-    # A candidate ships only if its latency at every timed batch size is at most this times FP32's; null = size alone.
-    # Above 1.0 so that a candidate as fast as FP32 (unstructured pruning) is not refused on timing noise.
-    max_latency_ratio: float | None = Field(1.05, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_sparsity(cls, data: Any) -> Any:
-        """params written before `prune` existed turned unstructured pruning on with sparsity alone."""
-        if isinstance(data, dict) and "prune" not in data and float(data.get("sparsity", 0) or 0) > 0:
-            return {**data, "prune": "unstructured"}
-        return data
-
-    @model_validator(mode="after")
-    def _one_pruning(self) -> CompressConfig:
-        if self.prune == "unstructured" and self.sparsity == 0:
-            raise ValueError("sparsity: compress.prune=unstructured needs compress.sparsity > 0")
-        if self.prune != "unstructured" and self.sparsity > 0:
-            raise ValueError(f"sparsity: compress.sparsity > 0 applies to compress.prune=unstructured only, "
-                             f"not {self.prune}; set it to 0")
-        return self
-
-    def recipe(self) -> int8.Recipe:
-        """The INT8 recipe these keys describe (also what `partial` fine-tuning quantizes its frozen part with)."""
-        return int8.Recipe(self.calibration_images, self.calibration_method, self.per_channel, self.activation_type,
-                           self.reduce_range)
-
-    def planned_recipe(self) -> int8.Recipe | None:
-        """What `partial` fine-tuning prepares its tail for: the recipe, or None when compress will not quantize."""
-        return self.recipe() if self.quantize else None
-
-    def unstructured_sparsity(self) -> float:
-        """What export's `sparsity` argument gets: 0 unless unstructured pruning is on."""
-        return self.sparsity if self.prune == "unstructured" else 0.0
-
-    def channel_pruning(self, seed: int = 0) -> ChannelPruning | None:
-        """What export's `channel_pruning` argument gets: None unless structured pruning is on."""
-        from components.packaging.pruning import ChannelPruning
-
-        if self.prune != "structured":
-            return None
-        return ChannelPruning(self.prune_ratio, self.prune_round_to, self.recovery_epochs, self.recovery_lr,
-                              self.recovery_batch_size, self.recovery_patience, seed)
-
-
-def prune_model(model: nn.Module, sparsity: float) -> nn.Module:
-    """A copy of `model` with the smallest `sparsity` share of all conv and linear weights set to zero.
-
-    Global (not per-layer) L1 magnitude pruning; the masks are folded into the weights, so the
-    copy is a plain module that exports like the original.
-    """
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"compress.sparsity must be in [0, 1), got {sparsity}; 0 turns pruning off.")
-    pruned = copy.deepcopy(model)
-    if sparsity == 0:
-        return pruned
-    targets = [(module, "weight") for module in pruned.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    for module, name in targets:
-        prune.remove(module, name)
-    return pruned
 
 
 class Quantizer:

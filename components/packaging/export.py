@@ -28,53 +28,30 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 import pandas as pd
 import torch
-from pydantic import Field
 from torch import nn
 
-from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.core.result import StageResult, sha256_file
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
-from components.features.extract import (
-    FEATURES_FILE,
-    MAX_OPSET,
-    MIN_OPSET,
-    RECORD_FILE,
-    load_features,
-    read_record,
-    rows_by_sha256,
-    stale_inputs,
-)
-from components.models.backbones import get_entry
-from components.models.classifier import MAX_VIEWS, ViewAverage, build_model, load_checkpoint
-from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
-from components.packaging.compress import prune_model
+from components.features.cache import FEATURES_FILE, RECORD_FILE, load_features, read_record, rows_by_sha256
+from components.features.extract import stale_inputs
+from components.models.classifier import ViewAverage, build_model, load_checkpoint
+from components.models.onnx_export import export_onnx
+from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata
+from components.models.registry import get_entry
+from components.packaging.config import ExportConfig
+from components.packaging.pruning import prune_model
 
 if TYPE_CHECKING:
-    from components.packaging.pruning import ChannelPruning
+    from components.packaging.config import ChannelPruning
 
 log = logging.getLogger(__name__)
 
 FP32_FILE = "model_fp32.onnx"
 PRUNED_FILE = "model_pruned.onnx"
-
-
-class ExportConfig(StageConfig):
-    opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)
-    parity_images: int = Field(16, ge=1)  # held-out (val split) images for the parity checks
-    parity_atol: float = Field(1e-4, ge=0)  # max |logit_torch - logit_onnx|
-    # model_pruned.onnx may also differ by this share of its largest |logit|: a recovery-trained pruned model
-    # gives logits of ~40 on ELPV, where float32 rounding alone reaches 1e-4 (np.allclose's atol + rtol).
-    pruned_parity_rtol: float = Field(1e-5, ge=0)
-    # max |served logit - trained head on cached features|: two ONNX graphs of the same trunk
-    train_serve_atol: float = Field(1e-3, ge=0)
-    # Test-time augmentation in the graph: the served logits are the mean over this many dihedral views
-    # (the rotations, then their mirrors: the views `partial` trains on). 1 = off; n views cost n times the work.
-    tta_views: int = Field(1, ge=1, le=MAX_VIEWS)
 
 
 class ExportParityError(UserError):
@@ -90,27 +67,6 @@ def tlops_version() -> str:
         return importlib.metadata.version("tlops")
     except importlib.metadata.PackageNotFoundError:
         return "0.0.0+unknown"  # a source checkout that was never installed
-
-
-def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str], input_size: int, opset: int) -> Path:
-    """Write `model` (image NCHW -> logits) to `path` with a dynamic batch axis, stamp and check it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dummy = torch.zeros(1, 3, input_size, input_size)
-    with torch.no_grad():
-        # The dynamo exporter needs onnxscript, which this environment does not carry.
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(path),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=opset,
-        )
-    stamp_metadata(path, metadata)
-    onnx.checker.check_model(str(path), full_check=True)
-    return path
 
 
 def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float, rtol: float = 0.0) -> float:

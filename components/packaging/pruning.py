@@ -1,6 +1,6 @@
 """Structured (channel) pruning with torch-pruning, then recovery fine-tuning: a model that is faster, not only sparser.
 
-Unstructured magnitude pruning (`compress.prune_model`) zeroes weights inside dense tensors:
+Unstructured magnitude pruning (`prune_model`, below) zeroes weights inside dense tensors:
 ONNX stores and ONNX Runtime multiplies them all the same, so the file only shrinks once
 zipped and latency does not move. Channel pruning removes whole output channels of convs
 (with every layer that depends on them, found by torch-pruning's DependencyGraph: the
@@ -24,29 +24,19 @@ from typing import Any
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
 from components.core import devices
+from components.data.augmentation import ImageSplit, Served, augmentation
 from components.data.manifest import Dataset
-from components.data.preprocess import Preprocessing, build_transform
+from components.data.preprocess import Preprocessing
 from components.models.classifier import Classifier
-from components.training.full import ImageSplit, augmentation
-from components.training.loop import LoopConfig, class_weight_vector, fit, scores
+from components.packaging.config import ChannelPruning
+from components.training.config import LoopConfig
+from components.training.loop import class_weight_vector, fit, scores
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ChannelPruning:
-    """What `compress.prune: structured` asks for (built by `CompressConfig.channel_pruning`)."""
-
-    ratio: float  # share of each prunable layer's channels removed
-    round_to: int  # channel counts kept at multiples of this
-    recovery_epochs: int  # 0: no recovery fine-tuning
-    recovery_lr: float
-    recovery_batch_size: int
-    recovery_patience: int
-    seed: int = 0
 
 
 @dataclass
@@ -107,7 +97,7 @@ def recover(model: Classifier, spec: ChannelPruning, dataset: Dataset, preproces
     """Fine-tune every weight of `model` in place for a few epochs; returns (best val accuracy, history, seconds)."""
     placement = devices.resolve("auto", "fp32")
     train = ImageSplit(dataset, "train", augmentation(preprocessing, scale_min=0.9, jitter=0.1))
-    val = ImageSplit(dataset, "val", build_transform(preprocessing))
+    val = ImageSplit(dataset, "val", Served(preprocessing))
     n_classes = len(dataset.labels)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,7 +127,7 @@ def recover(model: Classifier, spec: ChannelPruning, dataset: Dataset, preproces
 
 
 def val_accuracy(model: nn.Module, dataset: Dataset, preprocessing: Preprocessing) -> float:
-    val = ImageSplit(dataset, "val", build_transform(preprocessing))
+    val = ImageSplit(dataset, "val", Served(preprocessing))
     model.eval()
     with torch.no_grad():
         pairs = [(model(x), y) for x, y in DataLoader(val, batch_size=64)]
@@ -176,3 +166,21 @@ def prune_and_recover(model: Classifier, spec: ChannelPruning, dataset: Dataset,
 def describe(report: PruningReport) -> dict[str, Any]:
     """For result.json / compress.json."""
     return {"method": "structured (torch-pruning channel pruning, group L2 magnitude)", **report.__dict__}
+
+
+def prune_model(model: nn.Module, sparsity: float) -> nn.Module:
+    """A copy of `model` with the smallest `sparsity` share of all conv and linear weights set to zero.
+
+    Global (not per-layer) L1 magnitude pruning; the masks are folded into the weights, so the
+    copy is a plain module that exports like the original.
+    """
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"compress.sparsity must be in [0, 1), got {sparsity}; 0 turns pruning off.")
+    pruned = copy.deepcopy(model)
+    if sparsity == 0:
+        return pruned
+    targets = [(module, "weight") for module in pruned.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    for module, name in targets:
+        prune.remove(module, name)
+    return pruned

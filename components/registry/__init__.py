@@ -1,0 +1,1 @@
+"""The MLflow model registry: register a new version (@challenger), promote it past the champion gate."""

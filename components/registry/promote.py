@@ -39,14 +39,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from pydantic import Field
 from scipy.stats import binomtest
 
-from components.core.config import StageConfig
 from components.core.result import StageResult, sha256_json
 from components.data.manifest import Dataset
 from components.data.preprocess import load_batch
 from components.models.onnx_io import model_labels, model_preprocessing, open_session, predict_frame, read_metadata
+from components.registry.config import PromoteConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +55,6 @@ TAG_PREFIX = "promote."
 LATENCY_WARMUP_RUNS = 3  # the first runs of a session allocate buffers; they are not what serving sees
 
 Decision = Literal["promoted", "kept", "first"]
-
-
-class PromoteConfig(StageConfig):
-    alias: str = Field("champion", min_length=1)
-    # Accuracy difference as a fraction of the test split (0.01 = one percentage point).
-    min_improvement: float = Field(0.0, ge=0.0, le=1.0)
-    significance: float = Field(0.05, gt=0.0, lt=1.0)
-    test: Literal["mcnemar", "bootstrap"] = "mcnemar"
-    bootstrap_samples: int = Field(10_000, ge=100)
-    seed: int = 0
-    # A bound for one request on one CPU core: Lite0 at 224 px measured 52-72 ms median, 74-89 ms p95 on
-    # one core of a 2-core AVX2 machine at load average 12, so 250 leaves room for a busy box.
-    max_p95_latency_ms: float = Field(250.0, gt=0.0)
-    latency_images: int = Field(50, ge=5)
-    # One thread: the latency of a single request on one core, steady on a shared machine.
-    latency_threads: int = Field(1, ge=0)
-    parity_atol: float = Field(1e-3, ge=0.0)
-    batch_size: int = Field(32, ge=1)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""`tlops serve` and the MLflow pyfunc: an ONNX Runtime session behind HTTP, micro-batched, without torch."""

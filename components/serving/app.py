@@ -24,9 +24,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from components.core.errors import UserError
+from components.serving.config import ServeConfig
 from components.serving.image_decoding import BadInputError, images_from_json
 from components.serving.micro_batcher import NotReadyError, QueueFullError
-from components.serving.server import ModelServer, ServeConfig
+from components.serving.server import ModelServer
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 from components.serving.served_model import LoadedModel, Prediction
 
 if TYPE_CHECKING:
-    from components.serving.server import ServeMetrics
+    from components.serving.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ ARTIFACT_KEY = "onnx_model"
 IMAGE_COLUMN = "image"
 MAX_PIXELS = 16_000_000  # the same default as ServeConfig.max_image_megapixels
 # What the pyfunc imports at load time, pinned to the versions it was logged with.
-REQUIREMENTS = ("mlflow", "onnx", "onnxruntime", "numpy", "pandas", "pillow", "torch", "torchvision", "pydantic")
+REQUIREMENTS = ("mlflow", "onnx", "onnxruntime", "numpy", "pandas", "pillow", "pydantic")
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,14 @@ from typing import Any
 import mlflow
 import numpy as np
 import onnxruntime as ort
-import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from components.core.errors import UserError
-from components.data.preprocess import build_transform
+from components.data.preprocess import Preprocessing, preprocess_image
 from components.models.onnx_io import model_labels, model_preprocessing, open_session, read_metadata, softmax
+from components.serving.config import parse_registry_uri
 from components.serving.image_decoding import BadInputError
 
 
@@ -56,17 +55,18 @@ class LoadedModel:
     source: ModelSource
     session: ort.InferenceSession
     labels: tuple[str, ...]
-    input_size: int
-    preprocessing: dict[str, Any]  # as read from the metadata, for /model
-    transform: Callable[[Image.Image], Any]
+    preprocessing: Preprocessing  # as read from the metadata
     metadata: dict[str, str]
     sha256: str
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.input_size
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """A decoded image -> the CHW float32 array this model takes."""
         try:
-            with single_threaded_torch():
-                return self.transform(image).numpy()
+            return preprocess_image(image, self.preprocessing)
         except Exception as error:  # noqa: BLE001 - e.g. a pixel mode that has no RGB conversion
             raise BadInputError("unsupported_image", f"a {image.mode} image cannot be converted to RGB: {error}") from None
 
@@ -99,26 +99,9 @@ class LoadedModel:
             "version": self.source.version,
             "sha256": self.sha256,
             "labels": list(self.labels),
-            "preprocessing": self.preprocessing,
+            "preprocessing": self.preprocessing.model_dump(mode="json"),
             "metadata": self.metadata,
         }
-
-
-@contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """One image's tensor ops on the calling thread only.
-
-    Requests are already preprocessed in parallel threads; letting each tiny op also fan out to
-    torch's intra-op pool made preprocessing 12x slower on a busy 2-core machine (135 ms vs 11 ms
-    per ELPV cell), every op waiting for a second core. With OpenMP (the wheels we pin) the
-    setting is per thread, and it is restored for the caller.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def classify(model: LoadedModel, images: Sequence[Image.Image], batch_size: int = 32) -> list[Prediction]:
@@ -150,26 +133,10 @@ def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedMo
         source=source,
         session=open_session(path, num_threads),
         labels=labels,
-        input_size=preprocessing.input_size,
-        preprocessing=preprocessing.model_dump(mode="json"),
-        transform=build_transform(preprocessing),
+        preprocessing=preprocessing,
         metadata=metadata,
         sha256=sha256_of(path),
     )
-
-
-def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version)."""
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, alias = rest.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in rest:
-        name, version = rest.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise UserError(f"model_uri {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a file path.")
 
 
 def resolve_source(uri: str) -> ModelSource:

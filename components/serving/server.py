@@ -21,77 +21,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from pydantic import Field, field_validator, model_validator
-
-from components.core.config import StageConfig
-from components.core.errors import UserError
+from components.serving.config import ServeConfig
 from components.serving.image_decoding import BadInputError, decode_image
+from components.serving.metrics import ServeMetrics
 from components.serving.micro_batcher import MicroBatcher, NotReadyError
-from components.serving.served_model import LoadedModel, Prediction, load_source, parse_registry_uri, resolve_source
+from components.serving.served_model import LoadedModel, Prediction, load_source, resolve_source
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL_URI = "models:/tlops-elpv@champion"
-
-
-class ServeConfig(StageConfig):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    model_uri: str = Field(DEFAULT_MODEL_URI, min_length=1)  # models:/<name>@<alias>, models:/<name>/<version> or a path
-    max_batch: int = Field(16, ge=1, le=512)  # images per ONNX Runtime call
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)  # how long the first queued image waits for company
-    queue_size: int = Field(256, ge=1, le=100_000)  # images waiting; beyond it requests get 503 + Retry-After
-    max_body_mb: float = Field(10.0, gt=0, le=1024)
-    max_image_megapixels: float = Field(16.0, gt=0, le=1000)  # decoded size; above it is a decompression bomb
-    poll_seconds: float = Field(0.0, ge=0, le=86_400)  # 0 = reload only on POST /admin/reload
-    num_threads: int = Field(0, ge=0, le=256)  # ONNX Runtime intra-op threads, 0 = all cores
-
-    @field_validator("model_uri")
-    @classmethod
-    def _registry_uri_is_well_formed(cls, uri: str) -> str:
-        if uri.startswith("models:/"):
-            try:
-                parse_registry_uri(uri)
-            except UserError as error:
-                raise ValueError(str(error)) from None
-        return uri
-
-    @model_validator(mode="after")
-    def _queue_holds_a_batch(self) -> ServeConfig:
-        if self.queue_size < self.max_batch:
-            raise ValueError(
-                f"queue_size ({self.queue_size}) is smaller than max_batch ({self.max_batch}); a batch could "
-                f"never fill. Raise queue_size or lower max_batch."
-            )
-        return self
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 2**20)
-
-    @property
-    def max_pixels(self) -> int:
-        return int(self.max_image_megapixels * 1e6)
-
-
-class ServeMetrics:
-    """The service's Prometheus metrics, in a registry of their own (one per server, no globals)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("tlops_serve_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("tlops_serve_request_latency_seconds", "HTTP request latency by endpoint",
-                                 ["endpoint"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.batch_size = Histogram("tlops_serve_batch_size", "Images per ONNX Runtime call",
-                                    registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.predictions = Counter("tlops_serve_predictions", "Predicted images by class",
-                                   ["label"], registry=self.registry)
-        self.errors = Counter("tlops_serve_errors", "Failed requests by kind of error", ["kind"], registry=self.registry)
-        self.queue_depth = Gauge("tlops_serve_queue_depth", "Images waiting for a batch", registry=self.registry)
-        self.model = Info("tlops_serve_model", "The model being served", registry=self.registry)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The teacher is a `model.pt` from an earlier finetune run (e.g. Lite2, partial). It runs once per
 (image, view), exported to ONNX and in ONNX Runtime, on its *own* preprocessing (from its
 checkpoint: size, mean/std, interpolation), with the same dihedral view the student's partial
-strategy draws (`partial_finetune.dihedral`, applied to the teacher's preprocessed input). Its
+strategy draws (`components.data.views.dihedral`, applied to the teacher's preprocessed input). Its
 logits are cached by content: `<cache>/distill/<key>/<sha[:2]>/<image sha256>.<view>.npy`, the
 key hashing the teacher checkpoint's sha256 (weights, head, preprocessing and labels are all in
 that file), the opset and this code. The student's preprocessing is not in the key: the teacher
@@ -24,29 +24,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 from torch import nn
 
-from components.core.config import StageConfig
+from components.core.code_version import source_sha256
 from components.core.errors import UserError
 from components.core.result import atomic_path, sha256_file, sha256_json, write_json
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
-from components.features.extract import source_sha256
+from components.data.views import dihedral
 from components.models.classifier import build_model, load_checkpoint
 from components.models.onnx_io import open_session
-from components.training.partial import ViewStore, dihedral
+from components.training.activations import ViewStore
 
 log = logging.getLogger(__name__)
 
 TEACHER_FILE = "teacher.onnx"
 KEY_FILE = "cache_key.json"
-
-
-class DistillConfig(StageConfig):
-    teacher: str | None = None  # a teacher model.pt from an earlier finetune run; None = no distillation
-    alpha: float = Field(0.5, ge=0, le=1)  # weight of the teacher term; 0 = plain cross-entropy
-    temperature: float = Field(4.0, gt=0)  # softens both distributions; the KL term is scaled by T^2
 
 
 class TeacherError(UserError):
@@ -87,7 +80,7 @@ def prepare_store(checkpoint_path: Path, checkpoint: dict, cache_dir: Path, opse
     if not (store.dir / KEY_FILE).exists():
         write_json(store.dir / KEY_FILE, {"inputs": inputs})
     if not (store.dir / TEACHER_FILE).exists():
-        from components.packaging.export import export_onnx
+        from components.models.onnx_export import export_onnx
 
         size = Preprocessing.of(checkpoint["preprocessing"]).input_size
         with atomic_path(store.dir / TEACHER_FILE) as partial:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,25 +26,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from components.core.devices import Placement
 from components.core.progress import Progress, no_progress
 from components.core.result import atomic_path
+from components.training.config import LoopConfig
 
 log = logging.getLogger(__name__)
 
 Batches = Callable[[int, torch.Generator], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 Evaluate = Callable[[nn.Module], dict[str, float]]  # -> val_loss, val_accuracy
 OnEpoch = Callable[[int, dict[str, float]], None]  # (epoch, history entry); may raise to stop training (tune's pruning)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    epochs: int
-    lr: float  # the head's peak learning rate
-    layer_decay: float  # lr factor from one layer group to the one before it
-    weight_decay: float
-    warmup_epochs: int
-    schedule: Literal["cosine", "onecycle"]
-    patience: int
-    seed: int
-    ema: float = 0.0  # per-step decay of an exponential moving average of the weights; 0 = off
 
 
 @dataclass

@@ -22,30 +22,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import Field, PositiveFloat
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.data.manifest import Dataset
 from components.data.preprocess import model_mode
+from components.training.config import ReferenceConfig
 
 log = logging.getLogger(__name__)
 
 # What `judge` suggests when the guard fires on a model that used frozen features.
 DEEPER_FINETUNING = "try finetune.strategy=partial or full (auto does this)"
-
-
-class ReferenceConfig(StageConfig):
-    image_size: int = Field(32, ge=4)  # side of the downsampled grayscale image the reference reads
-    margin: float = Field(0.02, ge=0, lt=1)  # val accuracy the transferred model must gain over the reference
-    # Inverse L2 strengths (scikit-learn's C) tried; the best on val accuracy wins, ties go to lower log loss.
-    regularization: tuple[PositiveFloat, ...] = Field((0.001, 0.01, 0.1, 1.0), min_length=1)
-    max_iter: int = Field(1000, ge=1)  # lbfgs iterations per fit
 
 
 class ReferenceError(UserError):

@@ -1,8 +1,8 @@
 """The `full` strategy: every layer trained end to end on decoded, augmented images.
 
-Augmentation is torchvision.transforms.v2 on the decoded image before the backbone's own
-preprocessing: a mild random resized crop, flips and 90° rotations, brightness/contrast jitter.
-Val images get only the preprocessing the model will see when served.
+Train images are augmented (`components/data/augmentation.py`: a mild random resized crop, flips
+and 90° rotations, brightness/contrast jitter); val images get only the preprocessing the model
+will see when served.
 """
 
 from __future__ import annotations
@@ -10,67 +10,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
-from torchvision.transforms import InterpolationMode, v2
 
-from components.core.devices import Placement
-from components.core.progress import Progress, no_progress
-from components.data.manifest import Dataset
-from components.data.preprocess import Preprocessing, build_transform, model_mode
-from components.models.backbones import BackboneEntry, build_classifier
+from components.data.augmentation import ImageSplit, Served, augmentation
+from components.data.views import MAX_VIEWS
+from components.models.backbones import build_classifier
 from components.models.trunk_parts import FullModel, check_layout
-from components.training.loop import OnEpoch, Trained, class_weight_vector, fit, scores, step_seconds
-
-if TYPE_CHECKING:
-    from components.training.finetune import FinetuneConfig, FullConfig
+from components.training.context import Context, Strategy
+from components.training.loop import Trained, class_weight_vector, fit, scores, step_seconds
 
 log = logging.getLogger(__name__)
 
 
-def augmentation(preprocessing: Preprocessing, scale_min: float, jitter: float) -> v2.Compose:
-    """Train-time transform: PIL image -> normalised CHW float tensor at the model's input size."""
-    size = preprocessing.input_size
-    interpolation = InterpolationMode[preprocessing.interpolation.upper()]
-    return v2.Compose([
-        v2.Lambda(lambda image: (model_mode(image) or image).convert(preprocessing.color)),
-        v2.ToImage(),
-        v2.RandomResizedCrop((size, size), scale=(scale_min, 1.0), ratio=(0.9, 1.1), interpolation=interpolation,
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomChoice([v2.RandomRotation((angle, angle)) for angle in (0, 90, 180, 270)]),
-        v2.ColorJitter(brightness=jitter, contrast=jitter),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(preprocessing.mean, preprocessing.std),
-    ])
-
-
-class ImageSplit(TorchDataset):
-    def __init__(self, dataset: Dataset, split: str, transform: v2.Compose):
-        frame = dataset.split(split)
-        self.paths = [dataset.image_path(p) for p in frame["path"]]
-        self.labels = torch.as_tensor(dataset.label_index(frame))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image), self.labels[index]
-
-
-def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, preprocessing: Preprocessing,
-               dataset: Dataset, placement: Placement, resume_path: Path | None, fingerprint: str,
-               progress: Progress = no_progress, on_epoch: OnEpoch | None = None) -> Trained:
+def train(ctx: Context) -> Trained:
     """Fine-tune the whole network with a new head."""
     began = time.perf_counter()
+    cfg, common, entry, preprocessing, dataset, placement = (ctx.cfg.full, ctx.cfg, ctx.entry, ctx.preprocessing,
+                                                             ctx.dataset, ctx.placement)
+    resume_path, fingerprint = ctx.resume("full", cfg)
     n_classes = len(dataset.labels)
     torch.manual_seed(common.seed)
     model = build_classifier(entry)
@@ -80,7 +40,7 @@ def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, pr
     for parameter in network.parameters():
         parameter.requires_grad_(True)
     train = ImageSplit(dataset, "train", augmentation(preprocessing, cfg.crop_scale_min, cfg.jitter))
-    val = ImageSplit(dataset, "val", build_transform(preprocessing))
+    val = ImageSplit(dataset, "val", Served(preprocessing))
     pin = placement.device.type == "cuda"
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -101,7 +61,7 @@ def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, pr
                                .to(placement.device), label_smoothing=common.label_smoothing)
     steps = len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1
     result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement, resume_path,
-                 fingerprint, progress, desc="finetune full", on_epoch=on_epoch)
+                 fingerprint, ctx.progress, desc="finetune full", on_epoch=ctx.on_epoch)
     network.load_state_dict(result.state)
     network.cpu().eval()
     info = {"resumed_from_epoch": result.resumed_from, "stopped_early": result.stopped_early,
@@ -110,9 +70,9 @@ def train_full(cfg: FullConfig, common: FinetuneConfig, entry: BackboneEntry, pr
     return Trained(model, head, result.history, best, time.perf_counter() - began, info)
 
 
-def estimate_seconds(cfg: FullConfig, entry: BackboneEntry, preprocessing: Preprocessing, dataset: Dataset,
-                     placement: Placement) -> float:
+def estimate_seconds(ctx: Context) -> float:
     """Every epoch at a measured step time plus measured decoding (no early stopping assumed)."""
+    cfg, entry, preprocessing, dataset, placement = ctx.cfg.full, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.placement
     model = build_classifier(entry)
     network = FullModel(model, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
     for parameter in network.parameters():
@@ -128,3 +88,7 @@ def estimate_seconds(cfg: FullConfig, entry: BackboneEntry, preprocessing: Prepr
     decode_s = (time.perf_counter() - began) / min(8, n_train)
     per_epoch = (n_train // batch) * step + (n_train + n_val) * decode_s + n_val / batch * step / 3
     return cfg.epochs * per_epoch
+
+
+STRATEGY = Strategy("full", train, estimate_seconds, train_views=lambda cfg: MAX_VIEWS,  # flips and 90° turns
+                    next_step="the pretrained weights do not help on this data; consider another backbone or more data")

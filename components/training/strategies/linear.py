@@ -1,4 +1,4 @@
-"""The `linear` strategy: a logistic-regression probe on cached trunk features.
+"""The `linear` strategy: a logistic-regression probe on cached trunk features (seconds).
 
 Features of one or several taps are concatenated and standardised (mean and scale from train);
 the L2 strength is chosen on val from a grid. The fitted probe is folded into one `nn.Linear` on
@@ -23,6 +23,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from torch import nn
+
+from components.features.cache import split_features
+from components.training.context import Context, Strategy
+from components.training.loop import Trained
+from components.training.reference import DEEPER_FINETUNING
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +87,18 @@ def fit_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nd
         log.info("linear probe C=%g: val accuracy %.4f, val loss %.4f", c, val_accuracy, val_loss)
     best = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -history[i]["val_loss"]))
     return ProbeResult(fold_scaler(fitted[best], scaler, n_classes), history, history[best])
+
+
+def train(ctx: Context) -> Trained:
+    began = time.perf_counter()
+    labels = {s: np.asarray(ctx.dataset.label_index(ctx.dataset.split(s))) for s in ("train", "val")}
+    features = {s: np.concatenate([split_features(ctx.dataset, ctx.features_dir, ctx.entry.name, tap, s)
+                                   for tap in ctx.cfg.linear.taps], axis=1) for s in ("train", "val")}
+    probe = fit_probe((features["train"], labels["train"]), (features["val"], labels["val"]), len(ctx.dataset.labels),
+                      ctx.cfg.linear.regularization, ctx.cfg.class_weights, ctx.cfg.seed)
+    info = {"taps": list(ctx.cfg.linear.taps), "C": probe.best["C"], "n_features": int(features["train"].shape[1])}
+    return Trained(None, probe.head, probe.history, probe.best, time.perf_counter() - began, info)
+
+
+STRATEGY = Strategy("linear", train, estimate_seconds=lambda ctx: 0.0, train_views=lambda cfg: 1,
+                    next_step=DEEPER_FINETUNING)

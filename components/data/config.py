@@ -1,0 +1,74 @@
+"""Params of the ingest and validate stages (`ingest:` and `validate:` in params.yaml).
+
+Configs import no framework (only pydantic and Pillow's mode table), so a typo in params fails in
+well under a second, before Great Expectations or torch are loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from PIL import ImageMode
+from pydantic import Field, ValidationInfo, field_validator
+
+from components.core.config import StageConfig
+
+
+class IngestConfig(StageConfig):
+    source: Literal["elpv", "imagefolder", "csv"] = "elpv"
+    path: str | None = None
+    label_mode: Literal["binary", "four_class"] = "binary"
+    test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    val_fraction: float = Field(default=0.2, ge=0, lt=1)
+    seed: int = 42
+    limit: int | None = Field(default=None, ge=1)
+    allow_outside_root: bool = False  # read CSV rows / ImageFolder symlinks that resolve outside the source
+
+    @field_validator("path")
+    @classmethod
+    def _path_for_file_sources(cls, path: str | None, info: ValidationInfo) -> str | None:
+        source = info.data.get("source")
+        if source in ("imagefolder", "csv") and not path:
+            what = "ImageFolder root" if source == "imagefolder" else "CSV file"
+            raise ValueError(f"needed when ingest.source={source}: the {what} to read")
+        return path
+
+
+class ValidateConfig(StageConfig):
+    on_invalid: Literal["fail", "exclude"] = "fail"
+    # None accepts the labels ingest produced; a declared set needs two or more distinct labels.
+    labels: tuple[str, ...] | None = Field(default=None, min_length=2)
+    min_per_class_split: int = Field(default=5, ge=1)
+    min_side: int = Field(default=32, ge=1)
+    max_side: int = Field(default=4096, ge=1)
+    allowed_modes: tuple[str, ...] = Field(default=("L", "RGB"), min_length=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if labels is not None:
+            if any(not label.strip() for label in labels):
+                raise ValueError("a declared label may not be empty")
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"labels repeat in {list(labels)}")
+        return labels
+
+    @field_validator("max_side")
+    @classmethod
+    def _max_not_below_min(cls, max_side: int, info: ValidationInfo) -> int:
+        min_side = info.data.get("min_side")
+        if min_side is not None and max_side < min_side:
+            raise ValueError(f"max_side {max_side} is below min_side {min_side}")
+        return max_side
+
+    @field_validator("allowed_modes")
+    @classmethod
+    def _known_modes(cls, modes: tuple[str, ...]) -> tuple[str, ...]:
+        for mode in modes:
+            try:
+                ImageMode.getmode(mode)
+            except KeyError:
+                raise ValueError(f"{mode!r} is not a Pillow image mode (e.g. L, RGB)") from None
+        return modes
+
+

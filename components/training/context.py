@@ -1,0 +1,73 @@
+"""What a fine-tuning strategy is handed (`Context`) and what it hands the finetune stage (`Strategy`).
+
+Resolved once per finetune run (the backbone entry, the features' record and preprocessing, the
+device and precision), so a strategy reads what it needs and nothing is looked up twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from components.core import devices
+from components.core.config import StageConfig
+from components.core.progress import Progress
+from components.core.result import sha256_file, sha256_json
+from components.data.manifest import Dataset
+from components.data.preprocess import Preprocessing
+from components.features.cache import read_record
+from components.models.registry import get_entry
+from components.training.config import FinetuneConfig
+from components.training.loop import OnEpoch, Trained
+
+if TYPE_CHECKING:
+    from components.models.int8_recipe import Recipe
+
+
+class Context:
+    """What every strategy needs, resolved once."""
+
+    def __init__(self, cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, cache_dir: Path,
+                 state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None,
+                 int8_recipe: Recipe | None = None):
+        self.int8_recipe = int8_recipe
+        self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
+        self.entry = get_entry(backbone)
+        self.record = read_record(features_dir, backbone)
+        self.preprocessing = Preprocessing.of(self.record["preprocessing"])
+        self.opset, self.atol, self.progress, self.on_epoch = opset, atol, progress, on_epoch
+        self.placement = devices.resolve(cfg.device, cfg.precision)
+
+    def teacher_sha256(self) -> str | None:
+        """The distillation teacher's content: a teacher retrained at the same path must not resume old state."""
+        teacher = self.cfg.distill.teacher
+        return sha256_file(Path(teacher)) if teacher and Path(teacher).is_file() else None
+
+    def resume(self, strategy: str, block: StageConfig) -> tuple[Path, str]:
+        """Where a strategy keeps its per-epoch state, and the fingerprint a saved state must match."""
+        fingerprint = sha256_json({"strategy": strategy, "config": block.model_dump(mode="json"),
+                                   "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill"}),
+                                   "backbone": self.entry.describe(), "features": self.record["cache_key"],
+                                   "data": self.dataset.manifest[["sha256", "label", "split"]].to_dict("list"),
+                                   "placement": self.placement.describe(),
+                                   "int8": self.int8_recipe.as_dict() if self.int8_recipe and strategy == "partial" else None,
+                                   "teacher_sha256": self.teacher_sha256() if strategy == "partial" else None})
+        return self.state_dir / f"{strategy}-{fingerprint[:16]}.pt", fingerprint
+
+
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to fine-tune (a module in `components/training/strategies/`), as the finetune stage sees it."""
+
+    name: str
+    train: Callable[[Context], Trained]
+    # Its cost before it runs, for `auto`'s budget.
+    estimate_seconds: Callable[[Context], float]
+    # How many dihedral views of each image the model saw in training; export's test-time averaging uses no more.
+    train_views: Callable[[FinetuneConfig], int]
+    # What the negative-transfer guard suggests when this strategy does not beat the pixel reference.
+    next_step: str
