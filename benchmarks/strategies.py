@@ -33,7 +33,7 @@ from components.packaging import compress, export
 from components.training import finetune
 from tlops.cli import configure_logging
 from tlops.config import load_params
-from tlops.stages import validated_dataset
+from tlops.stages import served_views, validated_dataset
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,7 +44,7 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
     began = time.perf_counter()
     trained = finetune.run(cfg, backbone, params.path("features"), dataset, params.path("validate") / "manifest.csv",
                            out / "finetune", params.path("feature_cache"), out / "state", params.features.opset,
-                           params.features.parity_atol, int8_recipe=params.compress.planned_recipe())
+                           params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)))
     wall = time.perf_counter() - began
     exported = export.run(params.export, 0.0, trained.artifacts["checkpoint"], dataset, out / "export",
                           features_dir=params.path("features"))

@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+from components.core.errors import UserError
+from components.core.result import sha256_file
 from components.models.classifier import load_checkpoint
 from components.models.onnx_io import predict_frame, read_metadata
 from components.models.quantization import shape_arithmetic_nodes
@@ -122,9 +124,9 @@ def test_an_export_whose_files_changed_is_refused(exported, tmp_path: Path) -> N
 
 def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> None:
     root, dataset = exported
-    # A budget of 1.0 admits any accuracy, so the decision cannot depend on a random head; nor on timing, which
-    # at 64 px and one run can put INT8 behind FP32.
-    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1, max_latency_ratio=None),
+    # A budget of 1.0 admits any accuracy, so the decision cannot depend on a random head; nor on timing (the
+    # default objective, size, decides by accuracy and size alone).
+    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1),
                  root / "export", dataset, root / "lenient")
     report = json.loads((root / "lenient" / "compress.json").read_text())
     assert set(report["candidates"]) == {"fp32", "int8"}
@@ -142,7 +144,8 @@ def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> No
     assert shipped["labels"] == json.dumps(list(dataset.labels))
     assert shipped["input_size"] == "64"
     assert float(shipped["val_accuracy"]) == pytest.approx(result.metrics["val_accuracy_int8"], abs=1e-6)
-    assert report["max_latency_ratio"] is None
+    assert report["objective"] == "size" and report["max_latency_ratio"] is None
+    assert report["latency_cpu"]["model"] and isinstance(report["latency_cpu"]["flags"], list)
     for entry in report["candidates"].values():
         assert entry["latency_ratio_fp32_batch32"] == pytest.approx(
             entry["latency_ms_batch32"] / report["candidates"]["fp32"]["latency_ms_batch32"])
@@ -150,9 +153,9 @@ def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> No
 
 def test_compress_ships_fp32_when_no_candidate_is_fast_enough(exported) -> None:
     root, dataset = exported
-    # No INT8 model runs in a millionth of FP32's time: the speed rule alone decides.
-    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1, max_latency_ratio=1e-6),
-                 root / "export", dataset, root / "too_slow")
+    # No INT8 model runs in a millionth of FP32's time: with objective=latency, the speed rule alone decides.
+    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1, objective="latency",
+                                max_latency_ratio=1e-6), root / "export", dataset, root / "too_slow")
     report = json.loads((root / "too_slow" / "compress.json").read_text())
     assert report["candidates"]["int8"]["within_budget"] is True
     assert report["shipped"] == result.info["shipped"] == "fp32"
@@ -209,7 +212,14 @@ def test_a_tight_budget_keeps_the_most_sensitive_nodes_in_fp32(exported) -> None
     export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export_tight",
                features_dir=root / "features")
     cfg = CompressConfig(max_accuracy_drop=0.0, calibration_images=4, max_fp32_nodes=2, sensitivity_images=2,
-                         latency_runs=1)
+                         latency_runs=1, max_search_drop=1.0)
+    # A loss beyond max_search_drop is taken as hopeless: no search, no mixed-precision candidate.
+    hopeless = run(cfg.model_copy(update={"max_search_drop": 0.0}), root / "export_tight", dataset, root / "hopeless")
+    stopped = json.loads((root / "hopeless" / "compress.json").read_text())["int8_search"]["stopped"]
+    assert "compress.max_search_drop=0: no mixed-precision search" in stopped
+    assert hopeless.info["shipped"] == "fp32" and not (root / "hopeless" / "sensitivity.csv").exists()
+    assert not [name for name in json.loads((root / "hopeless" / "compress.json").read_text())["candidates"]
+                if name.startswith("int8_fp32x")]
     result = run(cfg, root / "export_tight", dataset, root / "tight")
     report = json.loads((root / "tight" / "compress.json").read_text())
     search = report["int8_search"]
@@ -235,3 +245,24 @@ def test_a_tight_budget_keeps_the_most_sensitive_nodes_in_fp32(exported) -> None
         assert "more compressed but over budget: int8 " in report["reason"]
     else:
         assert report["shipped"].startswith("int8_fp32x") and report["candidates"][report["shipped"]]["within_budget"]
+
+
+def test_compress_ships_the_same_model_twice_from_the_same_inputs(exported) -> None:
+    # What ships is a function of the data and params: two runs on the same export ship the same bytes, whatever
+    # the two runs' timings (which are recorded, and differ).
+    root, dataset = exported
+    config = CompressConfig(max_accuracy_drop=0.02, calibration_images=8, latency_runs=2, max_fp32_nodes=2)
+    first, second = (run(config, root / "export", dataset, root / name) for name in ("once", "twice"))
+    assert first.info["shipped"] == second.info["shipped"] and first.info["reason"] == second.info["reason"]
+    assert sha256_file(first.artifacts["model"]) == sha256_file(second.artifacts["model"])
+
+
+def test_latency_on_another_cpu_than_the_serving_one_is_refused_before_any_work(exported, tmp_path: Path) -> None:
+    root, dataset = exported
+    with pytest.raises(UserError, match="compress.serving_cpu is 'Imaginary CPU 9000'"):
+        run(CompressConfig(objective="latency", serving_cpu="Imaginary CPU 9000"), root / "export", dataset,
+            tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
+    # Params written before `objective` existed said "size alone" with max_latency_ratio: null; they still load.
+    legacy = CompressConfig.model_validate({"max_latency_ratio": None})
+    assert legacy.objective == "size" and legacy.max_latency_ratio == 1.05

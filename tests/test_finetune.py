@@ -17,6 +17,7 @@ import torch
 
 from components.core import devices
 from components.core.errors import UserError
+from components.core.progress import no_progress
 from components.data.config import IngestConfig
 from components.data.ingest import run as ingest_run
 from components.data.manifest import read_manifest
@@ -27,8 +28,10 @@ from components.models.int8_recipe import Recipe
 from components.packaging import export
 from components.training import activations
 from components.training.config import FinetuneConfig, LoopConfig
+from components.training.context import Context
 from components.training.finetune import run
 from components.training.loop import FitResult, class_weight_vector, fit, lr_scheduler, param_groups, scores
+from components.training.strategies import STRATEGIES
 from components.training.strategies.linear import fit_probe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +172,27 @@ def test_auto_keeps_the_best_val_accuracy(cells: Cells, tmp_path: Path) -> None:
     trained = {c["strategy"]: c["val_accuracy"] for c in report["candidates"]}
     assert set(trained) == {"linear", "partial", "full"}
     assert trained[report["strategy"]] == max(trained.values()) == result.metrics["val_accuracy"]
+
+
+def test_auto_decides_on_counted_costs_the_same_way_twice(cells: Cells, tmp_path: Path) -> None:
+    # The costs are counted from the networks and the data, so a cold and a warm cache, a loaded and an idle
+    # machine, give the same estimate; a budget between partial's cost and partial's + full's trains partial only.
+    cfg = FinetuneConfig.model_validate({**FAST, "strategy": "auto"})
+    ctx = Context(cfg, BACKBONE, cells.features, cells.dataset, cells.cache, tmp_path / "state", 17, 1e-4, no_progress)
+    before = {name: STRATEGIES[name].cost(ctx).describe() for name in ("linear", "partial", "full")}
+    assert before["linear"]["seconds"] == 0 < before["partial"]["seconds"] < before["full"]["seconds"]
+    assert before["partial"]["inference_s"] > 0 and before["full"]["inference_s"] == 0
+    budget = (before["partial"]["seconds"] + before["full"]["seconds"] / 2) / 60
+    reports = []
+    for attempt in ("a", "b"):
+        result = cells.run(tmp_path / attempt, tmp_path / f"state-{attempt}", strategy="auto", budget_minutes=budget)
+        reports.append(json.loads(result.artifacts["report"].read_text()))
+    for report in reports:
+        assert [(c["strategy"], c["status"]) for c in report["candidates"]] == [
+            ("linear", "trained"), ("partial", "trained"), ("full", "skipped")]
+        assert [c["estimate"] for c in report["candidates"]] == list(before.values())
+    assert reports[0]["strategy"] == reports[1]["strategy"]
+    assert {name: STRATEGIES[name].cost(ctx).describe() for name in before} == before  # the warm cache changed nothing
 
 
 @pytest.mark.parametrize(

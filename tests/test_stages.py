@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -142,3 +143,36 @@ def test_a_second_run_in_the_same_outputs_fails_fast_naming_the_holder(tmp_path:
     assert state["status"] == "completed" and state["previous"]["status"] == "killed"
     with RunLock(load_params(params_file), "tlops run") as lock:
         assert killed_run(lock) is None  # a run that finished is not taken for a killed one
+
+
+def test_cache_keys_follow_the_libraries_tlops_runs_on_not_every_installed_one() -> None:
+    # Installing a tool beside tlops (pytest is, in this environment; so are import-linter and ipython for many)
+    # must not rerun every stage; upgrading a library a result is computed with must.
+    import importlib.metadata
+
+    versions = dict(fingerprints.library_versions())
+    installed = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    assert {"pytest", "import-linter"} <= installed
+    assert "pytest" not in versions and "import-linter" not in versions
+    for library in ("torch", "onnxruntime", "mlflow", "numpy", "prefect", "great-expectations"):
+        assert versions[library] == importlib.metadata.version(library)
+
+
+def test_finetune_calibrates_its_int8_part_on_the_views_export_will_average(elpv_small) -> None:
+    # Compress calibrates the exported graph, whose test-time averaging feeds the trunk every view of an image;
+    # partial's INT8 frozen part must be calibrated on the same views, so its ranges are the shipped model's.
+    from components.data.views import dihedral
+    from components.models.quantization import calibration_images
+    from components.models.registry import get_entry
+    from tlops.stages import served_views
+
+    params = load_params(REPO / "params.yaml")
+    assert served_views(params) == min(params.export.tta_views, params.finetune.partial.views) == 4
+    assert params.compress.planned_recipe(served_views(params)).calibration_views == 4
+    assert "export.tta_views" in BY_NAME["finetune"].params  # so a change of views retrains (DVC and Prefect)
+    preprocessing = get_entry("efficientnet_lite0").preprocessing(32)
+    plain = calibration_images(elpv_small, 6, preprocessing)
+    turned = calibration_images(elpv_small, 6, preprocessing, views=4)
+    assert turned.shape == (4 * len(plain), *plain.shape[1:])
+    for view in range(4):
+        assert np.array_equal(turned[view * len(plain):(view + 1) * len(plain)], dihedral(plain, view))

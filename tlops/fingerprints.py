@@ -80,6 +80,26 @@ def code_hash(files: Iterable[str]) -> str:
 
 @cache
 def library_versions() -> tuple[tuple[str, str], ...]:
-    """Every installed distribution and its version: a library upgrade invalidates cached results."""
-    found = {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()}
-    return tuple(sorted((name, version) for name, version in found.items() if name and name != "tlops"))
+    """The version of every distribution tlops runs on: its requirements and theirs, transitively (extras and
+    other platforms' markers left out). A library upgrade invalidates cached results; installing an unrelated
+    tool (ipython, a linter) in the same environment does not."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, str] = {}
+    pending = ["tlops"]
+    while pending:
+        name = canonicalize_name(pending.pop())
+        if name in found:
+            continue
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:  # an optional dependency of a dependency, not installed
+            continue
+        found[name] = distribution.version
+        for text in distribution.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    found.pop("tlops", None)
+    return tuple(sorted(found.items()))

@@ -111,7 +111,12 @@ def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
-                        int8_recipe=params.compress.planned_recipe())
+                        int8_recipe=params.compress.planned_recipe(served_views(params)))
+
+
+def served_views(params: Params) -> int:
+    """The views the exported `partial` model averages (export caps `tta_views` at the views it trained on)."""
+    return min(params.export.tta_views, params.finetune.partial.views)
 
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -157,7 +162,8 @@ def _version_exists(result: StageResult) -> bool:
     return version_exists(result.info["model_name"], result.info["version"])
 
 
-INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe)))  # compress keys of the INT8 recipe
+# compress keys of the INT8 recipe (its calibration views are export's: see `served_views`)
+INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe) if key.name != "calibration_views"))
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "components.data.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
@@ -171,7 +177,8 @@ STAGES: tuple[Stage, ...] = (
                                                                "template": "bar_horizontal"}))),
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
     Stage("finetune", "components.training.finetune", _finetune,
-          ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS)),
+          ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS),
+           "export.tta_views"),
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
           files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
     Stage("export", "components.packaging.export", _export,

@@ -8,17 +8,23 @@ model is served with (`components.data.preprocess.preprocess_image`).
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Callable
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import InterpolationMode, v2
 
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, model_mode, preprocess_image
 
+log = logging.getLogger(__name__)
+
 Transform = Callable[[Image.Image], torch.Tensor]
+SHARED_MEMORY = "/dev/shm"
 
 
 def augmentation(preprocessing: Preprocessing, scale_min: float, jitter: float) -> v2.Compose:
@@ -63,3 +69,32 @@ class ImageSplit(TorchDataset):
             return self.transform(image), self.labels[index]
 
 
+def usable_workers(dataset: TorchDataset, requested: int, batch_size: int) -> int:
+    """`requested` DataLoader worker processes if they can run here, else 0 (decode in the training process).
+
+    Workers hand batches over shared memory: a container's default 64 MB /dev/shm holds less than two
+    prefetched batches of 32 images at 300 px, and some sandboxes cannot start the processes at all; either
+    kills training with "DataLoader worker exited unexpectedly". So the room is checked and one worker is
+    started on one image first; where that fails, training runs without worker processes, slower but whole.
+    """
+    if requested == 0 or len(dataset) == 0:
+        return requested
+    example, _ = dataset[0]
+    needed = 4 * requested * batch_size * example.numel() * example.element_size()  # prefetch 2 batches, x2 headroom
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:
+        free = 0
+    if free < needed:
+        log.warning("%s has %.0f MB free, DataLoader workers need ~%.0f MB: decoding in the training process "
+                    "instead (give the container more shared memory, e.g. docker --shm-size=1g)", SHARED_MEMORY,
+                    free / 2**20, needed / 2**20)
+        return 0
+    try:
+        for _ in DataLoader(Subset(dataset, [0]), batch_size=1, num_workers=1):
+            pass
+    except Exception as error:  # noqa: BLE001 - whatever stops a worker process here means: run without them
+        log.warning("DataLoader worker processes cannot run here (%s): decoding in the training process instead",
+                    str(error).splitlines()[0][:200])
+        return 0
+    return requested

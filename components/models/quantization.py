@@ -33,6 +33,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
+from components.data.views import dihedral
 from components.models.int8_recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,12 @@ def calibration_frame(dataset: Dataset, count: int) -> pd.DataFrame:
     return pd.concat(chosen, ignore_index=True)
 
 
-def calibration_images(dataset: Dataset, count: int, preprocessing: Preprocessing) -> np.ndarray:
+def calibration_images(dataset: Dataset, count: int, preprocessing: Preprocessing, views: int = 1) -> np.ndarray:
+    """The calibration images preprocessed; with `views` > 1 followed by their other dihedral views, as the
+    test-time averaging of an exported model feeds them to its trunk."""
     paths = [dataset.image_path(p) for p in calibration_frame(dataset, count)["path"]]
-    return np.concatenate([load_batch(paths[i : i + 64], preprocessing) for i in range(0, len(paths), 64)])
+    images = np.concatenate([load_batch(paths[i : i + 64], preprocessing) for i in range(0, len(paths), 64)])
+    return np.concatenate([dihedral(images, view) for view in range(views)])
 
 
 def prepare(source: Path, prepared: Path, scratch: Path) -> None:

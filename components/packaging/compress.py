@@ -5,13 +5,19 @@ Candidates are the exported FP32 model, the pruned export (when compress.prune i
 model (of the pruned one if present). When full INT8 loses more than
 `max_accuracy_drop`, a budgeted mixed-precision search keeps the nodes whose quantization hurts
 most (lowest SQNR, measured with onnxruntime.quantization.qdq_loss_debug) in FP32, a growing
-number at a time, up to `max_fp32_nodes`; each step is a candidate. Every candidate is scored on
-the val split and timed at batch 1 and 32 in ONNX Runtime in the same run with the same threads;
-the most compressed candidate within the accuracy budget that is also no slower than FP32 (at
-most `max_latency_ratio` times its latency at each batch size) ships as `model.onnx`, otherwise
-FP32 ships, and the reason is recorded. The speed rule exists because keeping many nodes in FP32
-adds a Quantize/Dequantize pair at every border: such a model is smaller but can be slower than
-FP32 (Lite2 with 32 FP32 nodes: 1.14x FP32's latency at batch 32).
+number at a time, up to `max_fp32_nodes`; each step is a candidate. The search is skipped when full
+INT8 loses more than `max_search_drop`, where no number of FP32 nodes has ever recovered it. Every
+candidate is scored on the val split and timed at batch 1 and 32 in ONNX Runtime in the same run,
+with the same threads, the candidates alternating round by round.
+
+What ships depends on `objective`. `size` (the default): the most compressed candidate within the
+accuracy budget, decided by val accuracy alone, so the same inputs ship the same model on every
+machine; latencies are recorded, not deciding. `latency`: it must also be no slower than FP32 (at most
+`max_latency_ratio` times its latency at each batch size) on this machine, which is then recorded as
+the serving CPU (and must be `serving_cpu` when that is set). That rule exists because speed is the
+CPU's: keeping many nodes in FP32 adds a Quantize/Dequantize pair at every border (Lite2 with 32 FP32
+nodes: 1.14x FP32's latency at batch 32), and full INT8 of the ELPV model ran 0.41x FP32's latency on
+an AVX-512 VNNI EPYC but 1.08x on an AVX2-only one. Otherwise FP32 ships, and the reason is recorded.
 
 The INT8 recipe and its reasons are in components/models/quantization.py.
 """
@@ -34,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from components.core.cpu import describe_cpu
 from components.core.errors import UserError
 from components.core.result import StageResult, write_json
 from components.data.manifest import Dataset
@@ -137,20 +144,27 @@ def onnx_accuracy(model_path: Path, dataset: Dataset, split: str, batch_size: in
     return float(np.mean(logits.argmax(axis=1) == np.asarray(dataset.label_index(frame))))
 
 
-def latency_ms(model_path: Path, images: np.ndarray, threads: int, runs: int) -> dict[int, float]:
-    """Median wall time (ms) of one session.run at each batch size in LATENCY_BATCHES, after a warm-up."""
-    session = open_session(model_path, threads)
-    input_name = session.get_inputs()[0].name
-    timings = {}
+def latencies_ms(models: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, dict[int, float]]:
+    """Median wall time (ms) of one session.run of each model at each batch size in LATENCY_BATCHES.
+
+    Like for like: the same inputs and threads, each session warmed up, and the models alternating
+    round by round, so a burst of load on a shared machine falls on all of them rather than on one.
+    """
+    sessions = {name: open_session(path, threads) for name, path in models.items()}
+    timings: dict[str, dict[int, float]] = {name: {} for name in models}
     for batch_size in LATENCY_BATCHES:
         batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
-        session.run(None, {input_name: batch})
-        samples = []
+        feeds = {name: {session.get_inputs()[0].name: batch} for name, session in sessions.items()}
+        for name, session in sessions.items():
+            session.run(None, feeds[name])
+        samples: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, {input_name: batch})
-            samples.append((time.perf_counter() - start) * 1e3)
-        timings[batch_size] = statistics.median(samples)
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feeds[name])
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        for name in models:
+            timings[name][batch_size] = statistics.median(samples[name])
     return timings
 
 
@@ -223,8 +237,14 @@ def search_int8(
         log.info("int8: val accuracy %.4f (floor %.4f)", accuracy["int8"], floor)
         search: dict[str, object] = {"recipe": quantizer.recipe(()), "calibration_images": len(quantizer.images),
                                      "shape_nodes_not_quantized": len(quantizer.shape_nodes), "fp32_nodes": []}
-        if accuracy["int8"] >= floor - 1e-9 or cfg.max_fp32_nodes == 0:
-            search["stopped"] = "full int8 within budget" if accuracy["int8"] >= floor - 1e-9 else "compress.max_fp32_nodes is 0"
+        if accuracy["int8"] >= floor - 1e-9:
+            search["stopped"] = "full int8 within budget"
+            return models, accuracy, search
+        if cfg.max_fp32_nodes == 0 or fp32_accuracy - accuracy["int8"] > cfg.max_search_drop:
+            search["stopped"] = ("compress.max_fp32_nodes is 0" if cfg.max_fp32_nodes == 0 else
+                                 f"full int8 lost {fp32_accuracy - accuracy['int8']:.4f}, more than "
+                                 f"compress.max_search_drop={cfg.max_search_drop:g}: no mixed-precision search")
+            log.info("int8: %s", search["stopped"])
             return models, accuracy, search
         rows = int8.node_sensitivity(quantizer.prepared, models["int8"], quantizer.images[: cfg.sensitivity_images],
                                 Path(scratch), quantizer.shape_nodes)
@@ -249,7 +269,18 @@ def search_int8(
     return models, accuracy, search
 
 
+def check_serving_cpu(cfg: CompressConfig) -> dict[str, object]:
+    """This machine's CPU; refused before any work when objective=latency names another serving CPU."""
+    here = describe_cpu()
+    if cfg.objective == "latency" and cfg.serving_cpu and cfg.serving_cpu.lower() not in str(here["model"]).lower():
+        raise UserError(f"compress.objective=latency times candidates on this machine ({here['model']}, "
+                        f"{', '.join(here['flags'])}), but compress.serving_cpu is {cfg.serving_cpu!r}: run compress on "
+                        f"the serving CPU, or set compress.objective=size to ship by accuracy and size alone.")
+    return here
+
+
 def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) -> StageResult:
+    serving_cpu = check_serving_cpu(cfg)
     exported = StageResult.load(export_dir)
     if not exported.is_intact():
         raise ExportChangedError(f"{export_dir}: the exported files changed since export wrote them; re-run export.")
@@ -265,15 +296,14 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
         candidates |= int8_models
         accuracy |= int8_accuracy
 
-    # Timed together, one after another, with the same threads and inputs, so ratios compare.
     timing_images = load_batch([dataset.image_path(p) for p in dataset.split("val")["path"].head(8)],
                                model_preprocessing(candidates["fp32"], read_metadata(candidates["fp32"])))
-    latency = {name: latency_ms(path, timing_images, cfg.latency_threads, cfg.latency_runs)
-               for name, path in candidates.items()}
+    latency = latencies_ms(candidates, timing_images, cfg.latency_threads, cfg.latency_runs)
     ratio = {name: {batch: latency[name][batch] / latency["fp32"][batch] for batch in LATENCY_BATCHES}
              for name in candidates}
+    speed_rule = cfg.max_latency_ratio if cfg.objective == "latency" else None
     shipped, reason, within = choose(accuracy, cfg.max_accuracy_drop, {n: max(r.values()) for n, r in ratio.items()},
-                                     cfg.max_latency_ratio)
+                                     speed_rule)
     log.info("shipping %s: %s", shipped, reason)
 
     model_path = out_dir / SHIPPED_FILE
@@ -310,7 +340,10 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
         "val_images": len(dataset.split("val")),
         "max_accuracy_drop": cfg.max_accuracy_drop,
         "latency_threads": cfg.latency_threads,
-        "max_latency_ratio": cfg.max_latency_ratio,
+        "objective": cfg.objective,
+        "max_latency_ratio": cfg.max_latency_ratio if cfg.objective == "latency" else None,
+        # The CPU the latencies were measured on; with objective=latency, the CPU the choice holds for.
+        "latency_cpu": serving_cpu,
         "int8_search": search,
         "pruning": exported.info.get("pruning") or ({"method": "unstructured magnitude", "sparsity": exported.info["sparsity"]}
                                                     if "pruned" in candidates else None),

@@ -6,7 +6,7 @@ under a second, before torch or ONNX Runtime are loaded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -62,19 +62,34 @@ class CompressConfig(StageConfig):
     activation_type: Literal["uint8", "int8"] = "uint8"  # asymmetric u8 suits ReLU6 outputs and x86 kernels
     reduce_range: bool = True  # 7-bit weights: no 16-bit saturation on CPUs without VNNI
     max_fp32_nodes: int = Field(16, ge=0)  # mixed precision: most nodes kept in FP32; 0 = full INT8 only
+    # Mixed precision is searched only when full INT8 loses at most this much val accuracy: beyond it, keeping up
+    # to 32 nodes in FP32 never came within the budget on ELPV (full INT8 -10.6 points: the best was -1.04).
+    max_search_drop: float = Field(0.05, ge=0.0, le=1.0)
     sensitivity_images: int = Field(8, ge=1)  # calibration images compared float vs INT8 to rank nodes
+    # What "most compressed" serves. `size`: the smallest candidate within the accuracy budget ships, decided by
+    # val accuracy alone, so the same inputs ship the same model on any machine; latencies are still measured and
+    # recorded. `latency`: a candidate must also be no slower than FP32 (max_latency_ratio) on THIS machine, timed,
+    # which is only meaningful when this CPU is the one that will serve (serving_cpu).
+    objective: Literal["size", "latency"] = "size"
+    # objective=latency: the CPU model the model will be served on (part of /proc/cpuinfo's "model name"); compress
+    # refuses to decide on latency measured on another CPU. null: this machine is taken as the serving CPU.
+    serving_cpu: str | None = None
     latency_threads: int = Field(0, ge=0)  # ONNX Runtime threads when timing candidates; 0 = all cores
-    latency_runs: int = Field(5, ge=1)  # timed runs per candidate and batch size (median reported)
-    # A candidate ships only if its latency at every timed batch size is at most this times FP32's; null = size alone.
+    latency_runs: int = Field(5, ge=1)  # timed rounds per batch size, candidates alternating (median reported)
+    # objective=latency: a candidate ships only if its latency at every timed batch size is at most this times FP32's.
     # Above 1.0 so that a candidate as fast as FP32 (unstructured pruning) is not refused on timing noise.
-    max_latency_ratio: float | None = Field(1.05, gt=0)
+    max_latency_ratio: float = Field(1.05, gt=0)
 
     @model_validator(mode="before")
     @classmethod
     def _legacy_sparsity(cls, data: Any) -> Any:
-        """params written before `prune` existed turned unstructured pruning on with sparsity alone."""
+        """params written before `prune` existed turned unstructured pruning on with sparsity alone; params
+        written before `objective` existed said "size alone" with `max_latency_ratio: null`."""
         if isinstance(data, dict) and "prune" not in data and float(data.get("sparsity", 0) or 0) > 0:
-            return {**data, "prune": "unstructured"}
+            data = {**data, "prune": "unstructured"}
+        if isinstance(data, dict) and "max_latency_ratio" in data and data["max_latency_ratio"] is None:
+            data = {key: value for key, value in data.items() if key != "max_latency_ratio"}
+            data.setdefault("objective", "size")
         return data
 
     @model_validator(mode="after")
@@ -91,9 +106,10 @@ class CompressConfig(StageConfig):
         return Recipe(self.calibration_images, self.calibration_method, self.per_channel, self.activation_type,
                            self.reduce_range)
 
-    def planned_recipe(self) -> Recipe | None:
-        """What `partial` fine-tuning prepares its tail for: the recipe, or None when compress will not quantize."""
-        return self.recipe() if self.quantize else None
+    def planned_recipe(self, served_views: int = 1) -> Recipe | None:
+        """What `partial` fine-tuning prepares its tail for: the recipe, calibrated on the views the exported model
+        will average (`served_views`), or None when compress will not quantize."""
+        return replace(self.recipe(), calibration_views=served_views) if self.quantize else None
 
     def unstructured_sparsity(self) -> float:
         """What export's `sparsity` argument gets: 0 unless unstructured pruning is on."""

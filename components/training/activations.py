@@ -152,7 +152,7 @@ def quantize_frozen(store: ViewStore, quantized: ViewStore, recipe: Recipe, data
     """The frozen part quantized with `recipe` and compress's calibration images, once per INT8 store."""
     path = quantized.dir / FROZEN_INT8_FILE
     if not path.exists():
-        images = int8.calibration_images(dataset, recipe.calibration_images, preprocessing)
+        images = int8.calibration_images(dataset, recipe.calibration_images, preprocessing, recipe.calibration_views)
         with tempfile.TemporaryDirectory() as scratch, atomic_path(path) as partial:
             prepared = Path(scratch) / "prepared.onnx"
             int8.prepare(store.dir / FROZEN_FILE, prepared, Path(scratch))

@@ -88,7 +88,8 @@ class FullConfig(TrainConfig):
 
 class FinetuneConfig(StageConfig):
     strategy: Literal["linear", "partial", "full", "auto"] = "auto"
-    budget_minutes: float = Field(20.0, gt=0)  # auto: train no deeper strategy than fits in this
+    # auto: train no deeper strategy than its counted cost fits in, in minutes of a reference 2-core AVX2 CPU
+    budget_minutes: float = Field(25.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has native bf16
     class_weights: Literal["balanced", "none"] = "balanced"

@@ -24,6 +24,7 @@ from components.training.loop import OnEpoch, Trained
 
 if TYPE_CHECKING:
     from components.models.int8_recipe import Recipe
+    from components.training.cost import Cost
 
 
 class Context:
@@ -65,8 +66,8 @@ class Strategy:
 
     name: str
     train: Callable[[Context], Trained]
-    # Its cost before it runs, for `auto`'s budget.
-    estimate_seconds: Callable[[Context], float]
+    # Its cost before it runs, counted (components/training/cost.py), for `auto`'s budget.
+    cost: Callable[[Context], Cost]
     # How many dihedral views of each image the model saw in training; export's test-time averaging uses no more.
     train_views: Callable[[FinetuneConfig], int]
     # What the negative-transfer guard suggests when this strategy does not beat the pixel reference.

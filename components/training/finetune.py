@@ -4,7 +4,7 @@
 - `partial`: the last N blocks, the top conv and a new head, trained from cached activations of
   the frozen part and cached flip/rotation views.
 - `full`: everything, end to end on augmented images.
-- `auto`: linear, then partial, then full while the time budget allows; best val accuracy wins.
+- `auto`: linear, then partial, then full while their counted cost fits the budget; best val accuracy wins.
 
 Every run also fits a reference that knows nothing of ImageNet (a linear model on downsampled
 pixels, `reference`): a transferred model that does not beat it on val by `guard.margin` is
@@ -14,7 +14,6 @@ reported as negative transfer (console, MLflow tag `tlops.negative_transfer`, `f
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,35 +42,43 @@ REPORT_FILE = "finetune.json"
 
 
 def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Trained, list[dict[str, Any]], str]:
-    """Each strategy, cheapest first, while its estimated time fits what is left of the budget."""
-    budget, began = ctx.cfg.budget_minutes * 60, time.perf_counter()
+    """Each strategy, cheapest first, while its counted cost fits what is left of the budget.
+
+    The budget is charged with each trained strategy's counted cost, not its measured time, so the
+    choice depends on the data and params alone (components/training/cost.py); measured times are recorded.
+    """
+    budget, spent = ctx.cfg.budget_minutes * 60, 0.0
     tried: list[tuple[str, Trained]] = []
     candidates: list[dict[str, Any]] = []
     for strategy in AUTO_ORDER:
-        left = budget - (time.perf_counter() - began)
-        estimate = STRATEGIES[strategy].estimate_seconds(ctx)
-        if tried and estimate > left:
-            reason = f"skipped: estimated {estimate / 60:.1f} min, {max(left, 0) / 60:.1f} min of the budget left"
-            candidates.append({"strategy": strategy, "estimated_s": estimate, "status": "skipped", "reason": reason})
+        cost = STRATEGIES[strategy].cost(ctx)
+        left = budget - spent
+        estimate = f"estimated {cost.seconds / 60:.1f} min ({cost.training_s / 60:.1f} training, " \
+                   f"{(cost.inference_s + cost.decode_s) / 60:.1f} activations and decoding)"
+        if tried and cost.seconds > left:
+            reason = f"skipped: {estimate}, {max(left, 0) / 60:.1f} min of the budget left"
+            candidates.append({"strategy": strategy, "estimate": cost.describe(), "status": "skipped", "reason": reason})
             log.info("auto: %s %s", strategy, reason)
             continue
+        log.info("auto: training %s, %s, %.1f min of the budget left", strategy, estimate, left / 60)
         trained = STRATEGIES[strategy].train(ctx)
+        spent += cost.seconds
         verdict = reference.judge(trained.best["val_accuracy"], ref, ctx.cfg.guard.margin, f"{ctx.entry.name}/{strategy}",
                                   STRATEGIES[strategy].next_step)
         if verdict.fired:
             log.warning("auto: %s", verdict.message)
-        candidates.append({"strategy": strategy, "estimated_s": estimate, "status": "trained",
+        candidates.append({"strategy": strategy, "estimate": cost.describe(), "status": "trained",
                            "val_accuracy": trained.best["val_accuracy"], "val_loss": trained.best["val_loss"],
                            "seconds": trained.seconds, "negative_transfer": verdict.fired})
-        log.info("auto: %s reaches val accuracy %.4f in %.0f s%s", strategy, trained.best["val_accuracy"],
-                 trained.seconds, " (negative transfer)" if verdict.fired else "")
+        log.info("auto: %s reaches val accuracy %.4f in %.0f s (estimated %.0f s)%s", strategy,
+                 trained.best["val_accuracy"], trained.seconds, cost.seconds, " (negative transfer)" if verdict.fired else "")
         tried.append((strategy, trained))
     # Best val accuracy; a tie goes to the cheaper strategy (earlier in AUTO_ORDER).
     chosen, best = max(tried, key=lambda item: (item[1].best["val_accuracy"], -AUTO_ORDER.index(item[0])))
     others = ", ".join(f"{c['strategy']} {c['val_accuracy']:.4f}" if c["status"] == "trained" else f"{c['strategy']} {c['reason']}"
                        for c in candidates if c["strategy"] != chosen)
     why = (f"auto chose {chosen}: best val accuracy {best.best['val_accuracy']:.4f} within "
-           f"{ctx.cfg.budget_minutes:g} min (others: {others or 'none'})")
+           f"{ctx.cfg.budget_minutes:g} reference min (others: {others or 'none'})")
     return chosen, best, candidates, why
 
 

@@ -205,37 +205,3 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
             "val_accuracy": (logits.argmax(1) == labels).float().mean().item()}
 
 
-def best_seconds(work: Callable[[], object], warmup: int = 2, runs: int = 3) -> float:
-    """The fastest of `runs` timed calls of `work`, after `warmup` untimed ones.
-
-    The first calls of an ONNX Runtime session or of a bf16 oneDNN kernel are several times slower than
-    the rest (allocation, primitive creation); one warm-up and one timed call overestimated auto's
-    partial estimate threefold on an AVX512-BF16 CPU.
-    """
-    for _ in range(warmup):
-        work()
-    timings = []
-    for _ in range(runs):
-        began = time.perf_counter()
-        work()
-        timings.append(time.perf_counter() - began)
-    return min(timings)
-
-
-def step_seconds(module: nn.Module, batch: torch.Tensor, n_classes: int, placement: Placement) -> float:
-    """Seconds of one AdamW training step of `module` on `batch` (`best_seconds` of a few)."""
-    module.to(placement.device).train()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad])
-    labels = torch.zeros(len(batch), dtype=torch.long, device=placement.device)
-    batch = batch.to(placement.device)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        with placement.autocast():
-            loss = nn.functional.cross_entropy(module(batch), labels)
-        loss.backward()
-        optimizer.step()
-        if placement.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return best_seconds(step)

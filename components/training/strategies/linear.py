@@ -26,6 +26,7 @@ from torch import nn
 
 from components.features.cache import split_features
 from components.training.context import Context, Strategy
+from components.training.cost import Cost
 from components.training.loop import Trained
 from components.training.reference import DEEPER_FINETUNING
 
@@ -100,5 +101,5 @@ def train(ctx: Context) -> Trained:
     return Trained(None, probe.head, probe.history, probe.best, time.perf_counter() - began, info)
 
 
-STRATEGY = Strategy("linear", train, estimate_seconds=lambda ctx: 0.0, train_views=lambda cfg: 1,
+STRATEGY = Strategy("linear", train, cost=lambda ctx: Cost(), train_views=lambda cfg: 1,  # seconds: features are cached
                     next_step=DEEPER_FINETUNING)

@@ -24,22 +24,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from components.data.preprocess import load_batch
 from components.models import quantization as int8
 from components.models.backbones import build_classifier
-from components.models.onnx_io import open_session
-from components.models.trunk_parts import TrainedTail
+from components.models.trunk_parts import FrozenPart, TrainedTail, check_layout
 from components.training.activations import (
-    FROZEN_FILE,
-    FROZEN_INT8_FILE,
     cache_activations,
-    float_views,
-    int8_store,
-    missing_views,
-    prepare_store,
 )
 from components.training.context import Context, Strategy
-from components.training.loop import Trained, best_seconds, class_weight_vector, fit, scores, step_seconds
+from components.training.cost import REFERENCE, Cost, forward_flops, training_seconds
+from components.training.loop import Trained, class_weight_vector, fit, scores
 
 log = logging.getLogger(__name__)
 
@@ -118,38 +111,26 @@ def train(ctx: Context) -> Trained:
     return Trained(model, head, result.history, best, time.perf_counter() - began, info)
 
 
-def estimate_seconds(ctx: Context) -> float:
-    """Missing activations at a measured rate, plus every epoch at a measured step time."""
-    cfg, entry, preprocessing, dataset, placement = ctx.cfg.partial, ctx.entry, ctx.preprocessing, ctx.dataset, ctx.placement
-    cache_dir, opset, atol, int8_recipe = ctx.cache_dir, ctx.opset, ctx.atol, ctx.int8_recipe
-    store, shape = prepare_store(entry, preprocessing, cfg.blocks, dataset, cache_dir, opset, atol)
-    todo = [missing_views(store, dataset, float_views(cfg.views))]
-    if int8_recipe is not None and cfg.int8_views:
-        # INT8 views run about as fast as float ones on AVX2; calibration runs the calibration images once.
-        quantized = int8_store(store, int8_recipe, dataset)
-        todo.append(missing_views(quantized, dataset, {"train": cfg.views}))
-        if not (quantized.dir / FROZEN_INT8_FILE).exists():
-            todo.append({sha: {0} for sha in int8.calibration_frame(dataset, int8_recipe.calibration_images)["sha256"]})
-    seconds = 0.0
-    images, views = set().union(*todo), sum(len(v) for missing in todo for v in missing.values())
-    if views:
-        sample = dataset.manifest.head(8)
-        began = time.perf_counter()
-        batch = load_batch([dataset.image_path(p) for p in sample["path"]], preprocessing)
-        decode_s = (time.perf_counter() - began) / len(sample)
-        session = open_session(store.dir / FROZEN_FILE, 0)
-        view_s = best_seconds(lambda: session.run(["activation"], {"image": batch})) / len(sample)
-        seconds += len(images) * decode_s + views * view_s
-    model = build_classifier(entry)
+def cost(ctx: Context) -> Cost:
+    """The frozen part once per image and view (twice for train images when INT8 twins are cached), and the
+    tail forward and backward every epoch; counted as if nothing were cached, so the answer is the data's and
+    the params', not the cache's."""
+    cfg, dataset = ctx.cfg.partial, ctx.dataset
+    model = build_classifier(ctx.entry)
+    check_layout(model, ctx.entry.name, "partial")
+    image = torch.zeros(1, 3, ctx.preprocessing.input_size, ctx.preprocessing.input_size)
+    frozen = FrozenPart(model, cfg.blocks)
+    frozen_flops = forward_flops(frozen, image)
+    with torch.no_grad():
+        activation = frozen(image)
     tail = TrainedTail(model, cfg.blocks, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
-    for parameter in tail.parameters():
-        parameter.requires_grad_(True)
-    batch = min(cfg.batch_size, max(len(dataset.split("train")), 2))
-    step = step_seconds(tail, torch.zeros(batch, *shape), len(dataset.labels), placement)
-    steps = -(-len(dataset.split("train")) // cfg.batch_size)
-    evaluation = len(dataset.split("val")) / batch * step / 3  # forward only
-    return seconds + cfg.epochs * (steps * step + evaluation)
+    n_train, n_val, n_test = (len(dataset.split(split)) for split in ("train", "val", "test"))
+    twins = 2 if ctx.int8_recipe is not None and cfg.int8_views else 1  # float and INT8 activations of train views
+    views = n_train * cfg.views * twins + n_val + n_test
+    return Cost(inference_s=views * frozen_flops / REFERENCE.inference_flops_per_s,
+                training_s=training_seconds(forward_flops(tail, activation), cfg.epochs, n_train, n_val),
+                decode_s=(n_train * twins + n_val + n_test) * REFERENCE.decode_s)
 
 
-STRATEGY = Strategy("partial", train, estimate_seconds, train_views=lambda cfg: cfg.partial.views,
+STRATEGY = Strategy("partial", train, cost, train_views=lambda cfg: cfg.partial.views,
                     next_step="try finetune.strategy=full (auto does this)")
