@@ -214,3 +214,19 @@ def test_config_ranges_fail_at_load(field: str, value: object) -> None:
     with pytest.raises(ValidationError, match=field):
         ExportConfig(**{field: value})
     assert ExportConfig(opset=13, parity_images=1, parity_atol=0.0).opset == 13
+
+
+def test_a_checkpoint_rebuilds_its_head_from_the_spec_it_stores(exported, tmp_path: Path) -> None:
+    checkpoint = load_checkpoint(exported[2])
+    assert checkpoint["format"] == "tlops.classifier/3"
+    assert checkpoint["head_spec"] == {"kind": "linear", "in_features": checkpoint["head"]["weight"].shape[1],
+                                       "out_features": checkpoint["head"]["weight"].shape[0]}
+    # A checkpoint written before heads had specs (/2) holds a linear head, rebuilt from its weight's shape.
+    older = {key: value for key, value in checkpoint.items() if key != "head_spec"} | {"format": "tlops.classifier/2"}
+    torch.save(older, tmp_path / "older.pt")
+    image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(build_model(load_checkpoint(tmp_path / "older.pt"))(image), build_model(checkpoint)(image))
+    torch.save(checkpoint | {"head_spec": {"kind": "hypernetwork"}}, tmp_path / "unknown.pt")
+    with pytest.raises(ValueError, match="head kind 'hypernetwork' is unknown"):
+        build_model(load_checkpoint(tmp_path / "unknown.pt"))

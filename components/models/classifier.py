@@ -16,15 +16,17 @@ from torch import nn
 from components.core.errors import UserError
 from components.data.views import MAX_VIEWS
 from components.models.backbones import Trunk, build_trunk
+from components.models.heads import build_head, head_spec
 from components.models.registry import get_entry
 
-CHECKPOINT_FORMAT = "tlops.classifier/2"  # /2: `taps` (a list) replaced `tap`
+CHECKPOINT_FORMAT = "tlops.classifier/3"  # /3: `head_spec` (any head kind); /2: `taps` (a list) replaced `tap`
+READABLE_FORMATS = ("tlops.classifier/2", CHECKPOINT_FORMAT)  # a /2 checkpoint's head is linear
 
 
 class Classifier(nn.Module):
     """image -> logits. `trunk` returns one pooled vector per tap; the head reads them concatenated."""
 
-    def __init__(self, trunk: Trunk, head: nn.Linear):
+    def __init__(self, trunk: Trunk, head: nn.Module):
         super().__init__()
         self.trunk = trunk
         self.head = head
@@ -66,15 +68,21 @@ class ViewAverage(nn.Module):
         return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
 
 
-def save_checkpoint(path: Path, head: nn.Linear, trunk_state: dict | None, **description: Any) -> Path:
+def save_checkpoint(path: Path, head: nn.Module, trunk_state: dict | None, **description: Any) -> Path:
     """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy."""
     required = {"backbone", "taps", "labels", "preprocessing", "config", "data", "strategy"}
     missing = required - description.keys()
     if missing:
         raise ValueError(f"checkpoint description lacks {sorted(missing)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "head": head.state_dict(), "trunk": trunk_state, **description}, path)
+    torch.save({"format": CHECKPOINT_FORMAT, "head": head.state_dict(), "head_spec": head_spec(head),
+                "trunk": trunk_state, **description}, path)
     return path
+
+
+def checkpoint_head(checkpoint: dict[str, Any]) -> nn.Module:
+    """The checkpoint's trained head, rebuilt from its spec, in eval mode."""
+    return build_head(checkpoint.get("head_spec"), checkpoint["head"])
 
 
 class CheckpointError(UserError):
@@ -89,7 +97,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0][:120]}); "
                               f"rerun the finetune stage.") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in READABLE_FORMATS:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path}: not a tlops checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r}); "
                               f"rerun the finetune stage.")
@@ -102,7 +110,4 @@ def build_model(checkpoint: dict[str, Any]) -> Classifier:
     trunk = build_trunk(entry, tuple(checkpoint["taps"]))
     if checkpoint.get("trunk") is not None:
         trunk.load_state_dict(checkpoint["trunk"])
-    weight = checkpoint["head"]["weight"]
-    head = nn.Linear(weight.shape[1], weight.shape[0])
-    head.load_state_dict(checkpoint["head"])
-    return Classifier(trunk, head).eval()
+    return Classifier(trunk, checkpoint_head(checkpoint)).eval()

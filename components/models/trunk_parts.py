@@ -53,7 +53,7 @@ class TrainedTail(nn.Module):
     Its modules are the model's own, so training it trains the model in place.
     """
 
-    def __init__(self, model: nn.Module, trainable: int, head: nn.Linear, dropout: float):
+    def __init__(self, model: nn.Module, trainable: int, head: nn.Module, dropout: float):
         super().__init__()
         self.blocks = nn.Sequential(*flat_blocks(model)[-trainable:])
         self.top = nn.Sequential(model.conv_head, model.bn2, model.global_pool)
@@ -72,7 +72,7 @@ class TrainedTail(nn.Module):
 class FullModel(nn.Module):
     """Image -> logits through the whole network and a new head, for end-to-end fine-tuning."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear, dropout: float):
+    def __init__(self, model: nn.Module, head: nn.Module, dropout: float):
         super().__init__()
         self.model = model
         self.dropout = nn.Dropout(dropout)

@@ -38,7 +38,7 @@ from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
 from components.features.cache import FEATURES_FILE, RECORD_FILE, load_features, read_record, rows_by_sha256
 from components.features.extract import stale_inputs
-from components.models.classifier import ViewAverage, build_model, load_checkpoint
+from components.models.classifier import ViewAverage, build_model, checkpoint_head, load_checkpoint
 from components.models.onnx_export import export_onnx
 from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata
 from components.models.registry import get_entry
@@ -177,9 +177,7 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
     for tap in taps:
         sha256, tap_features = load_features(features_dir, backbone, tap)
         cached_features.append(rows_by_sha256(sha256, tap_features, frame["sha256"], backbone, "val"))
-    head_state = checkpoint["head"]
-    head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
-    head.load_state_dict(head_state)
+    head = checkpoint_head(checkpoint)
     with torch.no_grad():
         trained_logits = head(torch.from_numpy(np.concatenate(cached_features, axis=1))).numpy()
     served_logits = predict_frame(served_path, dataset, frame, batch_size=count)

@@ -182,7 +182,7 @@ class Trained:
     """What a strategy hands back: the network with its trained weights (None: trunk untouched), the head."""
 
     network: nn.Module | None
-    head: nn.Linear
+    head: nn.Module  # any head with a spec (components/models/heads.py)
     history: list[dict[str, float]]
     best: dict[str, float]
     seconds: float
