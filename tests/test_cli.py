@@ -1,7 +1,13 @@
+import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, venv_env
+
+# What a params error must not wait for: each takes seconds to import on a busy 2-core machine.
+HEAVY = ("torch", "mlflow", "onnxruntime", "great_expectations", "prefect", "sklearn")
 
 
 def tlops(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -14,6 +20,35 @@ def test_unknown_key_fails_before_any_work_naming_the_key() -> None:
     assert done.returncode == 2
     assert "finetune.learnig_rate" in done.stderr and "Traceback" not in done.stderr
     assert "Beginning flow run" not in done.stdout + done.stderr
+
+
+def tlops_then_loaded(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run `tlops ARGS` in a fresh interpreter; also the heavy libraries loaded when it returned."""
+    code = ("import json, sys\nfrom tlops.cli import main\ncode = main(sys.argv[1:])\n"
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\nsys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=venv_env(), capture_output=True, text=True,
+                          timeout=300)
+    return done, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", [["run"], ["stage", "finetune"], ["params"], ["serve"], ["deploy"],
+                                     ["drift", "--images", "new_cells"], ["tune"]])
+def test_every_command_reports_a_typo_in_one_line_before_loading_any_framework(command: list[str]) -> None:
+    done, loaded = tlops_then_loaded(*command, "--set", "finetune.learnig_rate=0.1")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tlops: error: params.yaml: finetune.learnig_rate: unknown key")
+    assert loaded == []  # the cause of a fast answer, asserted instead of a time
+
+
+@pytest.mark.parametrize(("args", "named"), [(["serve", "--port", "0"], "serve.port"),
+                                             (["tune", "--minutes", "-1"], "tune.minutes"),
+                                             (["params", "--set", "ingest.path=/nonexistent"], "ingest.path")])
+def test_a_bad_flag_or_a_key_the_source_ignores_is_refused_up_front(args: list[str], named: str) -> None:
+    done, loaded = tlops_then_loaded(*args)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith(f"tlops: error: params.yaml: {named}: ")
+    assert loaded == []
 
 
 def test_wrong_type_is_named() -> None:
