@@ -32,7 +32,7 @@ def tlops_then_loaded(*args: str) -> tuple[subprocess.CompletedProcess, list[str
 
 
 @pytest.mark.parametrize("command", [["run"], ["stage", "finetune"], ["params"], ["serve"], ["deploy"],
-                                     ["drift", "--images", "new_cells"], ["tune"]])
+                                     ["drift", "--images", "new_cells"], ["tune"]], ids=lambda command: command[0])
 def test_every_command_reports_a_typo_in_one_line_before_loading_any_framework(command: list[str]) -> None:
     done, loaded = tlops_then_loaded(*command, "--set", "finetune.learnig_rate=0.1")
     assert done.returncode == 2, done.stderr
