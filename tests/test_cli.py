@@ -31,7 +31,7 @@ def tlops_then_loaded(*args: str) -> tuple[subprocess.CompletedProcess, list[str
     code = ("import json, sys\nfrom tlops.cli import main\ncode = main(sys.argv[1:])\n"
             f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\nsys.exit(code)")
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=venv_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     return done, json.loads(done.stdout.strip().splitlines()[-1])
 
 
