@@ -211,6 +211,8 @@ def test_a_tight_budget_keeps_the_most_sensitive_nodes_in_fp32(exported) -> None
     checkpoint = near_boundary_checkpoint(root, dataset, root / "model.pt")
     export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export_tight",
                features_dir=root / "features")
+    # Speed is left out of the decision (the speed rule has its own test): at 64 px one timing run can put the
+    # mixed model 1.07x behind FP32 at batch 1 and 0.4x at batch 32, which would make the outcome a coin toss.
     cfg = CompressConfig(max_accuracy_drop=0.0, calibration_images=4, max_fp32_nodes=2, sensitivity_images=2,
                          latency_runs=1, max_search_drop=1.0)
     # A loss beyond max_search_drop is taken as hopeless: no search, no mixed-precision candidate.
@@ -241,10 +243,12 @@ def test_a_tight_budget_keeps_the_most_sensitive_nodes_in_fp32(exported) -> None
     assert result.artifacts["sensitivity"] == root / "tight" / "sensitivity.csv"
     for name, entry in report["candidates"].items():
         assert entry["latency_ms_batch1"] > 0 and entry["latency_ms_batch32"] > 0, name
-    if report["shipped"] == "fp32":
-        assert "more compressed but over budget: int8 " in report["reason"]
-    else:
-        assert report["shipped"].startswith("int8_fp32x") and report["candidates"][report["shipped"]]["within_budget"]
+    # The search stopped at the first mixed model back within budget, and that model ships.
+    mixed = f"int8_fp32x{len(kept)}"
+    assert search["stopped"] == f"{mixed} within budget" and report["candidates"][mixed]["within_budget"]
+    assert report["shipped"] == result.info["shipped"] == mixed
+    assert read_metadata(result.artifacts["model"])["compression"] == mixed
+    assert "more compressed but over budget: int8 " in report["reason"]
 
 
 def test_compress_ships_the_same_model_twice_from_the_same_inputs(exported) -> None:

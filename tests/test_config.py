@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,26 @@ def test_bad_keys_and_types_fail_naming_the_key(override: str, named: str) -> No
 def test_missing_params_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # ELPV is bundled: a path given with it would be ignored while the user believes their images were read.
+        (["ingest.path=/nonexistent"], "ingest.path"),
+        (["ingest.allow_outside_root=true"], "ingest.allow_outside_root"),
+        # Labels of an ImageFolder or CSV come from the source; four_class is ELPV's own labelling.
+        (["ingest.source=imagefolder", "ingest.path=cells", "ingest.label_mode=four_class"], "ingest.label_mode"),
+        (["ingest.source=csv", "ingest.path=cells.csv", "ingest.label_mode=four_class"], "ingest.label_mode"),
+    ],
+)
+def test_a_key_the_chosen_source_does_not_read_is_refused(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=rf"params\.yaml: {re.escape(named)}: .*ingest\.source"):
+        load_params(REPO / "params.yaml", overrides)
+
+
+def test_params_yaml_label_mode_works_with_your_own_images() -> None:
+    # The README's own-images command: params.yaml says `label_mode: binary`, which every source accepts.
+    params = load_params(REPO / "params.yaml", ["ingest.source=imagefolder", "ingest.path=cells"])
+    assert (params.ingest.source, params.ingest.path, params.ingest.label_mode) == ("imagefolder", "cells", "binary")
+    assert load_params(REPO / "params.yaml", ["ingest.label_mode=four_class"]).ingest.label_mode == "four_class"

@@ -98,10 +98,20 @@ def test_partial_trains_only_the_last_blocks_and_caches_their_inputs(cells: Cell
     # Lite0's last two blocks are blocks.5.3 and blocks.6.0; the stem and everything before stays pretrained.
     assert any("blocks.6.0" in k for k in changed) and any("blocks.5.3" in k for k in changed)
     assert not any("blocks.5.2" in k or "conv_stem" in k or "blocks.0." in k for k in changed)
-    # A second run (another seed) trains on the cached activations: nothing is recomputed.
+    # A second run (another seed) trains on the cached activations: with one view of one train image taken out of
+    # the store, that view and nothing else is computed again (the store logs how many it computed).
+    store = next(s for s in (cells.cache / BACKBONE).glob("partial-*")
+                 if '"trainable_blocks": 2' in (s / "cache_key.json").read_text())
+    sha = cells.dataset.split("train")["sha256"].iloc[0]
+    victim = store / sha[:2] / f"{sha}.1.npy"
+    victim.unlink()
     caplog.set_level("INFO", logger="components.training.activations")
+    caplog.clear()
     cells.run(tmp_path / "b", strategy="partial", seed=1)
-    assert "activations computed" not in caplog.text
+    computed = [r.getMessage().split(" (")[0] for r in caplog.records
+                if r.name == "components.training.activations" and " computed (" in r.getMessage()]
+    assert computed == [f"activations {BACKBONE}: 1 computed"]
+    assert victim.is_file()
     stores = list((cells.cache / BACKBONE).glob("partial-*"))
     n_train = len(cells.dataset.split("train"))
     n_other = len(cells.dataset.split("val")) + len(cells.dataset.split("test"))

@@ -162,6 +162,9 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
     again = dvc(["repro"], repo)
     assert "Running stage 'promote'" in again and "Running stage 'register'" not in again
     assert again.count("Running stage") == 1
+    # ... and it only asks the registry: the version register recorded already holds @champion, nothing is scored.
+    promoted = json.loads((repo / "outputs/promote/promotion.json").read_text())
+    assert promoted["reason"].endswith("already holds @champion") and "n_test" not in promoted
 
     # A head hyperparameter reruns finetune and what follows, not ingest/features. (Set through YAML: a
     # text replace of a default silently stopped matching when the default moved.)
@@ -188,3 +191,13 @@ def test_dvc_repro_runs_the_same_stages_and_then_nothing(tmp_path: Path) -> None
     done = subprocess.run(["tlops", "run"], cwd=repo, env=venv_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "tlops: error: `dvc push --quiet` failed" in done.stderr and "Traceback" not in done.stderr
+
+    # A run with --set is not what dvc.lock records: it leaves dvc.lock alone and says how to get a recorded run.
+    lock = (repo / "dvc.lock").read_text()
+    done = subprocess.run(["tlops", "run", "--set", "promote.latency_images=6"], cwd=repo, env=venv_env(),
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("tlops: note:")] == [(
+        "tlops: note: this run used --set promote.latency_images=6, so it is not recorded in dvc.lock (which records "
+        "params.yaml as it is); for a recorded run of the same params: dvc exp run -S promote.latency_images=6")]
+    assert (repo / "dvc.lock").read_text() == lock

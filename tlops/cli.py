@@ -2,6 +2,10 @@
 
 Bad input (a `UserError`) is printed as one line, `tlops: error: ...`, exit 1 (2 for a params
 error). Anything else is a bug and keeps its traceback.
+
+Every command that reads params loads and checks them first, before it imports torch, MLflow,
+ONNX Runtime, Great Expectations or Prefect: a typo is reported in a fraction of a second. So this
+module imports nothing heavy at its top, and `tlops.stages` (read for the stage names) neither.
 """
 
 from __future__ import annotations
@@ -10,12 +14,22 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tlops.config import Params
 
 DEFAULT_PARAMS = Path("params.yaml")
+# Command-line flags that stand for a params key: `tlops serve --port 8080` is `--set serve.port=8080`.
+FLAG_KEYS = {
+    "serve": {"model": "serve.model_uri", "host": "serve.host", "port": "serve.port"},
+    "tune": {"trials": "tune.trials", "minutes": "tune.minutes"},
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,13 +79,11 @@ def progress_bar():  # noqa: ANN201 - a tqdm factory
     return partial(tqdm, dynamic_ncols=True, mininterval=1.0)
 
 
-def run_stage(args: argparse.Namespace) -> None:
+def run_stage(args: argparse.Namespace, params: Params) -> None:
     from tlops import tracking
-    from tlops.config import load_params
     from tlops.run_state import RunLock
     from tlops.stages import StageContext, execute, get_stage, stage_dir, stage_params
 
-    params = load_params(args.params, args.overrides)
     stage = get_stage(args.name)
     tracking.check_tracking_server()
     with RunLock(params, f"tlops stage {stage.name}") as lock, tracking.Recorder(params, "stage") as recorder:
@@ -96,8 +108,6 @@ def record_in_dvc() -> None:
     """
     from components.core.errors import UserError
 
-    if not Path("dvc.yaml").exists():
-        return
     if shutil.which("dvc") is None:
         raise UserError("dvc is not on PATH; install the project (`make setup`) or activate .venv, then `dvc commit`.")
     for command in (["dvc", "commit", "--force", "--quiet"], ["dvc", "push", "--quiet"]):
@@ -120,19 +130,62 @@ class HideUserErrorTracebacks(logging.Filter):
         return True
 
 
-def run_flow(args: argparse.Namespace) -> None:
+def params_as_dvc_sees_them(args: argparse.Namespace) -> bool:
+    """Whether the run reads params.yaml of this folder as it is: what `dvc commit` would record."""
+    return not args.overrides and args.params.resolve() == DEFAULT_PARAMS.resolve()
+
+
+def flat_params(value: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"finetune": {"lr": 0.1}}` -> `{"finetune.lr": 0.1}`."""
+    if isinstance(value, dict):
+        return {k: v for key, child in value.items() for k, v in flat_params(child, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def dvc_exp_run(params: Params) -> str:
+    """The `dvc exp run` that computes `params` from params.yaml: one `-S` for each key that differs."""
+    import yaml
+
+    from tlops.config import load_params
+
+    base, wanted = flat_params(load_params(DEFAULT_PARAMS).to_dict()), flat_params(params.to_dict())
+    settings = []
+    for key, value in wanted.items():
+        if base.get(key) != value:  # values as YAML, which is how DVC reads them (a string stays a string)
+            text = value if isinstance(value, str) and yaml.safe_load(value) == value else json.dumps(value)
+            settings.append(f"-S {shlex.quote(f'{key}={text}')}")
+    return " ".join(["dvc exp run", *settings])
+
+
+def not_recorded_note(args: argparse.Namespace, params: Params) -> str:
+    """One line: why this run is not in dvc.lock, and the command whose run would be."""
+    from tlops.config import ConfigError
+
+    used = ([] if args.params.resolve() == DEFAULT_PARAMS.resolve() else [f"--params {args.params}"])
+    used += [f"--set {override}" for override in args.overrides]
+    try:
+        how = f"for a recorded run of the same params: {dvc_exp_run(params)}"
+    except ConfigError as error:  # no params.yaml here, or one that does not load: DVC could not run either
+        how = f"for a recorded run, fix {DEFAULT_PARAMS} ({error}), then `dvc exp run -S KEY=VALUE ...`"
+    return (f"tlops: note: this run used {' '.join(used)}, so it is not recorded in dvc.lock (which records "
+            f"{DEFAULT_PARAMS} as it is); {how}")
+
+
+def run_flow(args: argparse.Namespace, params: Params) -> None:
     from flows.train import train  # importing Prefect configures its loggers, so filter after
     from tlops import tracking
-    from tlops.config import load_params
     from tlops.stages import METRICS_FILE
 
-    load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
-    tracking.check_tracking_server()  # and on a tracking server that is not there
+    tracking.check_tracking_server()  # fail on a tracking server that is not there before Prefect starts
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     summary = train(params_file=str(args.params), overrides=list(args.overrides))
-    if not args.overrides and args.params == DEFAULT_PARAMS:
-        record_in_dvc()
+    note = None
+    if Path("dvc.yaml").exists():  # a DVC project: a run of params.yaml as it is belongs in dvc.lock
+        if params_as_dvc_sees_them(args):
+            record_in_dvc()
+        else:
+            note = not_recorded_note(args, params)
     evaluate = json.loads((Path(summary["evaluate"]["out_dir"]) / METRICS_FILE).read_text())
     register = summary["register"]
     lines = [
@@ -147,6 +200,8 @@ def run_flow(args: argparse.Namespace) -> None:
         f"  MLflow run     {summary['parent_run_id']}  (open with: make ui)",
     ]
     print("\n".join(lines))
+    if note:
+        print(note, file=sys.stderr)
 
 
 def list_backbones() -> None:
@@ -190,15 +245,10 @@ def check_drift(args: argparse.Namespace) -> None:
     print(f"drift: MMD p={s['p_value']:.3g}, AUC {auc} on {s['n_new']} images -> {verdict}; plot {s['plot']}")
 
 
-def tune_hyperparameters(args: argparse.Namespace) -> None:
+def tune_hyperparameters(params: Params) -> None:
     from tlops import tracking
-    from tlops.config import load_params
     from tlops.tune import run_tune
 
-    budget = [f"tune.{k}={v}" for k, v in (("trials", args.trials), ("minutes", args.minutes)) if v is not None]
-    if len(budget) == 1:  # a budget given on the command line replaces the file's, not adds to it
-        budget.append(f"tune.{'minutes' if args.trials is not None else 'trials'}=null")
-    params = load_params(args.params, [*args.overrides, *budget])
     tracking.check_tracking_server()
     s = run_tune(params)
     print("\n".join([
@@ -219,6 +269,15 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
+def command_overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` overrides, then the command's own flags as the params keys they stand for."""
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.get(args.command, {}).items()}
+    given = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.command == "tune" and len(given) == 1:  # a budget given on the command line replaces the file's
+        given.append(f"tune.{'minutes' if args.trials is not None else 'trials'}=null")
+    return [*args.overrides, *given]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Prefect's temporary server phones home on start; offline that is an error traceback in the
@@ -231,17 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     configure_logging()
     from components.core.errors import UserError
-    from tlops.config import ConfigError
+    from tlops.config import ConfigError, load_params
 
     try:
+        # Checked before any command imports a framework (and before Prefect or a server starts).
+        params = load_params(args.params, command_overrides(args)) if hasattr(args, "params") else None
         if args.command == "run":
-            run_flow(args)
+            run_flow(args, params)
         elif args.command == "stage":
-            run_stage(args)
+            run_stage(args, params)
         elif args.command == "params":
-            from tlops.config import load_params
-
-            print(json.dumps(load_params(args.params, args.overrides).to_dict(), indent=2))
+            print(json.dumps(params.to_dict(), indent=2))
         elif args.command == "serve":
             serve_model(args)
         elif args.command == "deploy":
@@ -251,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "drift":
             check_drift(args)
         elif args.command == "tune":
-            tune_hyperparameters(args)
+            tune_hyperparameters(params)
         elif args.command == "dvc-yaml":
             return write_dvc_yaml(args)
         else:

@@ -17,23 +17,19 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from components.core.errors import UserError
 from components.core.lineage import data_version, git_commit
 from components.core.progress import Progress, no_progress
 from components.core.result import RESULT_FILE, StageResult, sha256_file, write_json
-from components.data import ingest, validate
-from components.data.manifest import Dataset, read_manifest
-from components.evaluation import evaluate
-from components.features import extract as features
-from components.features import select
 from components.models.int8_recipe import Recipe
-from components.packaging import compress, export
-from components.registry import promote
-from components.training import finetune
+from components.packaging.config import SHIPPED_FILE
 from tlops.config import Params
 from tlops.fingerprints import code_hash, library_versions, project_modules
+
+if TYPE_CHECKING:
+    from components.data.manifest import Dataset
 
 METRICS_FILE = "metrics.json"
 OWNED_MARKER = ".tlops-stage"  # marks a folder as a stage's output, so tlops may replace it
@@ -81,7 +77,13 @@ class Stage:
         return tuple(sorted(set(project_modules(self.component)) | set(WIRING)))
 
 
+# Each stage imports its component when it runs, never at import: the CLI reads this table (and checks
+# params) before anything loads torch, ONNX Runtime, Great Expectations or MLflow.
+
+
 def validated_dataset(params: Params) -> Dataset:
+    from components.data.manifest import read_manifest
+
     return read_manifest(params.path("validate") / "manifest.csv", root=params.path("dataset"))
 
 
@@ -90,24 +92,34 @@ def selected_backbone(params: Params) -> str:
 
 
 def _ingest(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.data import ingest
+
     return ingest.run(params.ingest, out)
 
 
 def _validate(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.data import validate
+
     dataset_dir = params.path("dataset")
     return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, out)
 
 
 def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    return features.run(params.features, params.select.scored(), validated_dataset(params),
-                        params.path("feature_cache"), out, ctx.progress)
+    from components.features import extract
+
+    return extract.run(params.features, params.select.scored(), validated_dataset(params),
+                       params.path("feature_cache"), out, ctx.progress)
 
 
 def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.features import select
+
     return select.run(params.select, validated_dataset(params), params.path("features"), out)
 
 
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.training import finetune
+
     return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
@@ -120,25 +132,31 @@ def served_views(params: Params) -> int:
 
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.packaging import export
+    from components.training.finetune import CHECKPOINT_FILE
+
     return export.run(params.export, params.compress.unstructured_sparsity(),
-                      params.path("finetune") / finetune.CHECKPOINT_FILE, validated_dataset(params), out,
+                      params.path("finetune") / CHECKPOINT_FILE, validated_dataset(params), out,
                       features_dir=params.path("features"),
                       channel_pruning=params.compress.channel_pruning(seed=params.finetune.seed))
 
 
 def _compress(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.packaging import compress
+
     return compress.run(params.compress, params.path("export"), validated_dataset(params), out)
 
 
 def _evaluate(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    result = evaluate.run(params.evaluate, params.path("compress") / compress.SHIPPED_FILE,
-                          validated_dataset(params), out)
+    from components.evaluation import evaluate
+
+    result = evaluate.run(params.evaluate, params.path("compress") / SHIPPED_FILE, validated_dataset(params), out)
     write_json(out / METRICS_FILE, result.metrics)  # DVC metrics, beside the plots
     return result
 
 
 def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    from components.registry import register  # MLflow is imported only by the stages that talk to it
+    from components.registry import register
 
     finetuned, compressed = StageResult.load(params.path("finetune")), StageResult.load(params.path("compress"))
     evaluated = StageResult.load(params.path("evaluate"))
@@ -146,14 +164,18 @@ def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
                "compression": str(compressed.info["shipped"]),
                "data.version": data_version(params.path("validate") / "manifest.csv"), "git.commit": git_commit()}
     test_metrics = {k: float(v) for k, v in evaluated.metrics.items() if isinstance(v, (int, float))}
-    return register.run(params.register, params.path("compress") / compress.SHIPPED_FILE, test_metrics, lineage, out,
+    return register.run(params.register, params.path("compress") / SHIPPED_FILE, test_metrics, lineage, out,
                         ctx.run_id)
 
 
 def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.registry import promote
+
     registered = StageResult.load(params.path("register"))
-    return promote.run(params.promote, registered.info["model_name"], registered.info["version"],
-                       validated_dataset(params), out)
+    name, version = registered.info["model_name"], registered.info["version"]
+    # Asked first: with nothing new (a `dvc repro` after a run) the test split is not even read.
+    return (promote.already_champion(params.promote, name, version, out)
+            or promote.run(params.promote, name, version, validated_dataset(params), out))
 
 
 def _version_exists(result: StageResult) -> bool:
@@ -189,13 +211,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("compress", "components.packaging.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
           "compress"),
     Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
-          (f"compress/{compress.SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
+          (f"compress/{SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
           (Output("confusion_matrix.png"), Output("reliability.png"), Output(RESULT_FILE),
            Output(METRICS_FILE, "metrics"),
            Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
                                                                   "y": "predicted"}))),
     Stage("register", "components.registry.register", _register, ("register",),
-          (f"compress/{compress.SHIPPED_FILE}", f"compress/{RESULT_FILE}", f"evaluate/{METRICS_FILE}",
+          (f"compress/{SHIPPED_FILE}", f"compress/{RESULT_FILE}", f"evaluate/{METRICS_FILE}",
            f"finetune/{RESULT_FILE}", "validate/manifest.csv"), "register", (Output(cache=False),), io_bound=True, still_valid=_version_exists),
     # Never cached: the champion it is judged against lives in the registry and moves between runs.
     Stage("promote", "components.registry.promote", _promote, ("promote",),

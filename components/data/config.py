@@ -24,6 +24,8 @@ class IngestConfig(StageConfig):
     limit: int | None = Field(default=None, ge=1)
     allow_outside_root: bool = False  # read CSV rows / ImageFolder symlinks that resolve outside the source
 
+    # A key that does not apply to the chosen source is refused rather than ignored: `--set ingest.path=...`
+    # left at `source: elpv` would otherwise train on ELPV while the user believes it read their folder.
     @field_validator("path")
     @classmethod
     def _path_for_file_sources(cls, path: str | None, info: ValidationInfo) -> str | None:
@@ -31,7 +33,27 @@ class IngestConfig(StageConfig):
         if source in ("imagefolder", "csv") and not path:
             what = "ImageFolder root" if source == "imagefolder" else "CSV file"
             raise ValueError(f"needed when ingest.source={source}: the {what} to read")
+        if source == "elpv" and path is not None:
+            raise ValueError(f"{path!r} is not read when ingest.source=elpv (the bundled dataset); set ingest.source "
+                             f"to imagefolder or csv to read it, or remove ingest.path")
         return path
+
+    @field_validator("label_mode")
+    @classmethod
+    def _label_mode_for_elpv(cls, label_mode: str, info: ValidationInfo) -> str:
+        source = info.data.get("source")
+        if source not in (None, "elpv") and label_mode != "binary":
+            raise ValueError(f"{label_mode!r} applies to ingest.source=elpv only; with ingest.source={source} the labels "
+                             f"come from the source itself, so remove ingest.label_mode or set it back to binary")
+        return label_mode
+
+    @field_validator("allow_outside_root")
+    @classmethod
+    def _outside_root_for_file_sources(cls, allow: bool, info: ValidationInfo) -> bool:
+        if info.data.get("source") == "elpv" and allow:
+            raise ValueError("applies to ingest.source imagefolder or csv only (the bundled ELPV dataset has no "
+                             "outside); remove it or set it back to false")
+        return allow
 
 
 class ValidateConfig(StageConfig):

@@ -47,7 +47,7 @@ from components.data.manifest import Dataset
 from components.data.preprocess import load_batch
 from components.models import quantization as int8
 from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata, stamp_metadata
-from components.packaging.config import CompressConfig
+from components.packaging.config import SHIPPED_FILE, CompressConfig
 
 if TYPE_CHECKING:
     pass
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INT8_FILE = "model_int8.onnx"
-SHIPPED_FILE = "model.onnx"
 REPORT_FILE = "compress.json"
 SENSITIVITY_FILE = "sensitivity.csv"
 SENSITIVITY_PLOT = "sensitivity.png"

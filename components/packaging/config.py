@@ -16,6 +16,10 @@ from components.data.views import MAX_VIEWS
 from components.features.config import MAX_OPSET, MIN_OPSET
 from components.models.int8_recipe import Recipe
 
+# The model compress ships (in its output folder). Named here, beside the params, so the stage table can
+# point evaluate and register at it without importing ONNX.
+SHIPPED_FILE = "model.onnx"
+
 
 class ExportConfig(StageConfig):
     opset: int = Field(17, ge=MIN_OPSET, le=MAX_OPSET)

@@ -28,6 +28,10 @@ class PromoteConfig(StageConfig):
     # Accuracy difference as a fraction of the test split (0.01 = one percentage point).
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
     significance: float = Field(0.05, gt=0.0, lt=1.0)
+    # How far the challenger's recall on any one class may fall below the champion's (0.05 = five points):
+    # a better accuracy must not be bought with missed defects. 1 turns the guard off.
+    max_recall_drop: float = Field(0.05, ge=0.0, le=1.0)
+    # bootstrap is used only from promote.MIN_DISCORDANT_FOR_BOOTSTRAP (25) discordant pairs; below, the exact test.
     test: Literal["mcnemar", "bootstrap"] = "mcnemar"
     bootstrap_samples: int = Field(10_000, ge=100)
     seed: int = 0
