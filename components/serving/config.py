@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator, model_validator
 
 from components.core.config import StageConfig
@@ -24,6 +26,21 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise UserError(f"model_uri {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a file path.")
 
 
+def check_model_uri(uri: str) -> None:
+    """A `model_uri` that is a well-formed registry URI or names an existing file; the error says what to pass.
+
+    Whether the file is an ONNX model, or the registry knows the URI, is for loading to tell.
+    """
+    if uri.startswith("models:/"):
+        parse_registry_uri(uri)
+        return
+    path = Path(uri)
+    if not path.is_file():
+        what = "a folder, not a file" if path.is_dir() else "no such file"
+        raise UserError(f"model_uri {uri!r}: {what}; pass an ONNX file exported by tlops, "
+                        f"models:/<name>@<alias> or models:/<name>/<version>.")
+
+
 class ServeConfig(StageConfig):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -35,6 +52,9 @@ class ServeConfig(StageConfig):
     max_image_megapixels: float = Field(16.0, gt=0, le=1000)  # decoded size; above it is a decompression bomb
     poll_seconds: float = Field(0.0, ge=0, le=86_400)  # 0 = reload only on POST /admin/reload
     num_threads: int = Field(0, ge=0, le=256)  # ONNX Runtime intra-op threads, 0 = all cores
+    request_timeout_ms: float = Field(10_000, ge=10, le=600_000)  # past it a /predict gets 504, its images dropped
+    decode_threads: int = Field(0, ge=0, le=256)  # images decoded at once, 0 = one per core
+    limit_concurrency: int = Field(256, ge=1, le=100_000)  # uvicorn: open connections beyond it get 503
 
     @field_validator("model_uri")
     @classmethod
@@ -62,5 +82,9 @@ class ServeConfig(StageConfig):
     @property
     def max_pixels(self) -> int:
         return int(self.max_image_megapixels * 1e6)
+
+    @property
+    def request_timeout_s(self) -> float:
+        return self.request_timeout_ms / 1000
 
 
