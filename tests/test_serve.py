@@ -42,7 +42,7 @@ from components.packaging.export import run as export_run
 from components.serving.app import running_service
 from components.serving.config import ServeConfig
 from components.serving.pyfunc import log_model
-from components.serving.served_model import sha256_of
+from components.serving.served_model import fastest_batch, sha256_of
 from components.serving.server import ModelServer
 from tests.conftest import REPO, venv_env
 from tests.tiny_features import make_features
@@ -214,6 +214,17 @@ def test_config_ranges_are_checked_at_load() -> None:
         ServeConfig(decode_threads=-1)
 
 
+def test_batches_are_as_large_as_is_fastest_per_image_here(tiny_onnx: Path) -> None:
+    # As measured at 224 px on a 2-core EPYC: batch 1 within 10% of the best, 16 far slower per image.
+    assert fastest_batch({1: 0.0120, 2: 0.0115, 4: 0.0130, 8: 0.0170, 16: 0.0210}) == 1
+    assert fastest_batch({1: 0.0031, 2: 0.0033, 4: 0.0033, 8: 0.0016, 16: 0.0025}) == 8  # 64 px
+    with service(model_uri=str(tiny_onnx), max_batch=8) as (client, _):
+        described = client.get("/model").json()
+    timings = {int(size): ms for size, ms in described["ms_per_image_by_batch"].items()}
+    assert sorted(timings) == [1, 2, 4, 8]  # every size up to max_batch timed at load
+    assert described["batch_limit"] == fastest_batch(timings)
+
+
 def test_predictions_match_onnx_runtime_in_every_request_format(tiny_onnx: Path, images: list[Path], expected) -> None:
     version = f"sha256:{sha256_of(tiny_onnx)[:12]}"
     with service(model_uri=str(tiny_onnx)) as (client, _):
@@ -249,7 +260,7 @@ def test_predictions_match_onnx_runtime_in_every_request_format(tiny_onnx: Path,
 
 
 def test_concurrent_requests_share_batches(tiny_onnx: Path, images: list[Path], expected) -> None:
-    with service(model_uri=str(tiny_onnx), max_batch=8, max_wait_ms=1000) as (client, _):
+    with service(model_uri=str(tiny_onnx), max_batch=8, max_wait_ms=1000, measure_batch=False) as (client, _):
         start = threading.Barrier(8)
         answers: dict[int, httpx.Response] = {}
 
@@ -313,7 +324,7 @@ def test_malformed_input_gets_4xx_json_and_the_service_stays_ready(tiny_onnx: Pa
 def test_full_queue_answers_503_with_retry_after(tiny_onnx: Path, images: list[Path]) -> None:
     # A client still uploading makes the batcher hold a part-full batch (up to max_wait), so the
     # queue's state is known: three images wait while the slow upload is under way.
-    with service(model_uri=str(tiny_onnx), max_batch=4, queue_size=4, max_wait_ms=10_000) as (client, server):
+    with service(model_uri=str(tiny_onnx), max_batch=4, queue_size=4, max_wait_ms=10_000, measure_batch=False) as (client, server):
         slow_image = images[5].read_bytes()
         host, port = client.base_url.host, client.base_url.port
         with socket.create_connection((host, port)) as slow:
@@ -446,7 +457,7 @@ def test_pyfunc_round_trip_predicts_like_the_service(registered: str, tiny_onnx:
 def test_a_cancelled_request_is_skipped_and_its_batch_mates_answered(tiny_onnx: Path, images: list[Path],
                                                                      expected) -> None:
     version = f"sha256:{sha256_of(tiny_onnx)[:12]}"
-    with service(model_uri=str(tiny_onnx), max_batch=4, max_wait_ms=10_000) as (client, server):
+    with service(model_uri=str(tiny_onnx), max_batch=4, max_wait_ms=10_000, measure_batch=False) as (client, server):
         with server.batcher.arriving():  # one more request on its way: the batcher holds part-full batches for it
             ticket, model = server.admit(1, time.monotonic() + 60)
             cancelled = server.batcher.submit(ticket, model, server.prepare(model, [images[0].read_bytes()]))
@@ -468,7 +479,7 @@ def test_a_failing_batch_fails_only_the_request_that_broke_it(fragile_onnx: Path
     version = f"sha256:{sha256_of(fragile_onnx)[:12]}"
     expected = reference(fragile_onnx, images)
     white = png(np.full((40, 40), 255, dtype=np.uint8))
-    with service(model_uri=str(fragile_onnx), max_batch=8, max_wait_ms=10_000) as (client, server):
+    with service(model_uri=str(fragile_onnx), max_batch=8, max_wait_ms=10_000, measure_batch=False) as (client, server):
         answers: dict[str, httpx.Response] = {}
         with server.batcher.arriving():
             senders = [threading.Thread(target=lambda k=key, c=content: answers.__setitem__(k, post_image(client, c)))
@@ -492,7 +503,7 @@ def test_a_failing_batch_fails_only_the_request_that_broke_it(fragile_onnx: Path
 def test_a_request_past_its_deadline_gets_504_and_the_service_still_answers(tiny_onnx: Path, images: list[Path],
                                                                           expected) -> None:
     version = f"sha256:{sha256_of(tiny_onnx)[:12]}"
-    with service(model_uri=str(tiny_onnx), max_batch=4, max_wait_ms=10_000, request_timeout_ms=2000) as (client, server):
+    with service(model_uri=str(tiny_onnx), max_batch=4, max_wait_ms=10_000, request_timeout_ms=2000, measure_batch=False) as (client, server):
         with server.batcher.arriving():  # the batcher holds part-full batches: as good as stuck for this request
             late = post_image(client, images[0])
             assert (late.status_code, late.json()["error"]) == (504, "deadline_exceeded"), late.text

@@ -45,7 +45,8 @@ class ServeConfig(StageConfig):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     model_uri: str = Field(DEFAULT_MODEL_URI, min_length=1)  # models:/<name>@<alias>, models:/<name>/<version> or a path
-    max_batch: int = Field(16, ge=1, le=512)  # images per ONNX Runtime call
+    max_batch: int = Field(16, ge=1, le=512)  # images per ONNX Runtime call, at most
+    measure_batch: bool = True  # at load, time batch sizes up to max_batch and batch at most the fastest per image
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)  # how long the first queued image waits for company
     queue_size: int = Field(256, ge=1, le=100_000)  # images waiting; beyond it requests get 503 + Retry-After
     max_body_mb: float = Field(10.0, gt=0, le=1024)

@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,7 +81,8 @@ class _Slice:
 
 
 class MicroBatcher:
-    """Collects images from concurrent requests into batches of at most `max_batch`.
+    """Collects images from concurrent requests into batches of at most `max_batch` (and at most the
+    `batch_limit` of the model they were prepared for).
 
     A batch runs as soon as it is full; otherwise it waits for company, at most `max_wait_s`
     after its first image arrived, and only while other requests are known to be on their way
@@ -91,8 +92,11 @@ class MicroBatcher:
     not fit as a whole is refused at once rather than left to time out.
     """
 
-    def __init__(self, max_batch: int, max_wait_s: float, queue_size: int, metrics: ServeMetrics) -> None:
+    def __init__(self, max_batch: int, max_wait_s: float, queue_size: int, metrics: ServeMetrics,
+                 on_idle: Callable[[], None] | None = None, idle_s: float = 1.0) -> None:
         self.max_batch = max_batch
+        self.on_idle = on_idle  # run by the worker once the queue has been empty `idle_s` after some batches
+        self.idle_s = idle_s
         self.max_wait_s = max_wait_s
         self.queue_size = queue_size
         self.metrics = metrics
@@ -102,10 +106,11 @@ class MicroBatcher:
         self._ready = threading.Condition()
         self._stopping = False
         self._arriving = 0
-        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._image_seconds = 0.0  # moving average of batch time per image, for Retry-After
         self._running_since: float | None = None  # when the batch in ONNX Runtime started
         self._worker: threading.Thread | None = None
         self._worker_error: str | None = None
+        self._busy_since_idle = False
 
     @property
     def depth(self) -> int:
@@ -196,26 +201,31 @@ class MicroBatcher:
 
     def retry_after_s(self) -> int:
         """Seconds until the queue has drained at the recent pace (at least 1)."""
-        batches_ahead = math.ceil((self._queued + self._reserved) / self.max_batch)
-        return max(1, math.ceil(batches_ahead * self._batch_seconds))
+        return max(1, math.ceil((self._queued + self._reserved) * self._image_seconds))
 
     def _take_batch(self) -> list[_Slice] | None:
+        """The next batch; [] when the queue has been empty `idle_s` after some work; None once stopped and drained."""
         with self._ready:
             while True:
                 while not self._queue:
                     if self._stopping:
                         return None
-                    self._ready.wait()
-                deadline = self._queue[0].queued_at + self.max_wait_s
-                while self._queued < self.max_batch and self._arriving > 0 and not self._stopping:
+                    if not self._ready.wait(self.idle_s if self._busy_since_idle else None):
+                        self._busy_since_idle = False
+                        return []  # idle for a while after some work: the loop does housekeeping, unlocked
+                head = self._queue[0]
+                limit = min(self.max_batch, head.model.batch_limit if head.model is not None else 1)
+                deadline = head.queued_at + self.max_wait_s
+                while self._queued < limit and self._arriving > 0 and not self._stopping:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._ready.wait(remaining)
-                batch = self._pop(self.max_batch)
+                batch = self._pop(limit)
                 self.metrics.queue_depth.set(self._queued)
                 if batch:
                     self._running_since = time.monotonic()
+                    self._busy_since_idle = True
                     return batch
 
     def _pop(self, limit: int) -> list[_Slice]:
@@ -250,6 +260,9 @@ class MicroBatcher:
     def _loop(self) -> None:
         try:
             while (batch := self._take_batch()) is not None:
+                if not batch:
+                    self._idle()
+                    continue
                 started = time.perf_counter()
                 try:
                     for group in _by_model(batch):
@@ -260,11 +273,19 @@ class MicroBatcher:
                         _fail(part.ticket, error)
                 finally:
                     self._running_since = None
-                self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.perf_counter() - started)
+                images = sum(part.stop - part.start for part in batch)
+                self._image_seconds = 0.8 * self._image_seconds + 0.2 * (time.perf_counter() - started) / images
         except BaseException as error:
             self._worker_error = f"{type(error).__name__}: {error}"
             log.critical("the batching thread died: %s; /readyz now answers 503", self._worker_error)
             raise
+
+    def _idle(self) -> None:
+        if self.on_idle is not None:
+            try:
+                self.on_idle()
+            except Exception:  # noqa: BLE001 - housekeeping never stops the worker
+                log.exception("the batcher's idle task failed")
 
     def _run(self, parts: list[_Slice]) -> None:
         """One ONNX Runtime call for `parts`; if it fails, each request again on its own, so one bad input

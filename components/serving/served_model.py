@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ class LoadedModel:
     metadata: dict[str, str]
     sha256: str
     input_name: str
+    batch_limit: int = 1  # the most images the batcher puts in one call to this model
+    seconds_per_image: Mapping[int, float] = field(default_factory=dict)  # by batch size, as timed at load
 
     @property
     def input_size(self) -> int:
@@ -92,6 +95,21 @@ class LoadedModel:
         for size in sorted(set(batch_sizes)):
             self.probabilities(np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32))
 
+    def time_batches(self, max_batch: int, repeats: int = 3) -> dict[int, float]:
+        """Seconds per image at batch sizes 1, 2, 4, ... and `max_batch`: the best of `repeats` calls each,
+        after one that warms the shape up (so this is also the warm-up)."""
+        timings = {}
+        for size in sorted({*(2**i for i in range(max_batch.bit_length())), max_batch}):
+            batch = np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32)
+            self.probabilities(batch)
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.probabilities(batch)
+                runs.append(time.perf_counter() - started)
+            timings[size] = min(runs) / size
+        return timings
+
     def describe(self) -> dict[str, Any]:
         return {
             "uri": self.source.uri,
@@ -99,10 +117,24 @@ class LoadedModel:
             "alias": self.source.alias,
             "version": self.source.version,
             "sha256": self.sha256,
+            "batch_limit": self.batch_limit,
+            "ms_per_image_by_batch": {str(size): round(1000 * seconds, 3) for size, seconds in self.seconds_per_image.items()},
             "labels": list(self.labels),
             "preprocessing": self.preprocessing.model_dump(mode="json"),
             "metadata": self.metadata,
         }
+
+
+def fastest_batch(seconds_per_image: Mapping[int, float], tolerance: float = 0.1) -> int:
+    """The smallest batch size within `tolerance` of the fastest per image.
+
+    On a CPU a bigger batch is not always faster per image: at 224 px EfficientNet-Lite0's
+    activations for 16 images outgrow the caches, and a batch of 16 costs more per image than a
+    batch of 1 (benchmarks/serving.py). Beyond the fastest size a batch only adds waiting, and
+    within `tolerance` of it the smaller size wins: requests wait less for company.
+    """
+    best = min(seconds_per_image.values())
+    return min(size for size, seconds in seconds_per_image.items() if seconds <= best * (1 + tolerance))
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
