@@ -11,9 +11,11 @@ For each input size (64 and 224 px by default), in one run:
   settings and threads, at batch 1 and at `max_batch` (the better is the ceiling). The three take
   turns in short rounds, order rotating, so a change in this shared machine's load hits all alike.
 - **memory**: resident set size (RSS) of each server idle after start-up and after the load, then
-  of `tlops serve` across `--reloads` alias moves and `POST /admin/reload`s made under load, and of
-  the same service after an in-process MLflow registry lookup (what a lazy `import mlflow` would
-  cost, against the child process `tlops serve` uses).
+  of `tlops serve` across `--reloads` alias moves and `POST /admin/reload`s made under load, and
+  (last size only) of the same service after an in-process MLflow registry lookup (what a lazy
+  `import mlflow` would cost, against the child process `tlops serve` uses).
+- **variants** (`--variant NAME=serve.KEY=VALUE,...`): `tlops serve` with other settings joins the
+  same rotation, for A/B comparisons of a setting on this machine.
 - **robustness** (last size only): `--robustness` requests, 10% malformed in every way the service
   refuses, to `tlops serve`: the run counts 5xx answers and wrong answers to valid requests (both must be 0).
 
@@ -22,7 +24,7 @@ sockets: a Python HTTP client library costs about a millisecond of CPU per reque
 2-core machine is taken from the server being measured.
 
     python benchmarks/serving.py [--image-sizes 64 224] [--concurrency 1 8 32] [--requests 320] [--rounds 4]
-                                 [--reloads 10] [--robustness 2000]
+                                 [--reloads 10] [--robustness 2000] [--variant nice0=serve.decode_nice=0]
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import httpx
 import mlflow
@@ -315,7 +318,7 @@ class Background:
         while not self.stop.is_set():
             self.answers += asyncio.run(drive(target, refs, concurrency, concurrency * 4))[0]
 
-    def __enter__(self) -> Background:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -500,6 +503,11 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
     }
     probes = {"tlops": "/readyz", "mlflow": "/ping"}
     targets = {"tlops": tlops_target(ports["tlops"]), "mlflow": mlflow_target(ports["mlflow"])}
+    for variant in args.variant:  # tlops with other settings, in the same rotation
+        name, _, changes = variant.partition("=")
+        ports[name], probes[name] = free_port(), "/readyz"
+        commands[name] = [*commands["tlops"][:5], str(ports[name]), *settings, *changes.split(",")]
+        targets[name] = replace(tlops_target(ports[name]), name=name)
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     session = ort.InferenceSession(str(model_path), session_options(args.num_threads), providers=["CPUExecutionProvider"])
     processes: dict[str, subprocess.Popen] = {}
@@ -521,15 +529,17 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
         memory |= {"tlops_after_load_mb": rss_mb(processes["tlops"].pid),
                    "mlflow_after_load_mb": rss_mb(processes["mlflow"].pid, tree=True)}
         memory["idle_ratio_tlops_vs_mlflow"] = round(memory["tlops_idle_mb"] / memory["mlflow_idle_mb"], 2)
-        stop_server(processes.pop("mlflow"))
+        for name in ["mlflow", *(variant.partition("=")[0] for variant in args.variant)]:
+            stop_server(processes.pop(name))
         report |= {"results": table, "memory": memory,
                    "mean_batch_size": mean_batch_size(httpx.get(f"{urls['tlops']}/metrics").text)}
         if args.reloads:
             report["reloads"] = reload_churn(urls["tlops"], processes["tlops"].pid, targets["tlops"], refs, model_name,
                                              args.reloads)
             print(size, "reloads", json.dumps(report["reloads"]), flush=True)
-        report["registry_memory"] = registry_memory(uri, env, folder, memory["tlops_idle_mb"])
-        print(size, "registry", json.dumps(report["registry_memory"]), flush=True)
+        if last:
+            report["registry_memory"] = registry_memory(uri, env, folder, memory["tlops_idle_mb"])
+            print(size, "registry", json.dumps(report["registry_memory"]), flush=True)
         if last and args.robustness:
             report["robustness"] = robustness(urls["tlops"], refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
             print(size, "robustness", json.dumps(report["robustness"]), flush=True)
@@ -548,6 +558,11 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
         }
         for concurrency, row in report["results"].items()
     }
+    for variant in args.variant:
+        name = variant.partition("=")[0]
+        for concurrency, row in report["results"].items():
+            report["ratios"][concurrency][f"tlops_vs_{name}_throughput"] = round(
+                row["tlops"]["requests_per_s"] / row[name]["requests_per_s"], 2)
     return report
 
 
@@ -563,6 +578,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--num-threads", type=int, default=0, help="serve.num_threads (0 = all cores)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                        help="also run tlops with these serve settings in the same rotation, e.g. "
+                             "nice0=serve.decode_nice=0 (repeatable)")
     parser.add_argument("--no-measure-batch", dest="measure_batch", action="store_false",
                         help="serve.measure_batch=false: batch up to --max-batch whatever it costs")
     args = parser.parse_args()
@@ -590,6 +608,7 @@ def main() -> None:
         "rounds": args.rounds,
         "tlops_settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                            "num_threads": args.num_threads, "measure_batch": args.measure_batch},
+        "variants": args.variant,
         "mlflow_settings": {"workers": 1, "env_manager": "local"},
         "sizes": {str(report["size"]): report for report in sizes},
     }

@@ -212,6 +212,8 @@ def test_config_ranges_are_checked_at_load() -> None:
         ServeConfig(limit_concurrency=0)
     with pytest.raises(ValidationError, match="decode_threads"):
         ServeConfig(decode_threads=-1)
+    with pytest.raises(ValidationError, match="decode_nice"):
+        ServeConfig(decode_nice=20)
 
 
 def test_batches_are_as_large_as_is_fastest_per_image_here(tiny_onnx: Path) -> None:

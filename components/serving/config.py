@@ -55,6 +55,7 @@ class ServeConfig(StageConfig):
     num_threads: int = Field(0, ge=0, le=256)  # ONNX Runtime intra-op threads, 0 = all cores
     request_timeout_ms: float = Field(10_000, ge=10, le=600_000)  # past it a /predict gets 504, its images dropped
     decode_threads: int = Field(0, ge=0, le=256)  # images decoded at once, 0 = one per core
+    decode_nice: int = Field(10, ge=0, le=19)  # decoding threads' niceness: they yield the cores to ONNX Runtime
     limit_concurrency: int = Field(256, ge=1, le=100_000)  # uvicorn: open connections beyond it get 503
 
     @field_validator("model_uri")
