@@ -95,20 +95,22 @@ class LoadedModel:
         for size in sorted(set(batch_sizes)):
             self.probabilities(np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32))
 
-    def time_batches(self, max_batch: int, repeats: int = 3) -> dict[int, float]:
-        """Seconds per image at batch sizes 1, 2, 4, ... and `max_batch`: the best of `repeats` calls each,
-        after one that warms the shape up (so this is also the warm-up)."""
-        timings = {}
-        for size in sorted({*(2**i for i in range(max_batch.bit_length())), max_batch}):
-            batch = np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32)
-            self.probabilities(batch)
-            runs = []
-            for _ in range(repeats):
+    def time_batches(self, max_batch: int, repeats: int = 5) -> dict[int, float]:
+        """Seconds per image at batch sizes 1, 2, 4, ... and `max_batch`, the best of `repeats` calls each.
+
+        The sizes take turns (one call each per round, after a round that warms every shape up), so
+        a burst of other work on a shared machine slows all sizes alike instead of one of them.
+        """
+        sizes = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
+        batches = {size: np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32) for size in sizes}
+        best = dict.fromkeys(sizes, float("inf"))
+        for round_ in range(repeats + 1):
+            for size, batch in batches.items():
                 started = time.perf_counter()
                 self.probabilities(batch)
-                runs.append(time.perf_counter() - started)
-            timings[size] = min(runs) / size
-        return timings
+                if round_:
+                    best[size] = min(best[size], (time.perf_counter() - started) / size)
+        return best
 
     def describe(self) -> dict[str, Any]:
         return {
