@@ -1,21 +1,39 @@
-"""Serving on loopback: `tlops serve` vs `mlflow models serve` of the same registered model, and a robustness run.
+"""Serving on loopback: `tlops serve` against `mlflow models serve` and against ONNX Runtime called in-process.
 
-Both servers run as subprocesses of this script, one at a time, on the same machine and in the
-same run, and answer the same single-image requests (a real ELPV cell as base64 JSON, the
-format both accept). The model is pretrained EfficientNet-Lite0 with a linear head, exported
-by the export stage and registered with `components.pyfunc_model.log_model` in a temporary
-MLflow sqlite store; every answer is checked against ONNX Runtime run directly on the file.
-Then ~10,000 requests, 10% of them malformed in every way the service refuses, go to
-`tlops serve`: the run counts 5xx answers and wrong answers to valid requests (both must be 0).
+For each input size (64 and 224 px by default), in one run:
 
-    python benchmarks/serving.py [--image-size 224] [--requests 400] [--robustness 10000]
+- **throughput and latency**: `tlops serve` and `mlflow models serve` of the same registered model
+  (pretrained EfficientNet-Lite0 + a seeded linear head, exported by the export stage, registered
+  with `components.serving.pyfunc.log_model` in a temporary MLflow sqlite store) answer the same
+  single-image requests (a real ELPV cell as base64 JSON, the format both accept) at each
+  concurrency. Every answer is checked against ONNX Runtime run directly on the file. The
+  baseline is ONNX Runtime in this process on the same preprocessed images with the same session
+  settings and threads, at batch 1 and at `max_batch` (the better is the ceiling). The three take
+  turns in short rounds, order rotating, so a change in this shared machine's load hits all alike.
+- **memory**: resident set size (RSS) of each server idle after start-up and after the load, then
+  of `tlops serve` across `--reloads` alias moves and `POST /admin/reload`s made under load, and
+  (last size only) of the same service after an in-process MLflow registry lookup (what a lazy
+  `import mlflow` would cost, against the child process `tlops serve` uses).
+- **variants** (`--variant NAME=serve.KEY=VALUE,...`): `tlops serve` with other settings joins the
+  same rotation, for A/B comparisons of a setting on this machine.
+- **robustness** (last size only): `--robustness` requests, 10% malformed in every way the service
+  refuses, to `tlops serve`: the run counts 5xx answers and wrong answers to valid requests (both must be 0).
+
+The load comes from one asyncio task per connection speaking plain HTTP/1.1 over keep-alive
+sockets: a Python HTTP client library costs about a millisecond of CPU per request, which on a
+2-core machine is taken from the server being measured.
+
+    python benchmarks/serving.py [--image-sizes 64 224] [--concurrency 1 8 32] [--requests 320] [--rounds 4]
+                                 [--reloads 10] [--robustness 2000] [--variant nice0=serve.decode_nice=0]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import platform
@@ -30,12 +48,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Self
 
 import httpx
 import mlflow
+import numpy as np
+import onnxruntime as ort
 import torch
 from mlflow import MlflowClient
 from PIL import Image
@@ -53,10 +73,10 @@ from components.models.registry import get_entry
 from components.packaging.config import ExportConfig
 from components.packaging.export import run as export_run
 from components.serving.pyfunc import log_model
+from components.serving.served_model import session_options
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
-MODEL_NAME = "tlops-bench"
 BACKBONE = "efficientnet_lite0"
 
 
@@ -76,6 +96,17 @@ class Answer:
     correct: bool  # a valid request answered with the reference label and probabilities
 
 
+@dataclass(frozen=True)
+class Target:
+    """A server under load: where it listens, how a request for an image looks, how to read its answer."""
+
+    name: str
+    port: int
+    path: str
+    body: Callable[[Reference], bytes]
+    first_prediction: Callable[[dict], dict]
+
+
 def cpu_description() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -83,38 +114,46 @@ def cpu_description() -> str:
         return platform.processor() or "unknown"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
+    wanted = sorted(f for f in flags if f in ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16")
+                    or f.startswith("amx"))
     return f"{name}, {os.cpu_count()} cores, flags {' '.join(wanted) or 'none of avx2/avx512/amx'}"
 
 
-def build_model(work: Path, image_size: int) -> tuple[Path, Dataset]:
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def build_model(work: Path, dataset: Dataset, image_size: int) -> Path:
     """Pretrained Lite0 trunk + a seeded linear head, exported (checked) by the export stage."""
-    ingest(IngestConfig(limit=120, seed=3), work / "data")
-    dataset = read_manifest(work / "data" / "manifest.csv")
     entry = get_entry(BACKBONE)
     torch.manual_seed(0)
     checkpoint = save_checkpoint(
         work / "model.pt", nn.Linear(entry.feature_dim, len(dataset.labels)), None,
         backbone=entry.describe(), taps=["pooled"], labels=list(dataset.labels),
-        preprocessing=entry.preprocessing(image_size).model_dump(mode="json"), config={"strategy": "linear", "benchmark": True},
-        data={"benchmark": "serving"}, strategy="linear",
+        preprocessing=entry.preprocessing(image_size).model_dump(mode="json"),
+        config={"strategy": "linear", "benchmark": True}, data={"benchmark": "serving"}, strategy="linear",
     )
     # Export checks the served model against the head on the features stage's output: compute it.
     features.run(FeaturesConfig(image_size=image_size), (BACKBONE,), dataset, work / "cache", work / "features")
     exported = export_run(ExportConfig(parity_images=4), 0.0, checkpoint, dataset, work / "export",
                           features_dir=work / "features")
-    return exported.artifacts["fp32"], dataset
+    return exported.artifacts["fp32"]
 
 
-def references(model_path: Path, dataset: Dataset) -> list[Reference]:
+def references(model_path: Path, dataset: Dataset) -> tuple[list[Reference], np.ndarray]:
+    """Each image with ONNX Runtime's answer, and the preprocessed batch those answers came from."""
     metadata = read_metadata(model_path)
     labels = model_labels(model_path, metadata)
     paths = [dataset.image_path(p) for p in dataset.manifest["path"]]
     session = open_session(model_path)
     batch = load_batch(paths, model_preprocessing(model_path, metadata))
     rows = softmax(session.run(None, {session.get_inputs()[0].name: batch})[0])
-    return [Reference(path.read_bytes(), labels[int(row.argmax())], dict(zip(labels, map(float, row), strict=True)))
+    refs = [Reference(path.read_bytes(), labels[int(row.argmax())], dict(zip(labels, map(float, row), strict=True)))
             for path, row in zip(paths, rows, strict=True)]
+    return refs, batch
 
 
 def free_port() -> int:
@@ -123,13 +162,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(command: list[str], probe_url: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def start_server(command: list[str], probe_url: str, env: dict[str, str], log_path: Path,
+                 cwd: Path) -> subprocess.Popen:
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{command[:3]} exited with {process.returncode}; see {log_path}")
+            raise RuntimeError(f"{command[:4]} exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             if httpx.get(probe_url, timeout=2).status_code == 200:
                 return process
@@ -137,7 +177,7 @@ def start_server(command: list[str], probe_url: str, env: dict[str, str], log_pa
             pass
         time.sleep(0.25)
     process.kill()
-    raise RuntimeError(f"{command[:3]} did not become ready within 300 s; see {log_path}")
+    raise RuntimeError(f"{command[:4]} did not become ready within 300 s:\n{log_path.read_text()[-3000:]}")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -149,54 +189,88 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def matches(reference: Reference, label: str, probabilities: dict[str, float]) -> bool:
-    return label == reference.label and probabilities.keys() == reference.probabilities.keys() and all(
-        abs(probabilities[k] - v) <= 1e-4 for k, v in reference.probabilities.items())
+def rss_mb(pid: int, tree: bool = False) -> float:
+    """Resident set size of `pid` (and, with `tree`, of all its descendants), in MB."""
+    pids = [pid]
+    if tree:
+        for parent in pids:
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+    total = 0
+    for one in pids:
+        status = Path(f"/proc/{one}/status").read_text()
+        total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return round(total / 1024, 1)
 
 
-def tlops_request(client: httpx.Client, reference: Reference) -> Answer:
-    started = time.perf_counter()
-    response = client.post("/predict", json={"images": [base64.b64encode(reference.payload).decode()]})
-    seconds = time.perf_counter() - started
-    correct = response.status_code == 200 and matches(reference, **{
-        k: response.json()["predictions"][0][k] for k in ("label", "probabilities")})
-    return Answer(response.status_code, seconds, correct)
+def matches(reference: Reference, prediction: dict) -> bool:
+    probabilities = prediction.get("probabilities", {})
+    return prediction.get("label") == reference.label and probabilities.keys() == reference.probabilities.keys() and \
+        all(abs(probabilities[k] - v) <= 1e-4 for k, v in reference.probabilities.items())
 
 
-def mlflow_request(client: httpx.Client, reference: Reference) -> Answer:
-    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(reference.payload).decode()]]}}
-    started = time.perf_counter()
-    response = client.post("/invocations", json=body)
-    seconds = time.perf_counter() - started
-    correct = response.status_code == 200 and matches(reference, **response.json()["predictions"][0])
-    return Answer(response.status_code, seconds, correct)
+def tlops_target(port: int) -> Target:
+    return Target("tlops", port, "/predict",
+                  lambda ref: json.dumps({"images": [base64.b64encode(ref.payload).decode()]}).encode(),
+                  lambda answer: answer["predictions"][0])
 
 
-def load(url: str, send: Callable[[httpx.Client, Reference], Answer], refs: list[Reference], concurrency: int,
-         requests: int) -> tuple[list[Answer], float]:
-    """`requests` requests from `concurrency` clients (one keep-alive connection each); answers and wall time."""
-    clients = [httpx.Client(base_url=url, timeout=120) for _ in range(concurrency)]
-    for client in clients:  # connect and warm every connection before the clock starts
-        send(client, refs[0])
-    counter = iter(range(requests))
-    lock = threading.Lock()
+def mlflow_target(port: int) -> Target:
+    return Target("mlflow", port, "/invocations",
+                  lambda ref: json.dumps({"dataframe_split": {"columns": ["image"],
+                                                              "data": [[base64.b64encode(ref.payload).decode()]]}}).encode(),
+                  lambda answer: answer["predictions"][0])
 
-    def worker(client: httpx.Client) -> list[Answer]:
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes, bool]:
+    """One HTTP/1.1 request on a keep-alive connection: (status, body, whether the server closes it)."""
+    writer.write(request)
+    await writer.drain()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    status = int(head[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    return status, body, headers.get("connection", "").lower() == "close"
+
+
+async def drive(target: Target, refs: list[Reference], concurrency: int, total: int) -> tuple[list[Answer], float]:
+    """`total` requests from `concurrency` keep-alive connections; every answer checked; (answers, wall seconds)."""
+    requests = [(f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body for body in map(target.body, refs)]
+    connections = [await asyncio.open_connection("127.0.0.1", target.port) for _ in range(concurrency)]
+    for reader, writer in connections:  # every connection warm before the clock starts
+        await exchange(reader, writer, requests[0])
+    counter = itertools.count()
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[Answer]:
         out = []
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return out
-            out.append(send(client, refs[i % len(refs)]))
+        while (i := next(counter)) < total:
+            ref = refs[i % len(refs)]
+            started = time.perf_counter()
+            status, body, closing = await exchange(reader, writer, requests[i % len(refs)])
+            seconds = time.perf_counter() - started
+            correct = status == 200 and matches(ref, target.first_prediction(json.loads(body)))
+            out.append(Answer(status, seconds, correct))
+            if closing:
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        writer.close()
+        return out
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        answers = [a for part in pool.map(worker, clients) for a in part]
-    wall = time.perf_counter() - started
-    for client in clients:
-        client.close()
-    return answers, wall
+    parts = await asyncio.gather(*(client(reader, writer) for reader, writer in connections))
+    return [answer for part in parts for answer in part], time.perf_counter() - started
+
+
+def in_process(session: ort.InferenceSession, batch: np.ndarray, batch_size: int, total: int) -> float:
+    """Seconds ONNX Runtime takes for `total` images of `batch`, `batch_size` per call (the ceiling)."""
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(np.resize(batch, (batch_size, *batch.shape[1:])))}
+    calls = max(1, total // batch_size)
+    session.run(None, feed)
+    started = time.perf_counter()
+    for _ in range(calls):
+        session.run(None, feed)
+    return (time.perf_counter() - started) * total / (calls * batch_size)
 
 
 def summarize(answers: list[Answer], wall: float) -> dict[str, float]:
@@ -208,6 +282,124 @@ def summarize(answers: list[Answer], wall: float) -> dict[str, float]:
         "non_200": sum(a.status != 200 for a in answers),
         "wrong": sum(a.status == 200 and not a.correct for a in answers),
     }
+
+
+def compare(targets: dict[str, Target], refs: list[Reference], batch: np.ndarray, session: ort.InferenceSession,
+            max_batch: int, concurrency: int, requests: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Rounds in rotating order of every server and the in-process ceilings at one concurrency."""
+    answers: dict[str, list[Answer]] = {name: [] for name in targets}
+    walls = dict.fromkeys([*targets, "onnxruntime_batch1", f"onnxruntime_batch{max_batch}"], 0.0)
+    per_round = max(concurrency, requests // rounds)
+    for round_ in range(rounds):
+        order = list(walls)
+        for name in order[round_ % len(order):] + order[: round_ % len(order)]:
+            if name in targets:
+                got, wall = asyncio.run(drive(targets[name], refs, concurrency, per_round))
+                answers[name] += got
+                walls[name] += wall
+            else:
+                walls[name] += in_process(session, batch, int(name.removeprefix("onnxruntime_batch")), per_round)
+    row: dict[str, dict[str, float]] = {name: summarize(answers[name], walls[name]) for name in targets}
+    for name in walls:
+        if name not in targets:
+            row[name] = {"images_per_s": round(per_round * rounds / walls[name], 1)}
+    return row
+
+
+class Background:
+    """A steady load on a target from a thread, while something else happens (reloads)."""
+
+    def __init__(self, target: Target, refs: list[Reference], concurrency: int) -> None:
+        self.stop = threading.Event()
+        self.answers: list[Answer] = []
+        self.thread = threading.Thread(target=self._run, args=(target, refs, concurrency), daemon=True)
+
+    def _run(self, target: Target, refs: list[Reference], concurrency: int) -> None:
+        while not self.stop.is_set():
+            self.answers += asyncio.run(drive(target, refs, concurrency, concurrency * 4))[0]
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def reload_churn(url: str, pid: int, target: Target, refs: list[Reference], model_name: str,
+                 reloads: int) -> dict[str, object]:
+    """RSS of `tlops serve` across `reloads` alias moves + reloads under load (concurrency 8)."""
+    registry = MlflowClient()
+    before = rss_mb(pid)
+    samples = []
+    with Background(target, refs, 8) as load:
+        time.sleep(2)
+        under_load = rss_mb(pid)
+        for i in range(reloads):
+            registry.set_registered_model_alias(model_name, "champion", "2" if i % 2 == 0 else "1")
+            answer = httpx.post(f"{url}/admin/reload", timeout=300).json()
+            assert answer["changed"], answer
+            time.sleep(1)
+            samples.append(rss_mb(pid))
+    registry.set_registered_model_alias(model_name, "champion", "1")
+    return {
+        "reloads": reloads, "rss_idle_before_mb": before, "rss_under_load_before_reloads_mb": under_load,
+        "rss_after_each_reload_mb": samples, "rss_after_mb": rss_mb(pid),
+        "rss_growth_ratio_over_reloads": round(samples[-1] / samples[0], 3),
+        "answers_during_reloads": len(load.answers), "non_200": sum(a.status != 200 for a in load.answers),
+        "wrong": sum(a.status == 200 and not a.correct for a in load.answers),
+    }
+
+
+# `tlops serve` is `tlops.cli.serve_model`; called directly here, because `tlops`'s argument parser
+# imports the whole pipeline (tlops.stages) for every command, which is not serving's weight.
+SERVE_MODEL = """
+import argparse, logging, sys
+from pathlib import Path
+from tlops.cli import serve_model
+
+logging.basicConfig(level=logging.INFO)
+params, uri, port, *overrides = sys.argv[1:]
+serve_model(argparse.Namespace(params=Path(params), overrides=overrides, model=uri, host=None, port=int(port)))
+"""
+
+IN_PROCESS_REGISTRY = """
+import sys, time
+from pathlib import Path
+from components.serving import registry_fetch
+from components.serving.app import running_service
+from components.serving.config import ServeConfig
+
+uri, port, into = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+version = registry_fetch.resolve_version(uri)  # what a lazy in-process `import mlflow` would do
+path = registry_fetch.download_onnx(uri, uri.removeprefix("models:/").split("@")[0], version, into)
+with running_service(ServeConfig(model_uri=str(path), port=port)) as (url, server):
+    print("ready", flush=True)
+    time.sleep(3600)
+"""
+
+
+def idle_rss(command: list[str], env: dict[str, str], work: Path, name: str) -> float:
+    """RSS of a service started by `command` (listening on the port in it), idle once ready."""
+    port = command[command.index("{port}")] = str(free_port())
+    process = start_server(command, f"http://127.0.0.1:{port}/readyz", env, work / f"{name}.log", work)
+    try:
+        time.sleep(2)
+        return rss_mb(process.pid)
+    finally:
+        stop_server(process)
+
+
+def registry_memory(uri: str, env: dict[str, str], work: Path, tlops_idle_mb: float) -> dict[str, float]:
+    """Idle RSS of the service after resolving and downloading `uri` in-process, against `tlops serve`'s
+    (which asks a child process), and of `python -m tlops.cli serve` as its argument parser is today."""
+    lazy = idle_rss([sys.executable, "-c", IN_PROCESS_REGISTRY, uri, "{port}", str(work / "in-process")], env, work,
+                    "in-process")
+    cli = idle_rss([sys.executable, "-m", "tlops.cli", "serve", "--params", str(REPO / "params.yaml"), "--model", uri,
+                    "--port", "{port}"], env, work, "cli")
+    return {"tlops_serve_child_process_mb": tlops_idle_mb, "lazy_in_process_mlflow_mb": lazy,
+            "lazy_vs_child_ratio": round(lazy / tlops_idle_mb, 2), "tlops_cli_module_today_mb": cli}
 
 
 def malformed_requests(reference: Reference, max_body: int) -> list[tuple[str, dict]]:
@@ -243,9 +435,10 @@ def robustness(url: str, refs: list[Reference], total: int, malformed_share: flo
         with httpx.Client(base_url=url, timeout=120) as client:
             for kind, index in chunk:
                 if kind == "good":
-                    answer = tlops_request(client, refs[index])
-                    outcome = ("good_ok" if answer.correct else "good_wrong") if answer.status == 200 else \
-                        f"good_status_{answer.status}"
+                    response = client.post("/predict", json={"images": [base64.b64encode(refs[index].payload).decode()]})
+                    status = response.status_code
+                    ok = status == 200 and matches(refs[index], response.json()["predictions"][0])
+                    outcome = ("good_ok" if ok else "good_wrong") if status == 200 else f"good_status_{status}"
                 else:
                     name, request = bad[index]
                     try:
@@ -257,13 +450,15 @@ def robustness(url: str, refs: list[Reference], total: int, malformed_share: flo
                         tally[f"sent_{name}"] += 1
                 with lock:
                     tally[outcome] += 1
-                    tally["5xx"] += 500 <= (answer.status if kind == "good" else status) < 600
+                    tally["5xx"] += 500 <= status < 600
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, chunks))
+    threads = [threading.Thread(target=worker, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     wall = time.perf_counter() - started
-    ready = httpx.get(f"{url}/readyz").status_code
     return {
         "requests": total,
         "malformed": sum(kind == "bad" for kind, _ in plan),
@@ -274,110 +469,155 @@ def robustness(url: str, refs: list[Reference], total: int, malformed_share: flo
         "malformed_answered_4xx": tally["bad_4xx"],
         "malformed_not_4xx": sum(v for k, v in tally.items() if k.startswith("bad_") and k != "bad_4xx"),
         "malformed_kinds_sent": {k.removeprefix("sent_"): v for k, v in sorted(tally.items()) if k.startswith("sent_")},
-        "ready_after": ready == 200,
+        "ready_after": httpx.get(f"{url}/readyz").status_code == 200,
         "requests_per_s": round(total / wall, 1),
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=224, help="model input size (Lite0 native: 224)")
-    parser.add_argument("--requests", type=int, default=400, help="requests per server and concurrency level")
-    parser.add_argument("--rounds", type=int, default=4, help="turns each server takes per concurrency level")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--robustness", type=int, default=10_000, help="requests in the malformed-input run")
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped too
-
-    with tempfile.TemporaryDirectory(prefix="tlops-bench-serving-") as tmp:
-        work = Path(tmp)
-        os.chdir(work)  # MLflow writes ./mlruns
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-        model_path, dataset = build_model(work, args.image_size)
-        refs = references(model_path, dataset)
-        mlflow.set_experiment("serving-benchmark")
-        with mlflow.start_run():
-            version = log_model(model_path, MODEL_NAME).registered_model_version
-        MlflowClient().set_registered_model_alias(MODEL_NAME, "champion", str(version))
-        model_uri = f"models:/{MODEL_NAME}@champion"
-        max_body_mb = 1.0  # images are ~100 kB; a small limit keeps the oversized-body requests cheap
-
-        servers = {
-            "tlops": ([sys.executable, "-c",
-                       "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
-                       "from components.serving.server import ServeConfig; from components.serving.app import serve\n"
-                       "serve(ServeConfig(model_uri=sys.argv[1], port=int(sys.argv[2]), max_batch=int(sys.argv[3]), "
-                       "max_wait_ms=float(sys.argv[4]), max_body_mb=float(sys.argv[5])))",
-                       model_uri, "{port}", str(args.max_batch), str(args.max_wait_ms), str(max_body_mb)],
-                      "/readyz", tlops_request),
-            "mlflow": ([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-                        "-h", "127.0.0.1", "-p", "{port}"], "/ping", mlflow_request),
-        }
-        urls: dict[str, str] = {}
-        processes: dict[str, subprocess.Popen] = {}
-        try:
-            for name, (command, probe, _) in servers.items():
-                port = free_port()
-                urls[name] = f"http://127.0.0.1:{port}"
-                processes[name] = start_server([part.replace("{port}", str(port)) for part in command],
-                                               urls[name] + probe, env, work / f"{name}.log")
-            # Both servers stay up and take turns in short rounds (order alternating), so a change in
-            # the load of this shared machine hits both alike instead of skewing one side's figures.
-            table: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
-            for concurrency in args.concurrency:
-                answers: dict[str, list[Answer]] = {name: [] for name in servers}
-                walls = dict.fromkeys(servers, 0.0)
-                for round_ in range(args.rounds):
-                    for name in list(servers)[:: 1 if round_ % 2 == 0 else -1]:
-                        got, wall = load(urls[name], servers[name][2], refs, concurrency, args.requests // args.rounds)
-                        answers[name] += got
-                        walls[name] += wall
-                for name in servers:
-                    table[name][concurrency] = summarize(answers[name], walls[name])
-                    print(name, concurrency, table[name][concurrency], flush=True)
-            stop_server(processes.pop("mlflow"))
-            robust: dict[str, object] = {}
-            if args.robustness:
-                robust = robustness(urls["tlops"], refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
-                robust["mean_batch_size_whole_run"] = mean_batch_size(httpx.get(f"{urls['tlops']}/metrics").text)
-                print("robustness", robust, flush=True)
-        finally:
-            for process in processes.values():
-                stop_server(process)
-
-    report = {
-        "cpu": cpu_description(),
-        "model": f"{BACKBONE} + linear head, FP32 ONNX, {args.image_size} px, ELPV cells (300x300 PNG) as base64 JSON",
-        "requests_per_level": args.requests,
-        "rounds": args.rounds,
-        "tlops_settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "onnxruntime_threads": "all"},
-        "mlflow_settings": {"workers": 1, "env_manager": "local"},
-        "results": {name: {str(c): row for c, row in rows.items()} for name, rows in table.items()},
-        "tlops_vs_mlflow": {
-            str(c): {
-                "throughput_ratio": round(table["tlops"][c]["requests_per_s"] / table["mlflow"][c]["requests_per_s"], 2),
-                "p50_ratio": round(table["tlops"][c]["p50_ms"] / table["mlflow"][c]["p50_ms"], 2),
-                "p99_ratio": round(table["tlops"][c]["p99_ms"] / table["mlflow"][c]["p99_ms"], 2),
-            }
-            for c in args.concurrency
-        },
-        "robustness": robust,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serving_{args.image_size}px.json"
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(out)
-    print(json.dumps(report, indent=2))
 
 
 def mean_batch_size(metrics_text: str) -> float:
     values = {line.split()[0]: float(line.split()[1]) for line in metrics_text.splitlines()
               if line.startswith("tlops_serve_batch_size_")}
-    return round(values["tlops_serve_batch_size_sum"] / values["tlops_serve_batch_size_count"], 2)
+    return round(values["tlops_serve_batch_size_sum"] / max(1.0, values["tlops_serve_batch_size_count"]), 2)
+
+
+def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int, env: dict[str, str],
+               last: bool) -> dict[str, object]:
+    folder = work / f"{size}px"
+    model_path = build_model(folder, dataset, size)
+    refs, batch = references(model_path, dataset)
+    model_name = f"tlops-bench-{size}"
+    for _ in range(2):  # two versions of the same file, so an alias move is a real reload
+        with mlflow.start_run():
+            log_model(model_path, model_name)
+    MlflowClient().set_registered_model_alias(model_name, "champion", "1")
+    uri = f"models:/{model_name}@champion"
+    max_body_mb = 1.0  # images are ~100 kB; a small limit keeps the oversized-body requests cheap
+    ports = {"tlops": free_port(), "mlflow": free_port()}
+    settings = [f"serve.max_batch={args.max_batch}", f"serve.max_wait_ms={args.max_wait_ms}",
+                f"serve.max_body_mb={max_body_mb}", f"serve.num_threads={args.num_threads}",
+                f"serve.measure_batch={str(args.measure_batch).lower()}"]
+    commands = {
+        "tlops": [sys.executable, "-c", SERVE_MODEL, str(REPO / "params.yaml"), uri, str(ports["tlops"]), *settings],
+        "mlflow": [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+                   "-h", "127.0.0.1", "-p", str(ports["mlflow"])],
+    }
+    probes = {"tlops": "/readyz", "mlflow": "/ping"}
+    targets = {"tlops": tlops_target(ports["tlops"]), "mlflow": mlflow_target(ports["mlflow"])}
+    for variant in args.variant:  # tlops with other settings, in the same rotation
+        name, _, changes = variant.partition("=")
+        ports[name], probes[name] = free_port(), "/readyz"
+        commands[name] = [*commands["tlops"][:5], str(ports[name]), *settings, *changes.split(",")]
+        targets[name] = replace(tlops_target(ports[name]), name=name)
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    session = ort.InferenceSession(str(model_path), session_options(args.num_threads), providers=["CPUExecutionProvider"])
+    processes: dict[str, subprocess.Popen] = {}
+    report: dict[str, object] = {"size": size}
+    try:
+        for name, command in commands.items():
+            processes[name] = start_server(command, urls[name] + probes[name], env, work / f"{name}-{size}.log", work)
+        described = httpx.get(urls["tlops"] + "/model").json()
+        report["tlops_batching"] = {k: described[k] for k in ("batch_limit", "ms_per_image_by_batch")}
+        print(size, "tlops batching", report["tlops_batching"], flush=True)
+        time.sleep(2)
+        memory: dict[str, float] = {"tlops_idle_mb": rss_mb(processes["tlops"].pid),
+                                    "mlflow_idle_mb": rss_mb(processes["mlflow"].pid, tree=True)}
+        table = {}
+        for concurrency in args.concurrency:
+            table[str(concurrency)] = row = compare(targets, refs, batch, session, args.max_batch, concurrency,
+                                                     args.requests, args.rounds)
+            print(size, concurrency, json.dumps(row), flush=True)
+        memory |= {"tlops_after_load_mb": rss_mb(processes["tlops"].pid),
+                   "mlflow_after_load_mb": rss_mb(processes["mlflow"].pid, tree=True)}
+        memory["idle_ratio_tlops_vs_mlflow"] = round(memory["tlops_idle_mb"] / memory["mlflow_idle_mb"], 2)
+        for name in ["mlflow", *(variant.partition("=")[0] for variant in args.variant)]:
+            stop_server(processes.pop(name))
+        report |= {"results": table, "memory": memory,
+                   "mean_batch_size": mean_batch_size(httpx.get(f"{urls['tlops']}/metrics").text)}
+        if args.reloads:
+            report["reloads"] = reload_churn(urls["tlops"], processes["tlops"].pid, targets["tlops"], refs, model_name,
+                                             args.reloads)
+            print(size, "reloads", json.dumps(report["reloads"]), flush=True)
+        if last:
+            report["registry_memory"] = registry_memory(uri, env, folder, memory["tlops_idle_mb"])
+            print(size, "registry", json.dumps(report["registry_memory"]), flush=True)
+        if last and args.robustness:
+            report["robustness"] = robustness(urls["tlops"], refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
+            print(size, "robustness", json.dumps(report["robustness"]), flush=True)
+    finally:
+        for process in processes.values():
+            stop_server(process)
+    report["ratios"] = {
+        concurrency: {
+            "tlops_vs_mlflow_throughput": round(row["tlops"]["requests_per_s"] / row["mlflow"]["requests_per_s"], 2),
+            "tlops_vs_mlflow_p50": round(row["tlops"]["p50_ms"] / row["mlflow"]["p50_ms"], 2),
+            "tlops_vs_mlflow_p99": round(row["tlops"]["p99_ms"] / row["mlflow"]["p99_ms"], 2),
+            "tlops_vs_onnxruntime_in_process": round(row["tlops"]["requests_per_s"] / max(
+                row["onnxruntime_batch1"]["images_per_s"], row[f"onnxruntime_batch{args.max_batch}"]["images_per_s"]), 2),
+            "mlflow_vs_onnxruntime_in_process": round(row["mlflow"]["requests_per_s"] / max(
+                row["onnxruntime_batch1"]["images_per_s"], row[f"onnxruntime_batch{args.max_batch}"]["images_per_s"]), 2),
+        }
+        for concurrency, row in report["results"].items()
+    }
+    for variant in args.variant:
+        name = variant.partition("=")[0]
+        for concurrency, row in report["results"].items():
+            report["ratios"][concurrency][f"tlops_vs_{name}_throughput"] = round(
+                row["tlops"]["requests_per_s"] / row[name]["requests_per_s"], 2)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 224], help="model input sizes")
+    parser.add_argument("--requests", type=int, default=320, help="requests per server and concurrency level")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each server takes per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--reloads", type=int, default=10, help="alias moves + reloads under load (0 = skip)")
+    parser.add_argument("--robustness", type=int, default=2000, help="requests in the malformed-input run")
+    parser.add_argument("--images", type=int, default=48, help="ELPV cells used as requests")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--num-threads", type=int, default=0, help="serve.num_threads (0 = all cores)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                        help="also run tlops with these serve settings in the same rotation, e.g. "
+                             "nice0=serve.decode_nice=0 (repeatable)")
+    parser.add_argument("--no-measure-batch", dest="measure_batch", action="store_false",
+                        help="serve.measure_batch=false: batch up to --max-batch whatever it costs")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped too
+
+    started = time.perf_counter()
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="tlops-bench-serving-") as tmp:
+        work = Path(tmp)
+        os.chdir(work)  # MLflow writes ./mlruns
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        ingest(IngestConfig(limit=args.images, seed=3), work / "data")
+        dataset = read_manifest(work / "data" / "manifest.csv")
+        mlflow.set_experiment("serving-benchmark")
+        sizes = [bench_size(args, work, dataset, size, env, size == args.image_sizes[-1]) for size in args.image_sizes]
+
+    report = {
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+        "cpu": cpu_description(),
+        "load_average_before_after": [load_before, load_average()],
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "model": f"{BACKBONE} + linear head, FP32 ONNX, ELPV cells (300x300 PNG) as base64 JSON, one per request",
+        "requests_per_level": args.requests,
+        "rounds": args.rounds,
+        "tlops_settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                           "num_threads": args.num_threads, "measure_batch": args.measure_batch},
+        "variants": args.variant,
+        "mlflow_settings": {"workers": 1, "env_manager": "local"},
+        "sizes": {str(report["size"]): report for report in sizes},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "serving.json"
+    tmp_out = out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp_out.replace(out)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

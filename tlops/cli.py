@@ -224,12 +224,19 @@ def write_dvc_yaml(args: argparse.Namespace) -> int:
 
 
 def serve_model(args: argparse.Namespace) -> None:
-    from components.serving.app import serve
+    from components.serving.config import check_model_uri
     from tlops.config import load_params
 
     flags = {"model_uri": args.model, "host": args.host, "port": args.port}
     params = load_params(args.params, [*args.overrides, *(f"serve.{k}={v}" for k, v in flags.items() if v is not None)])
-    serve(params.serve)
+    check_model_uri(params.serve.model_uri)  # a missing file: one line before anything heavy is imported
+    from components.serving.server import ModelServer
+
+    server = ModelServer(params.serve)
+    server.start(raise_on_error=True)  # not an ONNX model, an unknown registry URI: one line, before the web stack
+    from components.serving.app import serve
+
+    serve(server)
 
 
 def check_drift(args: argparse.Namespace) -> None:

@@ -1,8 +1,10 @@
-"""`tlops serve`: a thin FastAPI app around `components.serve.ModelServer`, run by uvicorn.
+"""`tlops serve`: a thin FastAPI app around `components.serving.server.ModelServer`, run by uvicorn.
 
 The app only translates HTTP: it reads the body (bounded), picks the images out of it by
-content type, hands them to the server and writes the answer. Decoding, batching, reloads
-and metrics live in `components/serving/server.py`.
+content type, has the server admit, decode and queue them, and writes the answer. Every
+/predict has a deadline (`serve.request_timeout_ms`) covering all of that: past it the client
+gets 504 and the request's queued images are dropped. Decoding, batching, reloads and metrics
+live in `components/serving/server.py`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.core.errors import UserError
 from components.serving.config import ServeConfig
 from components.serving.image_decoding import BadInputError, images_from_json
-from components.serving.micro_batcher import NotReadyError, QueueFullError
+from components.serving.metrics import ServeMetrics
+from components.serving.micro_batcher import DeadlineExceededError, NotReadyError, QueueFullError, Ticket
 from components.serving.server import ModelServer
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,35 @@ async def request_images(request: Request, cfg: ServeConfig) -> list[bytes]:
     )
 
 
+class MeasuredRequests:
+    """Counts and times every HTTP request by route and status: a plain ASGI middleware, since Starlette's
+    `BaseHTTPMiddleware` (`@app.middleware`) runs each request through an extra task and stream."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client sees if the app raises before answering
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")  # the router notes the route in the scope
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
 def create_app(server: ModelServer) -> FastAPI:
     """The HTTP face of `server`; starts it (in the background) with the app unless already started."""
 
@@ -103,23 +136,26 @@ def create_app(server: ModelServer) -> FastAPI:
 
     app = FastAPI(title="tlops serve", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware signature
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        server.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(MeasuredRequests, metrics=server.metrics)
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
+        timeout_s = server.cfg.request_timeout_s
+        deadline = time.monotonic() + timeout_s
+        ticket: Ticket | None = None
         try:
-            with server.batcher.arriving():
-                payloads = await request_images(request, server.cfg)
-                futures = await anyio.to_thread.run_sync(server.submit, payloads)
-            predictions = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            async with asyncio.timeout(timeout_s):
+                with server.batcher.arriving():
+                    payloads = await request_images(request, server.cfg)
+                    ticket, model = server.admit(len(payloads), deadline)  # room reserved before decoding
+                    images = await asyncio.get_running_loop().run_in_executor(server.decoder, server.prepare,
+                                                                              model, payloads)
+                    future = server.batcher.submit(ticket, model, images)
+                predictions = await asyncio.wrap_future(future)
+        except (TimeoutError, DeadlineExceededError):
+            return error_response(server, 504, "deadline_exceeded",
+                                  f"no answer within serve.request_timeout_ms ({server.cfg.request_timeout_ms:g} ms); "
+                                  f"the request's images were dropped. Retry later or send fewer images.")
         except BadInputError as error:
             return error_response(server, error.status, error.kind, str(error))
         except QueueFullError as error:
@@ -131,6 +167,9 @@ def create_app(server: ModelServer) -> FastAPI:
         except Exception as error:  # noqa: BLE001 - a server fault is answered and counted, never a dropped connection
             log.exception("prediction failed")
             return error_response(server, 500, "internal", f"{type(error).__name__}: {error}")
+        finally:
+            if ticket is not None:
+                server.batcher.discard(ticket)  # a request that failed or timed out gives its places back now
         server.count(predictions)
         return JSONResponse({"model_version": predictions[0].model_version,
                              "predictions": [p.to_json() for p in predictions]})
@@ -141,9 +180,9 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        model = server.model
-        if model is None:
-            return JSONResponse({"ready": False, "error": server.load_error or "loading"}, status_code=503)
+        model, problem = server.model, server.problem()
+        if problem is not None or model is None:
+            return JSONResponse({"ready": False, "error": problem}, status_code=503)
         return JSONResponse({"ready": True, "model_version": model.source.version})
 
     @app.get("/metrics")
@@ -170,14 +209,14 @@ def create_app(server: ModelServer) -> FastAPI:
 
 
 def uvicorn_config(app: FastAPI, cfg: ServeConfig, log_level: str = "info") -> uvicorn.Config:
-    return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=30)
+    # limit_concurrency: connections (and tasks) beyond it get uvicorn's own 503 before any work.
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_graceful_shutdown=30,
+                          limit_concurrency=cfg.limit_concurrency)
 
 
-def serve(cfg: ServeConfig) -> None:
-    """`tlops serve`: load the model first (a bad URI stops here with one line), then listen."""
-    server = ModelServer(cfg)
-    server.start(raise_on_error=True)
-    uvicorn.Server(uvicorn_config(create_app(server), cfg)).run()
+def serve(server: ModelServer) -> None:
+    """`tlops serve`: listen with `server`, started beforehand (so a bad model stops before any of this is imported)."""
+    uvicorn.Server(uvicorn_config(create_app(server), server.cfg)).run()
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 `mlflow models serve -m models:/<name>@champion --env-manager local` then answers
 `/invocations` with the same predictions as `tlops serve`: both decode with
-`components.image_decoding.decode_image` and run the file's own preprocessing in ONNX Runtime. The
+`components.serving.image_decoding.decode_image` and run the file's own preprocessing in ONNX Runtime. The
 ONNX file is stored byte-for-byte (no re-serialisation, no external data), so its sha256 in
 the registry is the sha256 of what was exported.
 

@@ -1,30 +1,31 @@
 """A tlops ONNX model ready to serve: where it comes from (registry alias, version or file), its session, predictions.
 
-The model explains itself: labels and preprocessing come from its `metadata_props`, never from
+The model explains itself: labels and preprocessing come from its `metadata_props` (read through
+the ONNX Runtime session, so serving needs neither the `onnx` package nor pandas), never from
 configuration. Used by the service (components/serving/server.py) and the registered pyfunc model
-(components/serving/pyfunc.py).
+(components/serving/pyfunc.py). Registry URIs are resolved and downloaded by
+components/serving/registry_client.py, the only serving module that needs MLflow.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import onnxruntime as ort
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from components.core.errors import UserError
-from components.data.preprocess import Preprocessing, preprocess_image
-from components.models.onnx_io import model_labels, model_preprocessing, open_session, read_metadata, softmax
-from components.serving.config import parse_registry_uri
+from components.data.preprocess import Preprocessing, PreprocessingError, preprocess_image
+from components.serving import registry_client
+from components.serving.config import check_model_uri, parse_registry_uri
 from components.serving.image_decoding import BadInputError
 
 
@@ -58,6 +59,9 @@ class LoadedModel:
     preprocessing: Preprocessing  # as read from the metadata
     metadata: dict[str, str]
     sha256: str
+    input_name: str
+    batch_limit: int = 1  # the most images the batcher puts in one call to this model
+    seconds_per_image: Mapping[int, float] = field(default_factory=dict)  # by batch size, as timed at load
 
     @property
     def input_size(self) -> int:
@@ -72,7 +76,7 @@ class LoadedModel:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """NCHW float32 -> class probabilities, one row per image."""
-        logits = self.session.run(None, {self.session.get_inputs()[0].name: batch})[0]
+        logits = self.session.run(None, {self.input_name: batch})[0]
         return softmax(logits.astype(np.float64))
 
     def predictions(self, batch: np.ndarray) -> list[Prediction]:
@@ -86,10 +90,27 @@ class LoadedModel:
             for row in rows
         ]
 
-    def warm_up(self, max_batch: int) -> None:
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run the shapes the batcher will send first, so the first client does not pay for them."""
-        for size in sorted({1, max_batch}):
+        for size in sorted(set(batch_sizes)):
             self.probabilities(np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32))
+
+    def time_batches(self, max_batch: int, repeats: int = 5) -> dict[int, float]:
+        """Seconds per image at batch sizes 1, 2, 4, ... and `max_batch`, the best of `repeats` calls each.
+
+        The sizes take turns (one call each per round, after a round that warms every shape up), so
+        a burst of other work on a shared machine slows all sizes alike instead of one of them.
+        """
+        sizes = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
+        batches = {size: np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32) for size in sizes}
+        best = dict.fromkeys(sizes, float("inf"))
+        for round_ in range(repeats + 1):
+            for size, batch in batches.items():
+                started = time.perf_counter()
+                self.probabilities(batch)
+                if round_:
+                    best[size] = min(best[size], (time.perf_counter() - started) / size)
+        return best
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -98,10 +119,29 @@ class LoadedModel:
             "alias": self.source.alias,
             "version": self.source.version,
             "sha256": self.sha256,
+            "batch_limit": self.batch_limit,
+            "ms_per_image_by_batch": {str(size): round(1000 * seconds, 3) for size, seconds in self.seconds_per_image.items()},
             "labels": list(self.labels),
             "preprocessing": self.preprocessing.model_dump(mode="json"),
             "metadata": self.metadata,
         }
+
+
+def fastest_batch(seconds_per_image: Mapping[int, float], tolerance: float = 0.1) -> int:
+    """The smallest batch size within `tolerance` of the fastest per image.
+
+    On a CPU a bigger batch is not always faster per image: at 224 px EfficientNet-Lite0's
+    activations for 16 images outgrow the caches, and a batch of 16 costs more per image than a
+    batch of 1 (benchmarks/serving.py). Beyond the fastest size a batch only adds waiting, and
+    within `tolerance` of it the smaller size wins: requests wait less for company.
+    """
+    best = min(seconds_per_image.values())
+    return min(size for size, seconds in seconds_per_image.items() if seconds <= best * (1 + tolerance))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def classify(model: LoadedModel, images: Sequence[Image.Image], batch_size: int = 32) -> list[Prediction]:
@@ -120,56 +160,74 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def session_options(num_threads: int) -> ort.SessionOptions:
+    """CPU session settings for a long-running server that shares its cores with HTTP and decoding.
+
+    `num_threads` 0 lets ONNX Runtime use every core. Its intra-op threads do not spin between
+    calls: a spinning pool burns the cores the request threads need to decode the next images
+    (measured in benchmarks/serving.py). The memory arena is off: an arena per session grows to
+    the largest batch it ever ran and is returned to the system only with the session, so every
+    reload would leave one more arena's worth of fragmentation behind.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here
+    return options
+
+
+def open_model_session(path: Path, uri: str, num_threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime session on `path`; a file it cannot read is the user's to fix, in one line."""
+    try:
+        return ort.InferenceSession(str(path), session_options(num_threads), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime's own exception types: a file that is not a model
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"model_uri {uri!r}: {path.name} is not an ONNX model ONNX Runtime can load ({reason}); "
+                        f"pass an ONNX file exported by tlops or a models:/ URI.") from None
+
+
 def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedModel:
     """An ONNX file exported by tlops -> a ready session with its labels and preprocessing."""
+    session = open_model_session(path, source.uri, num_threads)
     # The one place that reads preprocessing: the model's metadata_props decide, nothing else.
-    metadata = read_metadata(path)
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
     try:
-        labels = model_labels(path, metadata)
-        preprocessing = model_preprocessing(path, metadata)
-    except (KeyError, UserError) as error:
-        raise UserError(f"{source.uri}: {error.args[0]}") from None
+        labels = tuple(json.loads(metadata["labels"]))
+        preprocessing = Preprocessing.from_metadata(metadata)
+    except KeyError:
+        raise UserError(f"model_uri {source.uri!r}: its metadata_props lack `labels`; it was not exported by tlops. "
+                        f"Re-export it with the export stage.") from None
+    except PreprocessingError as error:
+        raise UserError(f"model_uri {source.uri!r}: {error}; it was not exported by tlops (or was stripped). "
+                        f"Re-export it with the export stage.") from None
     return LoadedModel(
         source=source,
-        session=open_session(path, num_threads),
+        session=session,
         labels=labels,
         preprocessing=preprocessing,
         metadata=metadata,
         sha256=sha256_of(path),
+        input_name=session.get_inputs()[0].name,
     )
 
 
-def resolve_source(uri: str) -> ModelSource:
-    """Which version `uri` names now: a registry lookup for `models:/`, a file hash for a path (no download)."""
-    if uri.startswith("models:/"):
-        name, alias, version = parse_registry_uri(uri)
-        try:
-            found = MlflowClient().get_model_version_by_alias(name, alias) if alias else MlflowClient().get_model_version(name, version)
-        except MlflowException as error:
-            raise UserError(
-                f"model_uri {uri!r}: the registry at {mlflow.get_tracking_uri()} does not resolve it "
-                f"({error.message.splitlines()[0]}); check MLFLOW_TRACKING_URI and the model's aliases."
-            ) from None
-        return ModelSource(uri=uri, version=str(found.version), name=name, alias=alias)
-    path = Path(uri)
-    if not path.is_file():
-        raise UserError(f"model_uri {uri!r}: no such file; pass an ONNX file exported by tlops or a models:/ URI.")
-    return ModelSource(uri=uri, version=f"sha256:{sha256_of(path)[:12]}")
+def load_current(uri: str, current_version: str | None, num_threads: int = 0) -> tuple[str, LoadedModel | None]:
+    """(the version `uri` names now, that version loaded, or None when it is `current_version` already).
 
-
-def load_source(source: ModelSource, num_threads: int = 0) -> LoadedModel:
-    """Fetch the ONNX file `source` names (the exact registry version, not the alias) and open it."""
-    if source.name is None:
-        return load_onnx(Path(source.uri), source, num_threads)
+    A registry URI is resolved and its exact version downloaded in one step, so an alias that
+    moves meanwhile cannot pair one version's number with another's file.
+    """
+    if not uri.startswith("models:/"):
+        check_model_uri(uri)
+        path = Path(uri)
+        version = f"sha256:{sha256_of(path)[:12]}"
+        return version, None if version == current_version else load_onnx(path, ModelSource(uri, version), num_threads)
+    name, alias, _ = parse_registry_uri(uri)
     with tempfile.TemporaryDirectory(prefix="tlops-serve-") as folder:
-        # Download by version: the alias may move while we download.
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{source.name}/{source.version}",
-                                                         dst_path=folder))
-        files = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-        if len(files) != 1:
-            raise UserError(
-                f"model_uri {source.uri!r}: version {source.version} holds {len(files)} ONNX files "
-                f"({[f.name for f in files]}); register exactly one (components.pyfunc_model.log_model)."
-            )
+        version, path = registry_client.fetch(uri, current_version, Path(folder))
+        if path is None:
+            return version, None
         # The session holds the graph in memory (no external data), so the download can go.
-        return load_onnx(files[0], source, num_threads)
+        return version, load_onnx(path, ModelSource(uri, version, name=name, alias=alias), num_threads)
