@@ -314,7 +314,8 @@ def test_tlops_deploy_and_a_flagged_check_start_one_retrain_per_cooldown(
 
     cooldown = timedelta(seconds=45)
     params = drift_params(cells, tmp_path, min_retrain_interval=int(cooldown.total_seconds()))
-    calm = save_each(cells.held_out, tmp_path / "calm", lambda image: image)
+    # Held-out cells and ten train cells: those ten must leave the reference (it carries the train split's sha256).
+    calm = save_each(cells.held_out + cells.train_images[:10], tmp_path / "calm", lambda image: image)
     shifted = gradient_noise_images(tmp_path / "gradients", count=30)
 
     def retrains(client, deployment_id) -> list:  # noqa: ANN001
@@ -351,6 +352,7 @@ def test_tlops_deploy_and_a_flagged_check_start_one_retrain_per_cooldown(
         time.sleep(max(0.0, cooldown.total_seconds() + 2 - (time.monotonic() - first_flag)))
         history = read_history(tmp_path / "drift" / HISTORY_FILE)
         assert [h["flagged"] for h in history] == [False, True, True]
+        assert history[0]["n_reference"] == len(cells.train.embeddings) - 10
         assert emit_drift_event(StageResult(stage="drift", out_dir=tmp_path, info={**history[-1], "batch": 3}),
                                 "watched") is not None
         EventsWorker.drain_all()
