@@ -42,6 +42,7 @@ from components.monitoring.drift import (
     tracking_record,
 )
 from tests.test_deploy import prefect_api, prefect_env  # noqa: F401 - the real Prefect server fixture
+from tlops.config import ConfigError, build
 
 BACKBONE = "efficientnet_lite0"
 # Two taps, as a features stage may cache: drift must read them under the stage's own key, not recompute.
@@ -230,6 +231,9 @@ def test_bad_config_fails_at_load_with_the_key() -> None:
         DriftConfig(max_new_images=20, min_new_images=30)
     with pytest.raises(ValidationError, match="permutatoins"):
         DriftConfig(permutatoins=100)
+    # The reference is the features stage's output: a tap it does not cache is refused when params load.
+    with pytest.raises(ConfigError, match=r"drift.tap='stage5' is not in features.taps \['pooled'\]"):
+        build({"drift": {"tap": "stage5"}})
 
 
 def not_images(folder: Path, count: int) -> Path:
