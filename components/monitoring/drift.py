@@ -178,8 +178,8 @@ def domain_classifier_test(reference: np.ndarray, new: np.ndarray, permutations:
     PCA and folds are drawn without looking at the labels (every permutation shares them), and
     the held-out scores carry no intercept, which would depend on the labels of the other folds.
     Its weights are linear in the labels, so refitting on all permuted label vectors at once is
-    one matrix product per fold: 300 refits take milliseconds, where scikit-learn's
-    `permutation_test_score` refits an estimator object each time (2-9 s a check on two cores).
+    one matrix product per fold. scikit-learn's `permutation_test_score`, refitting an estimator
+    object per fold and permutation, took 43 times as long at the caps (benchmarks/drift.py).
     """
     pooled = np.concatenate([reference, new]).astype(np.float64)
     is_new = np.concatenate([np.zeros(len(reference)), np.ones(len(new))])
