@@ -240,16 +240,39 @@ def serve_model(args: argparse.Namespace) -> None:
 
 
 def check_drift(args: argparse.Namespace) -> None:
-    from flows.drift import check_drift as drift_flow
-    from tlops import tracking
+    from components.monitoring.new_images import checked_images
     from tlops.config import load_params
 
-    load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    params = load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    checked_images(Path(args.images), params.drift)  # and on an empty folder or a file that is not an image
+    from flows.deploy import check_server
+    from flows.drift import DRIFT_EVENT, persistent_api_url
+    from flows.drift import check_drift as drift_flow
+    from tlops import tracking
+
     tracking.check_tracking_server()
+    api = persistent_api_url()
+    if api:
+        check_server(api)  # one line now, rather than Prefect's traceback once the flow starts
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     s = drift_flow(images=args.images, params_file=str(args.params), overrides=args.overrides)
-    verdict = "FLAGGED (event tlops.drift.detected)" if s["flagged"] else "no drift"
-    auc = "off" if s["auc"] is None else f"{s['auc']:.3f}"
-    print(f"drift: MMD p={s['p_value']:.3g}, AUC {auc} on {s['n_new']} images -> {verdict}; plot {s['plot']}")
+    batch = f"{s['n_new']} images" if s["n_new"] == s["n_found"] else \
+        f"{s['n_new']} of {s['n_found']} images (drift.max_new_images)"
+    print(f"drift: MMD p={s['p_value']:.3g}, classifier AUC {s['auc']:.3f} p={s['auc_p_value']:.3g} on {batch} -> "
+          f"{'FLAGGED' if s['flagged'] else 'no drift'} (each p below {s['per_test_threshold']:g} flags); "
+          f"plot {s['plot']}")
+    if not s["flagged"]:
+        return
+    if not api:
+        print(f"  the event {DRIFT_EVENT} went to a temporary Prefect server that stopped with this command, so "
+              f"nothing will retrain: set PREFECT_API_URL to the server `tlops deploy` used (e.g. `prefect config set "
+              f"PREFECT_API_URL=http://127.0.0.1:4200/api`) and check again")
+    elif s["listeners"]:
+        print(f"  event {DRIFT_EVENT} sent to {api}: " + "; ".join(s["listeners"]))
+    else:
+        print(f"  event {DRIFT_EVENT} sent to {api}, but no automation there reacts to it: run `tlops deploy` "
+              f"against that server to retrain on drift")
 
 
 def tune_hyperparameters(params: Params) -> None:

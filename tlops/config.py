@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 import zoneinfo
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ class ScheduleConfig(StageConfig):
     work_queue: str | None = None  # None = the pool's default queue
     active: bool = True  # false keeps the deployment but creates no scheduled runs
     concurrency_limit: int = Field(1, ge=1)  # retrains write the same outputs/: never two at once
+    # Drift-started retrains: the first flagged check starts one, further flags within this interval do not
+    # (the drift trigger's `within`; ISO 8601 like PT6H or P1D, or seconds; 0 = one retrain per flagged check).
+    min_retrain_interval: timedelta = Field(timedelta(days=1), ge=timedelta(0), le=timedelta(days=365))
 
     @field_validator("cron")
     @classmethod
@@ -112,6 +116,14 @@ class Params(StageConfig):
         if missing and self.finetune.strategy in ("linear", "auto"):
             raise ValueError(f"finetune.linear.taps {list(self.finetune.linear.taps)} needs {missing}, which "
                              f"features.taps {list(self.features.taps)} does not cache; add them there")
+        return self
+
+    @model_validator(mode="after")
+    def _drift_tap_cached(self) -> Params:
+        # Drift embeds new images through the features stage's cache, and compares them with its features.
+        if self.drift.tap not in self.features.taps:
+            raise ValueError(f"drift.tap={self.drift.tap!r} is not in features.taps {list(self.features.taps)}, so "
+                             f"the train split has no such features to compare with; pick one of those taps")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,10 +11,12 @@ from components.models.registry import get_entry
 class DriftConfig(StageConfig):
     backbone: str = "auto"  # "auto": the caller passes the backbone the select stage chose
     tap: str = "pooled"
-    p_value_threshold: float = Field(0.01, gt=0.0, lt=1.0)  # MMD permutation p-value below this flags
-    auc_threshold: float | None = Field(0.8, gt=0.5, le=1.0)  # domain-classifier AUC above this flags; null = off
-    permutations: int = Field(1000, ge=99, le=100_000)
-    max_reference: int = Field(1000, ge=10)  # reference rows used (a seeded subsample beyond this)
+    # The share of in-distribution batches flagged (false alarms): each of the two tests flags below half of it.
+    p_value_threshold: float = Field(0.01, gt=0.0, lt=1.0)
+    permutations: int = Field(1000, ge=99, le=100_000)  # MMD permutation test
+    auc_permutations: int = Field(300, ge=99, le=10_000)  # domain classifier refitted on permuted labels
+    max_reference: int = Field(1000, ge=10, le=20_000)  # reference rows used (a seeded subsample beyond this)
+    max_new_images: int = Field(500, ge=10, le=20_000)  # new images used (a seeded subsample beyond this)
     min_new_images: int = Field(10, ge=5)  # fewer new images give a test with no power
     seed: int = 0
 
@@ -29,4 +31,26 @@ class DriftConfig(StageConfig):
                 raise ValueError(f"drift.tap={self.tap!r}: backbone {self.backbone!r} has taps {sorted(entry.taps)}.")
         return self
 
+    @model_validator(mode="after")
+    def _permutations_can_reach_the_threshold(self) -> DriftConfig:
+        # A permutation p-value is at least 1/(permutations + 1): with fewer, no batch could ever be flagged.
+        per_test = self.p_value_threshold / 2
+        for key in ("permutations", "auc_permutations"):
+            count = getattr(self, key)
+            if 1 / (count + 1) >= per_test:
+                raise ValueError(
+                    f"drift.{key}={count}: its smallest p-value, 1/{count + 1}, is not below p_value_threshold/2="
+                    f"{per_test:g}, so no batch could be flagged; use at least {int(1 / per_test)}."
+                )
+        return self
 
+    @model_validator(mode="after")
+    def _batch_bounds(self) -> DriftConfig:
+        if self.max_new_images < self.min_new_images:
+            raise ValueError(f"drift.max_new_images={self.max_new_images} is below drift.min_new_images="
+                             f"{self.min_new_images}; raise it.")
+        return self
+
+    def per_test_threshold(self) -> float:
+        """Each test's p-value threshold: two tests at half the rate keep the batch's false alarms within it."""
+        return self.p_value_threshold / 2
