@@ -24,6 +24,7 @@ from components.core.lineage import data_version, git_commit
 from components.core.progress import Progress, no_progress
 from components.core.result import RESULT_FILE, StageResult, sha256_file, write_json
 from components.data import ingest, validate
+from components.data.domains import labelled_view
 from components.data.manifest import Dataset, read_manifest
 from components.evaluation import evaluate
 from components.features import extract as features
@@ -85,6 +86,12 @@ def validated_dataset(params: Params) -> Dataset:
     return read_manifest(params.path("validate") / "manifest.csv", root=params.path("dataset"))
 
 
+def labelled_dataset(params: Params) -> Dataset:
+    """What every stage after features reads: with `finetune.adapt.target_domain` set, the target domain's
+    train and val labels hidden (components/data/domains.py), so no stage can use them."""
+    return labelled_view(validated_dataset(params), params.finetune.adapt.target_domain)
+
+
 def selected_backbone(params: Params) -> str:
     return StageResult.load(params.path("select")).info["selected"]
 
@@ -104,11 +111,11 @@ def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 
 def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    return select.run(params.select, validated_dataset(params), params.path("features"), out)
+    return select.run(params.select, labelled_dataset(params), params.path("features"), out)
 
 
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
+    return finetune.run(params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
                         int8_recipe=params.compress.planned_recipe(served_views(params)))
@@ -121,19 +128,19 @@ def served_views(params: Params) -> int:
 
 def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return export.run(params.export, params.compress.unstructured_sparsity(),
-                      params.path("finetune") / finetune.CHECKPOINT_FILE, validated_dataset(params), out,
+                      params.path("finetune") / finetune.CHECKPOINT_FILE, labelled_dataset(params), out,
                       features_dir=params.path("features"),
                       channel_pruning=params.compress.channel_pruning(seed=params.finetune.seed))
 
 
 def _compress(params: Params, ctx: StageContext, out: Path) -> StageResult:
-    return compress.run(params.compress, params.path("export"), validated_dataset(params), out)
+    return compress.run(params.compress, params.path("export"), labelled_dataset(params), out)
 
 
 def _evaluate(params: Params, ctx: StageContext, out: Path) -> StageResult:
     result = evaluate.run(params.evaluate, params.path("compress") / compress.SHIPPED_FILE,
-                          validated_dataset(params), out)
-    write_json(out / METRICS_FILE, result.metrics)  # DVC metrics, beside the plots
+                          labelled_dataset(params), out)
+    write_json(out / METRICS_FILE, evaluate.metrics_document(result.metrics))  # DVC metrics, beside the plots
     return result
 
 
@@ -153,7 +160,7 @@ def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
 def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
     registered = StageResult.load(params.path("register"))
     return promote.run(params.promote, registered.info["model_name"], registered.info["version"],
-                       validated_dataset(params), out)
+                       labelled_dataset(params), out)
 
 
 def _version_exists(result: StageResult) -> bool:
@@ -162,6 +169,7 @@ def _version_exists(result: StageResult) -> bool:
     return version_exists(result.info["model_name"], result.info["version"])
 
 
+ADAPT_KEY = "finetune.adapt.target_domain"
 # compress keys of the INT8 recipe (its calibration views are export's: see `served_views`)
 INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe) if key.name != "calibration_views"))
 
@@ -171,7 +179,9 @@ STAGES: tuple[Stage, ...] = (
           tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
     Stage("features", "components.features.extract", _features, ("features", "select.candidates", "select.backbone"),
           ("dataset", "validate/manifest.csv"), "features"),
-    Stage("select", "components.features.select", _select, ("select",), ("features", "validate/manifest.csv"), "select",
+    # `finetune.adapt.target_domain` hides the target's train/val labels from every stage from here on.
+    Stage("select", "components.features.select", _select, ("select", ADAPT_KEY), ("features", "validate/manifest.csv"),
+          "select",
           (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
            Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
                                                                "template": "bar_horizontal"}))),
@@ -184,9 +194,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", "components.packaging.export", _export,
           ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
            "compress.recovery_epochs", "compress.recovery_lr", "compress.recovery_batch_size",
-           "compress.recovery_patience", "finetune.seed"),
+           "compress.recovery_patience", "finetune.seed", ADAPT_KEY),
           ("finetune", "features", "dataset", "validate/manifest.csv"), "export"),
-    Stage("compress", "components.packaging.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
+    Stage("compress", "components.packaging.compress", _compress, ("compress", ADAPT_KEY),
+          ("export", "dataset", "validate/manifest.csv"),
           "compress"),
     Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
           (f"compress/{compress.SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",

@@ -187,6 +187,8 @@ class Trained:
     best: dict[str, float]
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    # Pictures the strategy can draw once it knows where: file name -> a function writing it to the path given.
+    plots: dict[str, Callable[[Path], Path]] = field(default_factory=dict)
 
 
 def class_weight_vector(labels: Sequence[int], n_classes: int, mode: str) -> torch.Tensor:
