@@ -30,6 +30,7 @@ class LoopConfig:
     patience: int
     seed: int
     ema: float = 0.0  # per-step decay of an exponential moving average of the weights; 0 = off
+    keep: Literal["best", "last"] = "best"  # the epoch returned: best val accuracy, or the last one trained
 
 
 class ReferenceConfig(StageConfig):
@@ -94,8 +95,9 @@ class AdaptConfig(StageConfig):
     target_domain: str | None = Field(None, min_length=1)
     method: Literal["none", "coral", "dann"] = "dann"  # none = source only; coral = correlation alignment; dann = GRL
     weight: float = Field(1.0, ge=0)  # the alignment loss's weight beside the source cross-entropy
-    # DANN: the gradient reversal's coefficient warms up from 0 to 1 over about this many steps (tllib's max_iters)
-    grl_warmup_steps: int = Field(1000, ge=1)
+    # DANN: the gradient reversal's coefficient warms up as 2 / (1 + exp(-step / w)) - 1 (tllib's schedule, its
+    # max_iters = w), with w this many epochs' steps: 0.46 after them, 0.91 after three times as many
+    grl_warmup_epochs: float = Field(2.0, gt=0)
     discriminator_width: int = Field(256, ge=1)  # DANN: hidden units of the domain discriminator's two layers
     # linear: the trainable head on cached features (a bottleneck, then the classifier)
     bottleneck: int = Field(256, ge=2)
@@ -103,12 +105,16 @@ class AdaptConfig(StageConfig):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-3, ge=0)
     batch_size: int = Field(64, ge=4)
-    patience: int = Field(10, ge=1)  # epochs without a better source val accuracy before early stopping
     dropout: float = Field(0.2, ge=0, lt=1)
+    # Which epoch is kept, chosen without target labels: `last` (the usual DA practice: source val accuracy falls as
+    # the features align, so choosing on it undoes the adaptation) or `best_source_val` (with early stopping).
+    keep: Literal["last", "best_source_val"] = "last"
+    patience: int = Field(10, ge=1)  # keep=best_source_val: epochs without a better source val accuracy before stopping
 
     def loop(self, seed: int) -> LoopConfig:
+        last = self.keep == "last"
         return LoopConfig(self.epochs, self.lr, 1.0, self.weight_decay, min(1, self.epochs - 1), "cosine",
-                          self.patience, seed)
+                          self.epochs if last else self.patience, seed, keep="last" if last else "best")
 
 
 class PrototypesConfig(StageConfig):

@@ -118,9 +118,10 @@ def train_adapted(ctx: Context) -> Trained:
     head = BottleneckHead(x["train"].shape[1], cfg.bottleneck, n_classes, cfg.dropout)
     head.mean.copy_(torch.from_numpy(scaler.mean_).float())
     head.scale.copy_(torch.from_numpy(scaler.scale_).float())
-    model = adaptation.AdaptingModel(head, adaptation.Aligner(cfg.method, cfg.bottleneck, cfg.discriminator_width,
-                                                              cfg.grl_warmup_steps))
     t = {s: torch.from_numpy(v).float() for s, v in x.items()}
+    steps = (len(t["train"]) + cfg.batch_size - 1) // cfg.batch_size
+    model = adaptation.AdaptingModel(head, adaptation.Aligner(cfg.method, cfg.bottleneck, cfg.discriminator_width,
+                                                              max(1, round(cfg.grl_warmup_epochs * steps))))
     target_label = torch.full((cfg.batch_size,), adaptation.TARGET)
 
     def batches(epoch: int, generator: torch.Generator):  # noqa: ANN202 - (x, y) pairs
@@ -138,7 +139,6 @@ def train_adapted(ctx: Context) -> Trained:
     weight = class_weight_vector(y["train"].tolist(), n_classes, common.class_weights).to(placement.device)
     class_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=common.label_smoothing)
     resume_path, fingerprint = ctx.resume("linear-adapt", cfg)
-    steps = (len(t["train"]) + cfg.batch_size - 1) // cfg.batch_size
     result = fit(model, model.layer_groups(), batches, steps, evaluate,
                  adaptation.adaptation_loss(model, cfg.weight, class_loss), cfg.loop(common.seed), placement,
                  resume_path, fingerprint, ctx.progress, desc=f"finetune linear, adapt {cfg.method}",
