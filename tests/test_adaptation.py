@@ -213,3 +213,37 @@ def test_the_adapted_linear_head_exports_and_reports_alignment(tmp_path: Path) -
     exported = export.run(export.ExportConfig(parity_images=4), 0.0, result.artifacts["checkpoint"], view,
                           tmp_path / "export", features_dir=tmp_path / "features")
     assert exported.metrics["parity_max_diff_fp32"] < 1e-4 and exported.metrics["train_serve_max_diff"] < 1e-3
+
+
+def test_partial_adapts_on_cached_target_activations(tmp_path: Path) -> None:
+    from components.data.config import IngestConfig
+    from components.data.ingest import run as ingest_run
+    from components.features import extract as features
+    from components.features.config import FeaturesConfig
+    from components.training.config import FinetuneConfig
+    from components.training.finetune import run
+
+    ingest_run(IngestConfig(limit=60, seed=7), tmp_path / "data")
+    dataset = read_manifest(tmp_path / "data" / "manifest.csv")
+    features.run(FeaturesConfig(image_size=64, taps=("pooled",)), ("efficientnet_lite0",), dataset, tmp_path / "cache",
+                 tmp_path / "features")
+    view = labelled_view(dataset, "mono")
+    cfg = FinetuneConfig.model_validate({"strategy": "partial",
+                                         "partial": {"epochs": 2, "batch_size": 8, "views": 2, "blocks": 1},
+                                         "adapt": {"target_domain": "mono", "method": "dann"}})
+    result = run(cfg, "efficientnet_lite0", tmp_path / "features", view, tmp_path / "data" / "manifest.csv",
+                 tmp_path / "finetune", tmp_path / "cache", tmp_path / "state")
+    report = json.loads(result.artifacts["report"].read_text())
+    assert result.info["adapt"] == "dann to mono"
+    assert {"domain_accuracy_before", "domain_accuracy_after"} <= set(report["info"]["adaptation"])
+    assert all("val_coral_distance" in h for h in json.loads(result.artifacts["history"].read_text()))
+    assert result.artifacts["adaptation"].exists()
+    # The target's unlabelled images were cached with their views, like the train split's.
+    store = next((tmp_path / "cache" / "efficientnet_lite0").glob("partial-*"))
+    assert all((store / s[:2] / f"{s}.1.npy").exists() for s in view.split(UNLABELLED)["sha256"])
+    # The trained tail exports like any partial model.
+    from components.packaging import export
+
+    exported = export.run(export.ExportConfig(parity_images=4, tta_views=2), 0.0, result.artifacts["checkpoint"], view,
+                          tmp_path / "export", features_dir=tmp_path / "features")
+    assert exported.metrics["parity_max_diff_fp32"] < 1e-4

@@ -21,6 +21,7 @@ the domains are indistinguishable; 1.0 and 2: fully separable.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.autograd import Function
+
+log = logging.getLogger(__name__)
 
 # Features -> (source, target) alignment loss, for a batch whose first `n_source` rows are source images.
 AlignmentLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -144,6 +147,26 @@ def domain_separability(source_train: np.ndarray, target_train: np.ndarray, sour
             for part, label in ((source_test, 1.0), (target_test, 0.0))]
     accuracy = float(np.mean(hits))  # balanced: each domain counts half
     return {"domain_accuracy": accuracy, "proxy_a_distance": 2.0 * (1.0 - 2.0 * (1.0 - accuracy))}
+
+
+def alignment_report(target_domain: str, method: str, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
+                     source_val_accuracy: float, seed: int) -> dict[str, object]:
+    """What DA users look at, measured without any label: can a fresh domain classifier still tell the domains
+    apart on the features the classifier read before and after adaptation (fitted on the train images of each
+    domain, scored on their held-out val images). `before`/`after` map train, val, unlabelled, unlabelled_val
+    to features."""
+    splits = ("train", "unlabelled", "val", "unlabelled_val")
+    was = domain_separability(*(before[s] for s in splits), seed=seed)
+    now = domain_separability(*(after[s] for s in splits), seed=seed)
+    report = {"target_domain": target_domain, "method": method, "n_source_train": int(len(before["train"])),
+              "n_target_unlabelled": int(len(before["unlabelled"])),
+              "domain_accuracy_before": was["domain_accuracy"], "domain_accuracy_after": now["domain_accuracy"],
+              "proxy_a_distance_before": was["proxy_a_distance"], "proxy_a_distance_after": now["proxy_a_distance"],
+              "source_val_accuracy": source_val_accuracy}
+    log.info("adapt %s to %r: domain classifier accuracy %.3f -> %.3f on held-out images, source val accuracy %.4f",
+             method, target_domain, report["domain_accuracy_before"], report["domain_accuracy_after"],
+             source_val_accuracy)
+    return report
 
 
 TARGET = -1  # the label a batch carries for its target rows: they have none

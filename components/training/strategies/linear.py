@@ -149,7 +149,8 @@ def train_adapted(ctx: Context) -> Trained:
         adapted = {s: head.features(t[s]).numpy() for s in splits}
     standardised = {s: scaler.transform(x[s]) for s in splits}
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
-    report = adaptation_report(ctx, standardised, adapted, best["val_accuracy"])
+    report = adaptation.alignment_report(cfg.target_domain, cfg.method, standardised, adapted, best["val_accuracy"],
+                                         common.seed)
     info = {"taps": list(ctx.cfg.linear.taps), "head": head.spec(), "n_features": int(x["train"].shape[1]),
             "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "adaptation": report}
     plot = partial(adaptation.plot_alignment, (standardised["val"], standardised[UNLABELLED_VAL]),
@@ -157,24 +158,6 @@ def train_adapted(ctx: Context) -> Trained:
                    f"{ctx.entry.name} linear, adapt {cfg.method} to {cfg.target_domain!r}")
     return Trained(None, head.eval(), result.history, best, time.perf_counter() - began, info,
                    plots={"adaptation.png": plot})
-
-
-def adaptation_report(ctx: Context, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
-                      source_val_accuracy: float) -> dict[str, object]:
-    """What DA users look at, measured without any label: can a fresh domain classifier still tell the domains
-    apart, on the features the head read before and after adaptation (fitted on train, scored on held-out val)."""
-    seed = ctx.cfg.seed
-    was = adaptation.domain_separability(before["train"], before[UNLABELLED], before["val"], before[UNLABELLED_VAL], seed)
-    now = adaptation.domain_separability(after["train"], after[UNLABELLED], after["val"], after[UNLABELLED_VAL], seed)
-    report = {"target_domain": ctx.cfg.adapt.target_domain, "method": ctx.cfg.adapt.method,
-              "n_source_train": int(len(before["train"])), "n_target_unlabelled": int(len(before[UNLABELLED])),
-              "domain_accuracy_before": was["domain_accuracy"], "domain_accuracy_after": now["domain_accuracy"],
-              "proxy_a_distance_before": was["proxy_a_distance"], "proxy_a_distance_after": now["proxy_a_distance"],
-              "source_val_accuracy": source_val_accuracy}
-    log.info("adapt %s to %r: domain classifier accuracy %.3f -> %.3f on held-out images, source val accuracy %.4f",
-             report["method"], report["target_domain"], report["domain_accuracy_before"],
-             report["domain_accuracy_after"], source_val_accuracy)
-    return report
 
 
 def train(ctx: Context) -> Trained:
