@@ -52,6 +52,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     tune.add_argument("--trials", type=int, help="stop after N trials (default tune.trials)")
     tune.add_argument("--minutes", type=float, help="stop after M minutes (default tune.minutes)")
+    fewshot = sub.add_parser("fewshot", help="episodic few-shot evaluation on cached features (params `fewshot`)")
+    fewshot.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    fewshot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    fewshot.add_argument("--shots", help="support images per class, e.g. 1,5,10,20 (default fewshot.shots)")
+    fewshot.add_argument("--episodes", type=int, help="episodes per K (default fewshot.episodes)")
+    add_class = sub.add_parser("add-class", help="add a class to a prototypes model from a few images; register it")
+    add_class.add_argument("name", help="the new class's label")
+    add_class.add_argument("--images", required=True, type=Path, help="folder of images of the new class (1 or more)")
+    add_class.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or an ONNX file "
+                                           "(default: the champion, models:/<register.model_name>@<promote.alias>)")
+    add_class.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    add_class.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declaration (tlops/stages.py)")
     dvc_yaml.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     return parser.parse_args(argv)
@@ -210,6 +222,40 @@ def tune_hyperparameters(args: argparse.Namespace) -> None:
         "  reproduce with:", f"    {s['tlops_run']}", f"    {s['dvc_exp_run']}"]))
 
 
+def fewshot_evaluation(args: argparse.Namespace) -> None:
+    from tlops import tracking
+    from tlops.config import load_params
+    from tlops.transfer import run_fewshot
+
+    flags = [f"fewshot.shots=[{args.shots}]"] if args.shots else []
+    flags += [f"fewshot.episodes={args.episodes}"] if args.episodes is not None else []
+    params = load_params(args.params, [*args.overrides, *flags])
+    tracking.check_tracking_server()
+    s = run_fewshot(params)
+    import json as _json
+
+    report = _json.loads((Path(s["out_dir"]) / "fewshot.json").read_text())
+    lines = ["", f"tlops fewshot: {s['n_way']}-way, {s['episodes']} episodes per K, {s['n_test']} test images "
+                 f"({s['backbone']} {s['tap']})", "  K     prototypes          linear probe"]
+    lines += [f"  {k:<5} {r['prototypes']['mean']:.4f} ± {r['prototypes']['ci95']:.4f}   "
+              f"{r['linear']['mean']:.4f} ± {r['linear']['ci95']:.4f}" for k, r in report.items()]
+    lines += [f"  report  {s['out_dir']}/fewshot.json  (plot fewshot.png)", f"  MLflow run  {s['run_id']}"]
+    print("\n".join(lines))
+
+
+def add_new_class(args: argparse.Namespace) -> None:
+    from tlops import tracking
+    from tlops.config import load_params
+    from tlops.transfer import run_add_class
+
+    params = load_params(args.params, args.overrides)
+    tracking.check_tracking_server()
+    s = run_add_class(params, args.name, args.images, args.model)
+    print("\n".join(["", f"tlops add-class {args.name!r}: labels {s['labels']}", f"  from      {s['parent']}",
+                     f"  model     {s['model']}  ({100 * s['predicted_as_new']:.0f}% of its images predicted as it)",
+                     f"  registered {s['model_uri']}", f"  promotion {s['promotion']}"]))
+
+
 def configure_logging() -> None:
     """Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
     one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO."""
@@ -252,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
             check_drift(args)
         elif args.command == "tune":
             tune_hyperparameters(args)
+        elif args.command == "fewshot":
+            fewshot_evaluation(args)
+        elif args.command == "add-class":
+            add_new_class(args)
         elif args.command == "dvc-yaml":
             return write_dvc_yaml(args)
         else:
