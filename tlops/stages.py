@@ -228,8 +228,11 @@ def stage_params(params: Params, stage: Stage) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     raw = params.to_dict()
     for name in stage.params:
-        block, _, key = name.partition(".")
-        values = {key: raw[block][key]} if key else raw[block]
+        block, *keys = name.split(".")  # a block, a key of it, or a key of a nested block (finetune.adapt.x)
+        value = raw[block]
+        for key in keys:
+            value = value[key]
+        values = {".".join(keys): value} if keys else value
         flat.update({f"{block}.{k}": v for k, v in values.items()})
     return flat
 

@@ -99,6 +99,9 @@ class AdaptConfig(StageConfig):
     # max_iters = w), with w this many epochs' steps: 0.46 after them, 0.91 after three times as many
     grl_warmup_epochs: float = Field(2.0, gt=0)
     discriminator_width: int = Field(256, ge=1)  # DANN: hidden units of the domain discriminator's two layers
+    # linear: standardise each domain's features with its own statistics (target: its unlabelled train images;
+    # the exported model, the target's, then uses those) or every image with the source's
+    normalise: Literal["per_domain", "source"] = "per_domain"
     # linear: the trainable head on cached features (a bottleneck, then the classifier)
     bottleneck: int = Field(256, ge=2)
     epochs: int = Field(30, ge=1)

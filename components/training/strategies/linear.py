@@ -112,13 +112,17 @@ def train_adapted(ctx: Context) -> Trained:
     splits = ("train", "val", UNLABELLED, UNLABELLED_VAL)
     x = {s: tap_features(ctx, s, ctx.cfg.linear.taps) for s in splits}
     y = {s: torch.as_tensor(ctx.dataset.label_index(ctx.dataset.split(s))) for s in ("train", "val")}
-    scaler = standardiser(x["train"])  # source train statistics, whatever the method: like for like
+    # Each domain standardised with its own statistics (the target's from its unlabelled images), or all with the
+    # source's. The head trains on standardised features; the exported head standardises with the target's
+    # statistics (per_domain: the model is the target domain's) or the source's.
+    scalers = {"source": standardiser(x["train"])}
+    scalers["target"] = standardiser(x[UNLABELLED]) if cfg.normalise == "per_domain" else scalers["source"]
+    standardised = {s: scalers["target" if s in (UNLABELLED, UNLABELLED_VAL) else "source"].transform(x[s])
+                    for s in splits}
     n_classes = len(ctx.dataset.labels)
     torch.manual_seed(common.seed)
     head = BottleneckHead(x["train"].shape[1], cfg.bottleneck, n_classes, cfg.dropout)
-    head.mean.copy_(torch.from_numpy(scaler.mean_).float())
-    head.scale.copy_(torch.from_numpy(scaler.scale_).float())
-    t = {s: torch.from_numpy(v).float() for s, v in x.items()}
+    t = {s: torch.from_numpy(v).float() for s, v in standardised.items()}
     steps = (len(t["train"]) + cfg.batch_size - 1) // cfg.batch_size
     model = adaptation.AdaptingModel(head, adaptation.Aligner(cfg.method, cfg.bottleneck, cfg.discriminator_width,
                                                               max(1, round(cfg.grl_warmup_epochs * steps))))
@@ -147,13 +151,16 @@ def train_adapted(ctx: Context) -> Trained:
     model.cpu().eval()
     with torch.no_grad():
         adapted = {s: head.features(t[s]).numpy() for s in splits}
-    standardised = {s: scaler.transform(x[s]) for s in splits}
+    head.mean.copy_(torch.from_numpy(scalers["target"].mean_).float())  # the served head standardises raw features
+    head.scale.copy_(torch.from_numpy(scalers["target"].scale_).float())
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
-    report = adaptation.alignment_report(cfg.target_domain, cfg.method, standardised, adapted, best["val_accuracy"],
+    before = {s: scalers["source"].transform(x[s]) for s in splits}  # what a source-only probe reads
+    report = adaptation.alignment_report(cfg.target_domain, cfg.method, before, adapted, best["val_accuracy"],
                                          common.seed)
     info = {"taps": list(ctx.cfg.linear.taps), "head": head.spec(), "n_features": int(x["train"].shape[1]),
+            "normalise": cfg.normalise,
             "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "adaptation": report}
-    plot = partial(adaptation.plot_alignment, (standardised["val"], standardised[UNLABELLED_VAL]),
+    plot = partial(adaptation.plot_alignment, (before["val"], before[UNLABELLED_VAL]),
                    (adapted["val"], adapted[UNLABELLED_VAL]), report,
                    f"{ctx.entry.name} linear, adapt {cfg.method} to {cfg.target_domain!r}")
     return Trained(None, head.eval(), result.history, best, time.perf_counter() - began, info,
