@@ -44,3 +44,19 @@ def test_more_shots_than_the_train_split_has_is_one_clear_line(cached, tmp_path:
     root, dataset, features = cached
     with pytest.raises(UserError, match=r"fewshot.shots \[1, 5\]: the train split has fewer than 5 images"):
         run(FewshotConfig(shots=(1, 5), episodes=2), "efficientnet_lite0", dataset, features, tmp_path / "c")
+
+
+def test_episodes_are_a_function_of_the_seed() -> None:
+    from components.evaluation.fewshot import episode_accuracies
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    train = rng.normal(size=(200, 16)) + labels[:, None] * 0.3  # overlapping classes: episodes differ
+    test_labels = np.repeat(np.arange(4), 25)
+    test = rng.normal(size=(100, 16)) + test_labels[:, None] * 0.3
+    args = (train, labels, test, test_labels, 4, 5, 8)
+    first, again, other = (episode_accuracies(*args, seed, 1.0) for seed in (0, 0, 1))
+    for method in ("prototypes", "linear"):
+        np.testing.assert_array_equal(first[method], again[method])
+        assert not np.array_equal(first[method], other[method])
+        assert len(set(first[method].tolist())) > 1  # the episodes really drew different support sets
