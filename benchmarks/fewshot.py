@@ -86,7 +86,7 @@ def main() -> None:
         result = fewshot.run(cfg, BACKBONE, dataset, features, RESULTS / f"out-{name}")
         report = json.loads((RESULTS / f"out-{name}" / fewshot.REPORT_FILE).read_text())
         summary["datasets"][name] = {"report": report, **result.info}
-        for k, row in report.items():
+        for k, row in sorted(report.items(), key=lambda item: int(item[0])):
             lines.append(f"| {name} | {result.info['n_way']} | {result.info['n_test']} | {k} "
                          f"| {row['prototypes']['mean']:.3f} ± {row['prototypes']['ci95']:.3f} "
                          f"| {row['linear']['mean']:.3f} ± {row['linear']['ci95']:.3f} |")

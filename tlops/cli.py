@@ -238,7 +238,8 @@ def fewshot_evaluation(args: argparse.Namespace) -> None:
     lines = ["", f"tlops fewshot: {s['n_way']}-way, {s['episodes']} episodes per K, {s['n_test']} test images "
                  f"({s['backbone']} {s['tap']})", "  K     prototypes          linear probe"]
     lines += [f"  {k:<5} {r['prototypes']['mean']:.4f} ± {r['prototypes']['ci95']:.4f}   "
-              f"{r['linear']['mean']:.4f} ± {r['linear']['ci95']:.4f}" for k, r in report.items()]
+              f"{r['linear']['mean']:.4f} ± {r['linear']['ci95']:.4f}"
+              for k, r in sorted(report.items(), key=lambda item: int(item[0]))]
     lines += [f"  report  {s['out_dir']}/fewshot.json  (plot fewshot.png)", f"  MLflow run  {s['run_id']}"]
     print("\n".join(lines))
 

@@ -201,7 +201,7 @@ STAGES: tuple[Stage, ...] = (
           "compress"),
     Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
           (f"compress/{compress.SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
-          (Output("confusion_matrix.png"), Output("reliability.png"), Output(RESULT_FILE),
+          (Output("confusion_matrix.png"), Output("reliability.png"), Output("by_domain.png"), Output(RESULT_FILE),
            Output(METRICS_FILE, "metrics"),
            Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
                                                                   "y": "predicted"}))),
