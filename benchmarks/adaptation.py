@@ -225,6 +225,8 @@ def main() -> None:
         for method in args.methods:
             if method == "probe_per_domain":  # deterministic: one row
                 rows.append(probe_per_domain(load_params(Path("params.yaml"), args.overrides), target, work))
+                (work / f"{args.name}.json").write_text(json.dumps({"cpu": cpu_description(), "rows": rows,
+                                                                     "table": summary(rows)}, indent=2))
                 continue
             for variant in variants if method in ("coral", "dann") else [[]]:
                 params = load_params(Path("params.yaml"), [*args.overrides, *variant])
