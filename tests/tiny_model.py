@@ -45,6 +45,7 @@ def make_dataset(root: Path) -> Dataset:
                 "height": 40,
                 "mode": "L",
                 "cell_type": "mono" if i % 4 < 2 else "poly",
+                "domain": "mono" if i % 4 < 2 else "poly",
             }
         )
     return read_manifest(write_manifest(pd.DataFrame(rows), root / "manifest.csv"))

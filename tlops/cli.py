@@ -29,6 +29,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 FLAG_KEYS = {
     "serve": {"model": "serve.model_uri", "host": "serve.host", "port": "serve.port"},
     "tune": {"trials": "tune.trials", "minutes": "tune.minutes"},
+    "fewshot": {"episodes": "fewshot.episodes"},
 }
 
 
@@ -66,6 +67,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     tune.add_argument("--trials", type=int, help="stop after N trials (default tune.trials)")
     tune.add_argument("--minutes", type=float, help="stop after M minutes (default tune.minutes)")
+    fewshot = sub.add_parser("fewshot", help="episodic few-shot evaluation on cached features (params `fewshot`)")
+    fewshot.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    fewshot.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    fewshot.add_argument("--shots", help="support images per class, e.g. 1,5,10,20 (default fewshot.shots)")
+    fewshot.add_argument("--episodes", type=int, help="episodes per K (default fewshot.episodes)")
+    add_class = sub.add_parser("add-class", help="add a class to a prototypes model from a few images; register it")
+    add_class.add_argument("name", help="the new class's label")
+    add_class.add_argument("--images", required=True, type=Path, help="folder of images of the new class (1 or more)")
+    add_class.add_argument("--model", help="models:/<name>@<alias>, models:/<name>/<version> or an ONNX file "
+                                           "(default: the champion, models:/<register.model_name>@<promote.alias>)")
+    add_class.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
+    add_class.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     dvc_yaml = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declaration (tlops/stages.py)")
     dvc_yaml.add_argument("--check", action="store_true", help="only check that dvc.yaml is current (exit 1 if not)")
     return parser.parse_args(argv)
@@ -290,6 +303,33 @@ def tune_hyperparameters(params: Params) -> None:
         "  reproduce with:", f"    {s['tlops_run']}", f"    {s['dvc_exp_run']}"]))
 
 
+def fewshot_evaluation(params: Params) -> None:
+    from tlops import tracking
+    from tlops.transfer import run_fewshot
+
+    tracking.check_tracking_server()
+    s = run_fewshot(params)
+    report = json.loads((Path(s["out_dir"]) / "fewshot.json").read_text())
+    lines = ["", f"tlops fewshot: {s['n_way']}-way, {s['episodes']} episodes per K, {s['n_test']} test images "
+                 f"({s['backbone']} {s['tap']})", "  K     prototypes          linear probe"]
+    lines += [f"  {k:<5} {r['prototypes']['mean']:.4f} ± {r['prototypes']['ci95']:.4f}   "
+              f"{r['linear']['mean']:.4f} ± {r['linear']['ci95']:.4f}"
+              for k, r in sorted(report.items(), key=lambda item: int(item[0]))]
+    lines += [f"  report  {s['out_dir']}/fewshot.json  (plot fewshot.png)", f"  MLflow run  {s['run_id']}"]
+    print("\n".join(lines))
+
+
+def add_new_class(args: argparse.Namespace, params: Params) -> None:
+    from tlops import tracking
+    from tlops.transfer import run_add_class
+
+    tracking.check_tracking_server()
+    s = run_add_class(params, args.name, args.images, args.model)
+    print("\n".join(["", f"tlops add-class {args.name!r}: labels {s['labels']}", f"  from      {s['parent']}",
+                     f"  model     {s['model']}  ({100 * s['predicted_as_new']:.0f}% of its images predicted as it)",
+                     f"  registered {s['model_uri']}", f"  promotion {s['promotion']}"]))
+
+
 def configure_logging() -> None:
     """Libraries speak at WARNING (GX logs hundreds of INFO lines on import, ONNX Runtime's quantizer
     one per rescaled weight, httpx one per Prefect API call); the pipeline's own modules at INFO."""
@@ -305,6 +345,8 @@ def command_overrides(args: argparse.Namespace) -> list[str]:
     given = [f"{key}={value}" for key, value in flags.items() if value is not None]
     if args.command == "tune" and len(given) == 1:  # a budget given on the command line replaces the file's
         given.append(f"tune.{'minutes' if args.trials is not None else 'trials'}=null")
+    if args.command == "fewshot" and args.shots:
+        given.append(f"fewshot.shots=[{args.shots}]")
     return [*args.overrides, *given]
 
 
@@ -341,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             check_drift(args)
         elif args.command == "tune":
             tune_hyperparameters(params)
+        elif args.command == "fewshot":
+            fewshot_evaluation(params)
+        elif args.command == "add-class":
+            add_new_class(args, params)
         elif args.command == "dvc-yaml":
             return write_dvc_yaml(args)
         else:

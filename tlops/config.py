@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from components.core.config import StageConfig
 from components.core.errors import UserError
 from components.data.config import IngestConfig, ValidateConfig
-from components.evaluation.config import EvaluateConfig
+from components.evaluation.config import EvaluateConfig, FewshotConfig
 from components.features.config import FeaturesConfig, SelectConfig
 from components.monitoring.config import DriftConfig
 from components.packaging.config import CompressConfig, ExportConfig
@@ -53,6 +53,8 @@ class PathsConfig(StageConfig):
     promote: str = "outputs/promote"
     drift: str = "outputs/drift"  # appended to by `tlops drift`, never emptied
     tune: str = "outputs/tune"  # `tlops tune`: best.json, best_params.yaml, the optimisation history
+    fewshot: str = "outputs/fewshot"  # `tlops fewshot`: fewshot.json, fewshot.png
+    add_class: str = "outputs/add_class"  # `tlops add-class`: the new model.onnx, its registration and promotion
 
 
 class ScheduleConfig(StageConfig):
@@ -102,6 +104,7 @@ class Params(StageConfig):
     serve: ServeConfig = ServeConfig()
     drift: DriftConfig = DriftConfig()
     tune: TuneConfig = TuneConfig()
+    fewshot: FewshotConfig = FewshotConfig()
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> Params:
@@ -112,10 +115,14 @@ class Params(StageConfig):
 
     @model_validator(mode="after")
     def _linear_taps_cached(self) -> Params:
-        missing = [t for t in self.finetune.linear.taps if t not in self.features.taps]
-        if missing and self.finetune.strategy in ("linear", "auto"):
-            raise ValueError(f"finetune.linear.taps {list(self.finetune.linear.taps)} needs {missing}, which "
-                             f"features.taps {list(self.features.taps)} does not cache; add them there")
+        for block, used_by in (("linear", ("linear", "auto")), ("prototypes", ("prototypes",))):
+            taps = getattr(self.finetune, block).taps
+            missing = [t for t in taps if t not in self.features.taps]
+            if missing and self.finetune.strategy in used_by:
+                raise ValueError(f"finetune.{block}.taps {list(taps)} needs {missing}, which "
+                                 f"features.taps {list(self.features.taps)} does not cache; add them there")
+        if self.fewshot.tap not in self.features.taps:
+            raise ValueError(f"fewshot.tap {self.fewshot.tap!r} is not cached (features.taps {list(self.features.taps)})")
         return self
 
     @model_validator(mode="after")

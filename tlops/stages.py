@@ -87,6 +87,14 @@ def validated_dataset(params: Params) -> Dataset:
     return read_manifest(params.path("validate") / "manifest.csv", root=params.path("dataset"))
 
 
+def labelled_dataset(params: Params) -> Dataset:
+    """What every stage after features reads: with `finetune.adapt.target_domain` set, the target domain's
+    train and val labels hidden (components/data/domains.py), so no stage can use them."""
+    from components.data.domains import labelled_view
+
+    return labelled_view(validated_dataset(params), params.finetune.adapt.target_domain)
+
+
 def selected_backbone(params: Params) -> str:
     return StageResult.load(params.path("select")).info["selected"]
 
@@ -114,13 +122,13 @@ def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
 def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.features import select
 
-    return select.run(params.select, validated_dataset(params), params.path("features"), out)
+    return select.run(params.select, labelled_dataset(params), params.path("features"), out)
 
 
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.training import finetune
 
-    return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
+    return finetune.run(params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
                         int8_recipe=params.compress.planned_recipe(served_views(params)))
@@ -136,7 +144,7 @@ def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.training.finetune import CHECKPOINT_FILE
 
     return export.run(params.export, params.compress.unstructured_sparsity(),
-                      params.path("finetune") / CHECKPOINT_FILE, validated_dataset(params), out,
+                      params.path("finetune") / CHECKPOINT_FILE, labelled_dataset(params), out,
                       features_dir=params.path("features"),
                       channel_pruning=params.compress.channel_pruning(seed=params.finetune.seed))
 
@@ -144,14 +152,14 @@ def _export(params: Params, ctx: StageContext, out: Path) -> StageResult:
 def _compress(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.packaging import compress
 
-    return compress.run(params.compress, params.path("export"), validated_dataset(params), out)
+    return compress.run(params.compress, params.path("export"), labelled_dataset(params), out)
 
 
 def _evaluate(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.evaluation import evaluate
 
-    result = evaluate.run(params.evaluate, params.path("compress") / SHIPPED_FILE, validated_dataset(params), out)
-    write_json(out / METRICS_FILE, result.metrics)  # DVC metrics, beside the plots
+    result = evaluate.run(params.evaluate, params.path("compress") / SHIPPED_FILE, labelled_dataset(params), out)
+    write_json(out / METRICS_FILE, evaluate.metrics_document(result.metrics))  # DVC metrics, beside the plots
     return result
 
 
@@ -175,7 +183,7 @@ def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
     name, version = registered.info["model_name"], registered.info["version"]
     # Asked first: with nothing new (a `dvc repro` after a run) the test split is not even read.
     return (promote.already_champion(params.promote, name, version, out)
-            or promote.run(params.promote, name, version, validated_dataset(params), out))
+            or promote.run(params.promote, name, version, labelled_dataset(params), out))
 
 
 def _version_exists(result: StageResult) -> bool:
@@ -184,6 +192,7 @@ def _version_exists(result: StageResult) -> bool:
     return version_exists(result.info["model_name"], result.info["version"])
 
 
+ADAPT_KEY = "finetune.adapt.target_domain"
 # compress keys of the INT8 recipe (its calibration views are export's: see `served_views`)
 INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe) if key.name != "calibration_views"))
 
@@ -193,7 +202,9 @@ STAGES: tuple[Stage, ...] = (
           tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
     Stage("features", "components.features.extract", _features, ("features", "select.candidates", "select.backbone"),
           ("dataset", "validate/manifest.csv"), "features"),
-    Stage("select", "components.features.select", _select, ("select",), ("features", "validate/manifest.csv"), "select",
+    # `finetune.adapt.target_domain` hides the target's train/val labels from every stage from here on.
+    Stage("select", "components.features.select", _select, ("select", ADAPT_KEY), ("features", "validate/manifest.csv"),
+          "select",
           (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
            Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
                                                                "template": "bar_horizontal"}))),
@@ -206,13 +217,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", "components.packaging.export", _export,
           ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
            "compress.recovery_epochs", "compress.recovery_lr", "compress.recovery_batch_size",
-           "compress.recovery_patience", "finetune.seed"),
+           "compress.recovery_patience", "finetune.seed", ADAPT_KEY),
           ("finetune", "features", "dataset", "validate/manifest.csv"), "export"),
-    Stage("compress", "components.packaging.compress", _compress, ("compress",), ("export", "dataset", "validate/manifest.csv"),
+    Stage("compress", "components.packaging.compress", _compress, ("compress", ADAPT_KEY),
+          ("export", "dataset", "validate/manifest.csv"),
           "compress"),
     Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
           (f"compress/{SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
-          (Output("confusion_matrix.png"), Output("reliability.png"), Output(RESULT_FILE),
+          (Output("confusion_matrix.png"), Output("reliability.png"), Output("by_domain.png"), Output(RESULT_FILE),
            Output(METRICS_FILE, "metrics"),
            Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
                                                                   "y": "predicted"}))),
@@ -239,8 +251,11 @@ def stage_params(params: Params, stage: Stage) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     raw = params.to_dict()
     for name in stage.params:
-        block, _, key = name.partition(".")
-        values = {key: raw[block][key]} if key else raw[block]
+        block, *keys = name.split(".")  # a block, a key of it, or a key of a nested block (finetune.adapt.x)
+        value = raw[block]
+        for key in keys:
+            value = value[key]
+        values = {".".join(keys): value} if keys else value
         flat.update({f"{block}.{k}": v for k, v in values.items()})
     return flat
 

@@ -127,7 +127,7 @@ def command_lines(overrides: list[str]) -> tuple[str, str]:
 def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
     """Prerequisites, then the study with every trial in MLflow; returns what `tlops tune` prints."""
     from tlops.run_state import RunLock
-    from tlops.stages import selected_backbone, served_views, validated_dataset
+    from tlops.stages import labelled_dataset, selected_backbone, served_views
 
     cfg = params.tune
     out_dir = params.path("tune")
@@ -140,7 +140,7 @@ def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
             parent_id = parent.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in tracking.flat("tune", cfg.model_dump(mode="json")).items()})
             result = tuning.tune(
-                cfg, params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
+                cfg, params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
                 params.path("validate") / "manifest.csv", out_dir / ".trials", params.path("feature_cache"),
                 params.features.opset, params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)),
                 callbacks=[lambda study, trial: log_trial(parent_id, study, trial)])

@@ -23,6 +23,9 @@ class IngestConfig(StageConfig):
     seed: int = 42
     limit: int | None = Field(default=None, ge=1)
     allow_outside_root: bool = False  # read CSV rows / ImageFolder symlinks that resolve outside the source
+    # The domain (production line, camera, site) of every ImageFolder image, and of CSV rows without a `domain`
+    # of their own; ELPV's domain is its cell type. None: no domain (evaluate then reports no per-domain figures).
+    domain: str | None = Field(default=None, min_length=1)
 
     # A key that does not apply to the chosen source is refused rather than ignored: `--set ingest.path=...`
     # left at `source: elpv` would otherwise train on ELPV while the user believes it read their folder.

@@ -156,6 +156,7 @@ def elpv_rows(label_mode: str) -> tuple[Path, pd.DataFrame]:
     # Probabilities are written as 0.333..., so match them to the nearest known level.
     levels = list(mapping)
     frame["label"] = [mapping[min(levels, key=lambda v: abs(v - p))] for p in frame["defect_probability"]]
+    frame["domain"] = frame["cell_type"]  # monocrystalline and polycrystalline cells look different: a real shift
     return root, frame
 
 
@@ -363,8 +364,19 @@ def source_rows(cfg: IngestConfig) -> tuple[Path, pd.DataFrame]:
     if cfg.path is None:  # IngestConfig refuses this; kept for configs built with model_construct
         raise IngestError(f"ingest.source={cfg.source} needs ingest.path (the folder or CSV to read).")
     if cfg.source == "imagefolder":
-        return imagefolder_rows(Path(cfg.path), cfg.allow_outside_root)
-    return csv_rows(Path(cfg.path), cfg.allow_outside_root)
+        root, frame = imagefolder_rows(Path(cfg.path), cfg.allow_outside_root)
+    else:
+        root, frame = csv_rows(Path(cfg.path), cfg.allow_outside_root)
+    return root, with_domain(frame, cfg.domain)
+
+
+def with_domain(frame: pd.DataFrame, domain: str | None) -> pd.DataFrame:
+    """`ingest.domain` for the rows that do not name their own (a CSV may have a `domain` column)."""
+    if domain is None:
+        return frame
+    if "domain" not in frame.columns:
+        return frame.assign(domain=domain)
+    return frame.assign(domain=frame["domain"].fillna(domain))
 
 
 def source_fingerprint(cfg: IngestConfig) -> str:

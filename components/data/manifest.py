@@ -22,7 +22,7 @@ from components.core.errors import UserError
 
 REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
 # Read as text whatever they look like: a label `1.0` or `007` is not a number.
-TEXT_COLUMNS = ("path", "label", "split", "sha256", "mode", "source_path", "source_sha256", "source_mode")
+TEXT_COLUMNS = ("path", "label", "split", "sha256", "mode", "source_path", "source_sha256", "source_mode", "domain")
 SPLITS = ("train", "val", "test")
 
 

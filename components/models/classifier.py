@@ -68,6 +68,25 @@ class ViewAverage(nn.Module):
         return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
 
 
+class WithEmbedding(nn.Module):
+    """A classifier whose head has an `embedding` (prototypes), answering (logits, embedding): the exported graph's
+    second output is what `tlops add-class` builds a new prototype from, with the model's own trunk."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.model.trunk(images)
+        features = pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+        return self.model.head(features), self.model.head.embedding(features)
+
+
+def output_names(model: nn.Module) -> tuple[str, ...]:
+    """The named outputs of an exported model: logits first, always (every consumer reads output 0)."""
+    return ("logits", "embedding") if isinstance(model, WithEmbedding) else ("logits",)
+
+
 def save_checkpoint(path: Path, head: nn.Module, trunk_state: dict | None, **description: Any) -> Path:
     """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy."""
     required = {"backbone", "taps", "labels", "preprocessing", "config", "data", "strategy"}

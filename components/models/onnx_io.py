@@ -82,15 +82,18 @@ def predict_logits(
     return np.concatenate(batches).astype(np.float32)
 
 
-def predict_frame(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch_size: int = 32) -> np.ndarray:
+def predict_frame(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch_size: int = 32,
+                  superset: bool = False) -> np.ndarray:
     """Logits of the model at `model_path` for the rows of `frame`, columns in the dataset's label order.
 
     Labels and preprocessing come from the model's own metadata; a model whose labels differ
-    from the dataset's is refused, since its class indices would mean something else.
+    from the dataset's is refused, since its class indices would mean something else. With
+    `superset`, a model whose labels are the dataset's followed by more (`tlops add-class`) is scored too:
+    its columns are then the model's labels, in its order.
     """
     metadata = read_metadata(model_path)
     labels = model_labels(model_path, metadata)
-    if labels != dataset.labels:
+    if labels != dataset.labels and not (superset and labels[: len(dataset.labels)] == dataset.labels):
         raise LabelMismatchError(
             f"{model_path}: the model's labels {list(labels)} differ from the dataset's {list(dataset.labels)} "
             f"(dataset root {dataset.root.name}); score it on the dataset it was trained for, or retrain."

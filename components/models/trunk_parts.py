@@ -60,8 +60,15 @@ class TrainedTail(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = head
 
+    def features(self, activation: torch.Tensor) -> torch.Tensor:
+        """The pooled features the head reads (and domain adaptation aligns)."""
+        return self.top(self.blocks(activation)).flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(features))
+
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.top(self.blocks(activation)).flatten(1)))
+        return self.classify(self.features(activation))
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Each unfrozen block, the top, the head: earliest first."""

@@ -75,7 +75,9 @@ class Quantizer:
         self.images = int8.calibration_images(dataset, cfg.calibration_images, model_preprocessing(source, self.metadata))
         self.prepared = scratch / "prepared.onnx"
         int8.prepare(source, self.prepared, scratch)
-        self.shape_nodes = int8.shape_arithmetic_nodes(onnx.load(str(self.prepared), load_external_data=False).graph)
+        graph = onnx.load(str(self.prepared), load_external_data=False).graph
+        self.shape_nodes = int8.shape_arithmetic_nodes(graph)
+        self.head_nodes = prototype_head_nodes(graph, self.metadata)
         self.cache = scratch / "calibration.json"
 
     def recipe(self, excluded: Sequence[str]) -> str:
@@ -84,13 +86,21 @@ class Quantizer:
 
     def quantize(self, target: Path, excluded: Sequence[str] = ()) -> Path:
         partial = target.with_name(target.stem + ".partial.onnx")  # renamed once checked: no half-written model
-        int8.quantize(self.prepared, partial, self.images, self.recipe_, excluded, self.cache)
+        int8.quantize(self.prepared, partial, self.images, self.recipe_, [*self.head_nodes, *excluded], self.cache)
         stamp_metadata(partial, self.metadata | {"quantization": self.recipe(excluded),
                                                  "fp32_nodes": ",".join(excluded)})
         onnx.checker.check_model(str(partial), full_check=True)
         os.replace(partial, target)
         log.info("quantized -> %s (%s)", target.name, self.recipe(excluded))
         return target
+
+
+def prototype_head_nodes(graph: onnx.GraphProto, metadata: dict[str, str]) -> list[str]:
+    """A prototypes head stays FP32: its cosines between unit vectors differ in the third decimal, where INT8 rounds,
+    and `tlops add-class` appends a column to its prototype matrix, which must stay a plain float initializer."""
+    if metadata.get("head") != "prototypes":
+        return []
+    return [node.name for node in graph.node if node.name.startswith("/head/") or "/head/" in node.name]
 
 
 def write_sensitivity(rows: list[dict[str, object]], out_dir: Path) -> tuple[Path, Path]:
@@ -246,7 +256,7 @@ def search_int8(
             log.info("int8: %s", search["stopped"])
             return models, accuracy, search
         rows = int8.node_sensitivity(quantizer.prepared, models["int8"], quantizer.images[: cfg.sensitivity_images],
-                                Path(scratch), quantizer.shape_nodes)
+                                Path(scratch), quantizer.shape_nodes + quantizer.head_nodes)
         search["stopped"] = f"compress.max_fp32_nodes {cfg.max_fp32_nodes} reached over budget"
         excluded: list[str] = []
         for count in exclusion_steps(min(cfg.max_fp32_nodes, len(rows))):

@@ -38,7 +38,14 @@ from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
 from components.features.cache import FEATURES_FILE, RECORD_FILE, load_features, read_record, rows_by_sha256
 from components.features.extract import stale_inputs
-from components.models.classifier import ViewAverage, build_model, checkpoint_head, load_checkpoint
+from components.models.classifier import (
+    ViewAverage,
+    WithEmbedding,
+    build_model,
+    checkpoint_head,
+    load_checkpoint,
+    output_names,
+)
 from components.models.onnx_export import export_onnx
 from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata
 from components.models.registry import get_entry
@@ -72,7 +79,8 @@ def tlops_version() -> str:
 def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float, rtol: float = 0.0) -> float:
     """Max |logit difference| between PyTorch and ONNX Runtime on `images`; raises beyond atol + rtol * max |logit|."""
     with torch.no_grad():
-        expected = model(torch.from_numpy(images)).numpy()
+        expected = model(torch.from_numpy(images))
+        expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()  # the logits
     session = open_session(onnx_path)
     actual = session.run(None, {session.get_inputs()[0].name: images})[0]
     if actual.shape != expected.shape:
@@ -106,6 +114,7 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: 
         "checkpoint_sha256": sha256_file(checkpoint_path),
         "sparsity": f"{sparsity:g}",
         "tta_views": str(tta_views),
+        "head": str((checkpoint.get("head_spec") or {"kind": "linear"})["kind"]),
         "tlops_version": tlops_version(),
     }
 
@@ -256,7 +265,9 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
                     | extra_metadata[name])
         if views > 1:
             variant = ViewAverage(variant, views).eval()
-        export_onnx(variant, path, metadata, preprocessing.input_size, cfg.opset)
+        elif hasattr(getattr(variant, "head", None), "embedding"):  # prototypes: the embedding is a second output, for add-class
+            variant = WithEmbedding(variant).eval()
+        export_onnx(variant, path, metadata, preprocessing.input_size, cfg.opset, output_names(variant))
         diff = check_parity(variant, path, images, cfg.parity_atol, cfg.pruned_parity_rtol if name == "pruned" else 0.0)
         metrics[f"parity_max_diff_{name}"] = diff
         metrics[f"size_mb_{name}"] = path.stat().st_size / 1e6

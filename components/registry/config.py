@@ -43,5 +43,8 @@ class PromoteConfig(StageConfig):
     latency_threads: int = Field(1, ge=0)
     parity_atol: float = Field(1e-3, ge=0.0)
     batch_size: int = Field(32, ge=1)
+    # A candidate that adds classes the test split has no images of (`tlops add-class`) cannot be shown better on
+    # it; it is promoted if it loses at most this much accuracy on the test split's classes (non-inferiority).
+    max_drop_new_classes: float = Field(0.01, ge=0.0, le=1.0)
 
 

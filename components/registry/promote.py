@@ -20,6 +20,15 @@ The first version ever registered becomes champion if it passes its own gates. A
 labels differ from the dataset's cannot be scored on it (its class indices mean something
 else); the candidate then wins on its own gates and the reason says so.
 
+New classes (`tlops add-class`). A candidate whose labels are the dataset's followed by new ones is
+scored on the test split like any other (an image it assigns to a new class counts as wrong), but
+the new classes have no test images, so nothing here can show it better, and it cannot be: the old
+classes' prototypes are unchanged, so a new class can only take predictions away. Such a candidate
+is therefore judged for non-inferiority, explicitly: it takes the alias when it passes its own gates
+and loses at most `max_drop_new_classes` accuracy against the champion on the same images; its
+`promote.untested_classes` tag names the classes no test image vouched for. The other way round, a
+candidate without a class the champion serves is kept out: retraining would silently drop it.
+
 The decision, both scores, the test, the latency and the reason go to the candidate's model
 version tags (`promote.*`), to `promotion.json` and to a side-by-side chart `promotion.png`.
 This is the one stage that talks to the registry itself, because moving the alias is its work.
@@ -83,6 +92,7 @@ class Scored:
     parity_max_diff: float | None = None
     finite: bool | None = None
     recall: dict[str, float] | None = None  # per class: the share of its test images called that class
+    untested_labels: list[str] = field(default_factory=list)  # labels after the dataset's: no test image has them
     correct: np.ndarray | None = field(default=None, repr=False)
 
     def record(self) -> dict[str, Any]:
@@ -135,11 +145,13 @@ def score(cfg: PromoteConfig, version: str, model_path: Path, dataset: Dataset) 
     from components.models.onnx_io import model_labels, predict_frame, read_metadata
 
     labels = list(model_labels(model_path, read_metadata(model_path)))
-    scored = Scored(version=version, labels_match=tuple(labels) == dataset.labels, labels=labels)
-    if not scored.labels_match:
+    extends = len(labels) > len(dataset.labels) and tuple(labels[: len(dataset.labels)]) == dataset.labels
+    scored = Scored(version=version, labels_match=tuple(labels) == dataset.labels, labels=labels,
+                    untested_labels=labels[len(dataset.labels):] if extends else [])
+    if not scored.labels_match and not extends:
         return scored
     test = dataset.split("test")
-    logits = predict_frame(model_path, dataset, test, cfg.batch_size)
+    logits = predict_frame(model_path, dataset, test, cfg.batch_size, superset=extends)
     actual = np.asarray(dataset.label_index(test))
     scored.correct = logits.argmax(axis=1) == actual
     scored.finite = bool(np.isfinite(logits).all())
@@ -208,7 +220,7 @@ def recall_drop(candidate: Scored, champion: Scored) -> tuple[str, float] | None
 
 def own_gates(cfg: PromoteConfig, candidate: Scored, dataset: Dataset) -> str | None:
     """Why the candidate cannot serve whatever the champion does, or None when it can."""
-    if not candidate.labels_match:
+    if not candidate.labels_match and not candidate.untested_labels:
         return f"candidate labels {candidate.labels} differ from the dataset's {list(dataset.labels)}"
     if not candidate.finite:
         return "candidate outputs non-finite logits"
@@ -229,12 +241,25 @@ def decide(cfg: PromoteConfig, candidate: Scored, champion: Scored | None, test:
             ("first", "no champion yet; the candidate passes parity and latency")
     if refused:
         return "kept", refused
-    if not champion.labels_match:
+    dropped = [label for label in champion.labels if label not in candidate.labels]
+    if champion.labels_match or champion.untested_labels:
+        if dropped:
+            return "kept", (f"the candidate lacks class(es) {dropped} that champion v{champion.version} serves; "
+                            f"add them (tlops add-class) or move @{cfg.alias} by hand to drop them")
+    else:
         return "promoted", (f"champion v{champion.version} labels {champion.labels} differ from the dataset's "
                             f"{list(dataset.labels)}, so it cannot be scored on this data; the candidate passes "
                             f"its own gates")
     assert test is not None and candidate.accuracy is not None and champion.accuracy is not None
     gain = candidate.accuracy - champion.accuracy
+    if len(candidate.labels) > len(champion.labels):  # new classes: non-inferiority, not superiority
+        added = candidate.labels[len(champion.labels):]
+        if -gain > cfg.max_drop_new_classes:
+            return "kept", (f"the candidate adds {added} but loses {-gain:.4f} accuracy on the test split's classes, "
+                            f"more than promote.max_drop_new_classes={cfg.max_drop_new_classes:g}")
+        return "promoted", (f"the candidate adds {added} (no test images: untested here) and changes accuracy on the "
+                            f"test split's classes by {gain:+.4f}, within promote.max_drop_new_classes="
+                            f"{cfg.max_drop_new_classes:g}; parity and latency pass")
     if gain <= 0 or gain < cfg.min_improvement:
         return "kept", (f"accuracy gain {gain:+.4f} does not beat the champion by "
                         f"promote.min_improvement={cfg.min_improvement:g}")
@@ -340,6 +365,7 @@ def version_tags(record: dict[str, Any]) -> dict[str, str]:
         "p95_latency_ms": candidate.get("p95_latency_ms"),
         "max_p95_latency_ms": record["config"]["max_p95_latency_ms"],
         "parity_max_diff": candidate.get("parity_max_diff"),
+        "untested_classes": json.dumps(candidate.get("untested_labels")) if candidate.get("untested_labels") else None,
         "n_test": record["n_test"],
         "test_split_sha256": record["test_split_sha256"],
         "decided_at": record["decided_at"],

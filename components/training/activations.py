@@ -30,6 +30,7 @@ from components.core.code_version import source_sha256
 from components.core.progress import Progress, no_progress
 from components.core.result import atomic_path, sha256_json, write_json
 from components.data import views
+from components.data.domains import UNLABELLED, UNLABELLED_VAL
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
 from components.data.views import dihedral
@@ -172,9 +173,13 @@ def missing_views(store: ViewStore, dataset: Dataset, wanted: dict[str, int]) ->
     return todo
 
 
-def float_views(n_views: int) -> dict[str, int]:
-    """Float activations: every view of a train image; val and test as they are."""
-    return {"train": n_views, "val": 1, "test": 1}
+VIEWED_SPLITS = ("train", UNLABELLED)  # splits trained on: every view of each image
+
+
+def float_views(n_views: int, adapting: bool = False) -> dict[str, int]:
+    """Float activations: every view of a train image; val and test as they are. Adapting to a target domain,
+    also every view of its unlabelled train images and its unlabelled val images as they are."""
+    return {"train": n_views, "val": 1, "test": 1} | ({UNLABELLED: n_views, UNLABELLED_VAL: 1} if adapting else {})
 
 
 def store_views(store: ViewStore, model_path: Path, shape: tuple[int, ...], wanted: dict[str, int], dataset: Dataset,
@@ -217,7 +222,7 @@ def store_views(store: ViewStore, model_path: Path, shape: tuple[int, ...], want
 
     return {
         split: np.stack([np.stack([load(sha, v) for v in range(n_views)]) for sha in dataset.split(split)["sha256"]])
-        if split == "train" else np.stack([load(sha, 0) for sha in dataset.split(split)["sha256"]])
+        if split in VIEWED_SPLITS else np.stack([load(sha, 0) for sha in dataset.split(split)["sha256"]])
         for split, n_views in wanted.items()
     }
 
@@ -225,13 +230,14 @@ def store_views(store: ViewStore, model_path: Path, shape: tuple[int, ...], want
 def cache_activations(entry: BackboneEntry, preprocessing: Preprocessing, trainable: int, n_views: int,
                       dataset: Dataset, cache_dir: Path, opset: int, atol: float, batch_size: int = 32,
                       num_threads: int = 0, progress: Progress = no_progress,
-                      int8_recipe: Recipe | None = None) -> dict[str, np.ndarray]:
+                      int8_recipe: Recipe | None = None, adapting: bool = False) -> dict[str, np.ndarray]:
     """Per split, float16 activations: train (N, views, C, H, W); val and test (N, C, H, W) of view 0.
 
     With `int8_recipe`, also `train_int8`: the train views through the frozen part quantized with it.
+    `adapting`: also the unlabelled target splits (`unlabelled` with its views, `unlabelled_val` as is).
     """
     store, shape = prepare_store(entry, preprocessing, trainable, dataset, cache_dir, opset, atol)
-    activations = store_views(store, store.dir / FROZEN_FILE, shape, float_views(n_views), dataset, preprocessing,
+    activations = store_views(store, store.dir / FROZEN_FILE, shape, float_views(n_views, adapting), dataset, preprocessing,
                               f"activations {entry.name}", batch_size, num_threads, progress)
     if int8_recipe is not None:
         quantized = int8_store(store, int8_recipe, dataset)

@@ -30,6 +30,7 @@ class LoopConfig:
     patience: int
     seed: int
     ema: float = 0.0  # per-step decay of an exponential moving average of the weights; 0 = off
+    keep: Literal["best", "last"] = "best"  # the epoch returned: best val accuracy, or the last one trained
 
 
 class ReferenceConfig(StageConfig):
@@ -86,8 +87,51 @@ class FullConfig(TrainConfig):
     workers: int = Field(1, ge=0)  # DataLoader processes decoding and augmenting
 
 
+class AdaptConfig(StageConfig):
+    """Unsupervised domain adaptation: a labelled source domain, an unlabelled target domain."""
+
+    # A `domain` value of the manifest whose labels are never used (its train images are unlabelled target data,
+    # its test images are scored as usual); None = off.
+    target_domain: str | None = Field(None, min_length=1)
+    method: Literal["none", "coral", "dann"] = "dann"  # none = source only; coral = correlation alignment; dann = GRL
+    weight: float = Field(1.0, ge=0)  # the alignment loss's weight beside the source cross-entropy
+    # DANN: the gradient reversal's coefficient warms up as 2 / (1 + exp(-step / w)) - 1 (tllib's schedule, its
+    # max_iters = w), with w this many epochs' steps: 0.46 after them, 0.91 after three times as many
+    grl_warmup_epochs: float = Field(2.0, gt=0)
+    discriminator_width: int = Field(256, ge=1)  # DANN: hidden units of the domain discriminator's two layers
+    # linear: standardise each domain's features with its own statistics (target: its unlabelled train images;
+    # the exported model, the target's, then uses those) or every image with the source's
+    normalise: Literal["per_domain", "source"] = "per_domain"
+    # linear: the trainable head on cached features (a bottleneck, then the classifier)
+    bottleneck: int = Field(256, ge=2)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    batch_size: int = Field(64, ge=4)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    # Which epoch is kept, chosen without target labels: `last` (the usual DA practice: source val accuracy falls as
+    # the features align, so choosing on it undoes the adaptation) or `best_source_val` (with early stopping).
+    keep: Literal["last", "best_source_val"] = "last"
+    patience: int = Field(10, ge=1)  # keep=best_source_val: epochs without a better source val accuracy before stopping
+
+    def loop(self, seed: int) -> LoopConfig:
+        last = self.keep == "last"
+        return LoopConfig(self.epochs, self.lr, 1.0, self.weight_decay, min(1, self.epochs - 1), "cosine",
+                          self.epochs if last else self.patience, seed, keep="last" if last else "best")
+
+
+class PrototypesConfig(StageConfig):
+    """Nearest class centroid on cached features, centred and L2-normalised (SimpleShot)."""
+
+    taps: tuple[str, ...] = Field(("pooled",), min_length=1)  # concatenated; each must be in features.taps
+    shots: int | None = Field(None, ge=1)  # at most this many train images per class make a prototype; None = all
+    # Softmax temperatures tried (logits = scale x cosine); the one with the lowest val log loss is kept. It changes
+    # no prediction, only how confident the probabilities are.
+    scales: tuple[PositiveFloat, ...] = Field((1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0), min_length=1)
+
+
 class FinetuneConfig(StageConfig):
-    strategy: Literal["linear", "partial", "full", "auto"] = "auto"
+    strategy: Literal["linear", "partial", "full", "prototypes", "auto"] = "auto"
     # auto: train no deeper strategy than its counted cost fits in, in minutes of a reference 2-core AVX2 CPU
     budget_minutes: float = Field(25.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -100,6 +144,20 @@ class FinetuneConfig(StageConfig):
     linear: LinearConfig = LinearConfig()
     partial: PartialConfig = PartialConfig()
     full: FullConfig = FullConfig()
+    prototypes: PrototypesConfig = PrototypesConfig()
+    adapt: AdaptConfig = AdaptConfig()
+
+    @model_validator(mode="after")
+    def _adaptable(self) -> FinetuneConfig:
+        if self.adapt.target_domain is None:
+            return self
+        if self.strategy in ("full", "prototypes"):
+            raise ValueError(f"finetune.adapt.target_domain is set, but finetune.strategy={self.strategy} does not "
+                             f"adapt; use linear or partial (auto tries those), or set finetune.adapt.target_domain=null")
+        if self.distill.teacher is not None:
+            raise ValueError("finetune.adapt.target_domain and finetune.distill.teacher cannot be combined (the "
+                             "teacher was trained with labels of every domain); set one of them to null")
+        return self
 
 
 class SearchSpec(StageConfig):

@@ -49,7 +49,8 @@ class Context:
     def resume(self, strategy: str, block: StageConfig) -> tuple[Path, str]:
         """Where a strategy keeps its per-epoch state, and the fingerprint a saved state must match."""
         fingerprint = sha256_json({"strategy": strategy, "config": block.model_dump(mode="json"),
-                                   "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill"}),
+                                   "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill",
+                                                                                      "adapt"}),
                                    "backbone": self.entry.describe(), "features": self.record["cache_key"],
                                    "data": self.dataset.manifest[["sha256", "label", "split"]].to_dict("list"),
                                    "placement": self.placement.describe(),
@@ -72,3 +73,4 @@ class Strategy:
     train_views: Callable[[FinetuneConfig], int]
     # What the negative-transfer guard suggests when this strategy does not beat the pixel reference.
     next_step: str
+    adapts: bool = False  # trains with finetune.adapt (an unlabelled target domain); auto skips those that do not

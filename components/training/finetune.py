@@ -51,6 +51,11 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
     tried: list[tuple[str, Trained]] = []
     candidates: list[dict[str, Any]] = []
     for strategy in AUTO_ORDER:
+        if ctx.cfg.adapt.target_domain is not None and not STRATEGIES[strategy].adapts:
+            reason = f"skipped: does not adapt to finetune.adapt.target_domain={ctx.cfg.adapt.target_domain!r}"
+            candidates.append({"strategy": strategy, "status": "skipped", "reason": reason})
+            log.info("auto: %s %s", strategy, reason)
+            continue
         cost = STRATEGIES[strategy].cost(ctx)
         left = budget - spent
         estimate = f"estimated {cost.seconds / 60:.1f} min ({cost.training_s / 60:.1f} training, " \
@@ -86,14 +91,16 @@ def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> 
     figure = Figure(figsize=(10, 4))
     FigureCanvasAgg(figure)
     loss_ax, acc_ax = figure.subplots(1, 2)
-    x_key, x_label = ("C", "L2 strength C (log)") if strategy == "linear" else ("epoch", "epoch")
+    # The probes' curves run over their grid (L2 strength C, softmax scale), the others' over epochs.
+    x_key, x_label = next(((key, label) for key, label in (("C", "L2 strength C (log)"), ("scale", "softmax scale (log)"))
+                           if key in history[0]), ("epoch", "epoch"))
     steps = [h[x_key] for h in history]
     loss_ax.plot(steps, [h["train_loss"] for h in history], marker="o", label="train")
     loss_ax.plot(steps, [h["val_loss"] for h in history], marker="o", label="val")
     loss_ax.set(xlabel=x_label, ylabel="cross-entropy", title=f"Loss ({strategy})")
     acc_ax.plot(steps, [h["val_accuracy"] for h in history], marker="o")
     acc_ax.set(xlabel=x_label, ylabel="accuracy", title="Validation accuracy")
-    if strategy == "linear":
+    if x_key != "epoch":
         loss_ax.set_xscale("log")
         acc_ax.set_xscale("log")
     loss_ax.legend()
@@ -103,12 +110,14 @@ def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> 
 
 
 def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> None:
-    missing = [t for t in cfg.linear.taps if t not in record["taps"]]
-    if cfg.strategy in ("linear", "auto") and missing:
-        from components.core.errors import UserError
+    from components.core.errors import UserError
 
-        raise UserError(f"finetune.linear.taps {list(cfg.linear.taps)}: {missing} not cached for {backbone} "
-                        f"(features.taps is {record['taps']}); add them to features.taps or drop them here.")
+    for block, used_by in (("linear", ("linear", "auto")), ("prototypes", ("prototypes",))):
+        taps = getattr(cfg, block).taps
+        missing = [t for t in taps if t not in record["taps"]]
+        if cfg.strategy in used_by and missing:
+            raise UserError(f"finetune.{block}.taps {list(taps)}: {missing} not cached for {backbone} "
+                            f"(features.taps is {record['taps']}); add them to features.taps or drop them here.")
 
 
 def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, manifest_path: Path, out_dir: Path,
@@ -135,7 +144,7 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     (log.warning if verdict.fired else log.info)("%s", verdict.message)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    taps = list(cfg.linear.taps) if strategy == "linear" else ["pooled"]
+    taps = list(trained.info.get("taps", ["pooled"]))  # the probes read taps of their own; the others pooled
     trunk_state = None
     if trained.network is not None:
         from components.models.backbones import Trunk
@@ -153,17 +162,21 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     write_json(out_dir / REPORT_FILE, report)
     write_json(out_dir / "history.json", trained.history)
     plot = plot_history(trained.history, out_dir / "training_curves.png", strategy)
+    pictures = {Path(name).stem: draw(out_dir / name) for name, draw in trained.plots.items()}
+    adapted = trained.info.get("adaptation") or {}
     result = StageResult(
         stage="finetune", out_dir=out_dir,
         metrics={"val_accuracy": trained.best["val_accuracy"], "val_loss": trained.best["val_loss"],
                  "best_epoch": trained.best["epoch"], "epochs_run": len(trained.history), "train_seconds": trained.seconds,
                  "n_train": len(dataset.split("train")), "reference_val_accuracy": ref.val_accuracy,
-                 **{f"auto.{c['strategy']}.val_accuracy": c["val_accuracy"] for c in candidates if "val_accuracy" in c}},
+                 **{f"auto.{c['strategy']}.val_accuracy": c["val_accuracy"] for c in candidates if "val_accuracy" in c},
+                 **{f"adapt.{k}": float(v) for k, v in adapted.items() if isinstance(v, float)}},
         artifacts={"checkpoint": checkpoint, "report": out_dir / REPORT_FILE, "history": out_dir / "history.json",
-                   "training_curves": plot},
+                   "training_curves": plot, **pictures},
         info={"backbone": backbone, "strategy": strategy, "labels": list(dataset.labels), "why": why,
               "negative_transfer": "fired" if verdict.fired else "no", "device": ctx.placement.describe()["device"],
-              "precision": ctx.placement.precision},
+              "precision": ctx.placement.precision,
+              **({"adapt": f"{adapted['method']} to {adapted['target_domain']}"} if adapted else {})},
     )
     result.save()
     return result

@@ -3,7 +3,7 @@
 Discriminative learning rates (each earlier layer group gets `layer_decay` times the next one's),
 linear warm-up then cosine decay or one-cycle, label smoothing, optionally an exponential moving
 average of the weights (torch.optim.swa_utils; then the average is what is evaluated, kept and
-returned), early stopping on val, and a resume file written atomically after every epoch: a killed run continues from its last finished
+returned), early stopping on val (or, `keep="last"`, the last epoch kept), and a resume file written atomically after every epoch: a killed run continues from its last finished
 epoch. Each epoch's shuffling, augmentation and dropout draw from generators seeded by
 (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would have taken.
 """
@@ -153,7 +153,7 @@ def fit(
             entry = {"epoch": epoch, "train_loss": total / max(count, 1), **scores,
                      "lr": optimizer.param_groups[-1]["lr"], "seconds": seconds}
             history.append(entry)
-            if better(entry, best):
+            if cfg.keep == "last" or better(entry, best):
                 best, best_state, stale = entry, copy.deepcopy({k: v.cpu() for k, v in kept.state_dict().items()}), 0
             else:
                 stale += 1
@@ -187,6 +187,8 @@ class Trained:
     best: dict[str, float]
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    # Pictures the strategy can draw once it knows where: file name -> a function writing it to the path given.
+    plots: dict[str, Callable[[Path], Path]] = field(default_factory=dict)
 
 
 def class_weight_vector(labels: Sequence[int], n_classes: int, mode: str) -> torch.Tensor:

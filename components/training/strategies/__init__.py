@@ -8,7 +8,8 @@ in `components/training/config.py`.
 """
 
 from components.training.context import Strategy
-from components.training.strategies import full, linear, partial
+from components.training.strategies import full, linear, partial, prototypes
 
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (linear.STRATEGY, partial.STRATEGY, full.STRATEGY)}
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (linear.STRATEGY, partial.STRATEGY, full.STRATEGY,
+                                                        prototypes.STRATEGY)}
 AUTO_ORDER = ("linear", "partial", "full")  # cheapest first

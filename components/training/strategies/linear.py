@@ -7,6 +7,12 @@ the raw features, so the exported model needs no separate scaler.
 A feature's scale is floored at `SCALE_FLOOR` times the median feature's: pooled ReLU6 channels
 that are almost always 0 have spreads of 1e-4, and dividing by that multiplied rounding noise by
 10^4 (a folded weight of 5,662 on ELPV Lite0, whose ONNX Runtime export then missed torch by 1.3e-4).
+
+With `finetune.adapt.target_domain` set, a logistic regression has nothing to align, so the probe is
+a trainable head instead (`bottleneck`: standardise, a bottleneck layer, the classifier), trained in
+torch on the same cached features of the labelled source images and of the unlabelled target images
+(`adapt.method`: the alignment loss on the bottleneck's output, `components/training/adaptation.py`),
+chosen and early-stopped on source val accuracy.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -24,10 +31,13 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from components.data.domains import UNLABELLED, UNLABELLED_VAL
 from components.features.cache import split_features
+from components.models.heads import BottleneckHead
+from components.training import adaptation
 from components.training.context import Context, Strategy
 from components.training.cost import Cost
-from components.training.loop import Trained
+from components.training.loop import Trained, class_weight_vector, fit, scores
 from components.training.reference import DEEPER_FINETUNING
 
 log = logging.getLogger(__name__)
@@ -90,7 +100,76 @@ def fit_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.nd
     return ProbeResult(fold_scaler(fitted[best], scaler, n_classes), history, history[best])
 
 
+def tap_features(ctx: Context, split: str, taps: tuple[str, ...]) -> np.ndarray:
+    return np.concatenate([split_features(ctx.dataset, ctx.features_dir, ctx.entry.name, tap, split) for tap in taps],
+                          axis=1)
+
+
+def train_adapted(ctx: Context) -> Trained:
+    """The bottleneck head on cached source and target features, with `adapt.method`'s alignment loss."""
+    began = time.perf_counter()
+    cfg, common, placement = ctx.cfg.adapt, ctx.cfg, ctx.placement
+    splits = ("train", "val", UNLABELLED, UNLABELLED_VAL)
+    x = {s: tap_features(ctx, s, ctx.cfg.linear.taps) for s in splits}
+    y = {s: torch.as_tensor(ctx.dataset.label_index(ctx.dataset.split(s))) for s in ("train", "val")}
+    # Each domain standardised with its own statistics (the target's from its unlabelled images), or all with the
+    # source's. The head trains on standardised features; the exported head standardises with the target's
+    # statistics (per_domain: the model is the target domain's) or the source's.
+    scalers = {"source": standardiser(x["train"])}
+    scalers["target"] = standardiser(x[UNLABELLED]) if cfg.normalise == "per_domain" else scalers["source"]
+    standardised = {s: scalers["target" if s in (UNLABELLED, UNLABELLED_VAL) else "source"].transform(x[s])
+                    for s in splits}
+    n_classes = len(ctx.dataset.labels)
+    torch.manual_seed(common.seed)
+    head = BottleneckHead(x["train"].shape[1], cfg.bottleneck, n_classes, cfg.dropout)
+    t = {s: torch.from_numpy(v).float() for s, v in standardised.items()}
+    steps = (len(t["train"]) + cfg.batch_size - 1) // cfg.batch_size
+    model = adaptation.AdaptingModel(head, adaptation.Aligner(cfg.method, cfg.bottleneck, cfg.discriminator_width,
+                                                              max(1, round(cfg.grl_warmup_epochs * steps))))
+    target_label = torch.full((cfg.batch_size,), adaptation.TARGET)
+
+    def batches(epoch: int, generator: torch.Generator):  # noqa: ANN202 - (x, y) pairs
+        for source, target in adaptation.mixed_batches(len(t["train"]), len(t[UNLABELLED]), cfg.batch_size, generator):
+            yield (torch.cat([t["train"][source], t[UNLABELLED][target]]),
+                   torch.cat([y["train"][source], target_label[: len(target)]]))
+
+    def evaluate(network: nn.Module) -> dict[str, float]:
+        device = placement.device
+        features = {s: network.model.features(t[s].to(device)) for s in ("val", UNLABELLED_VAL)}
+        return {**scores(network.model.classify(features["val"]).cpu(), y["val"]),
+                # Label-free: how far apart the held-out source and target features still are.
+                "val_coral_distance": adaptation.coral_loss(features["val"], features[UNLABELLED_VAL]).item()}
+
+    weight = class_weight_vector(y["train"].tolist(), n_classes, common.class_weights).to(placement.device)
+    class_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=common.label_smoothing)
+    resume_path, fingerprint = ctx.resume("linear-adapt", cfg)
+    result = fit(model, model.layer_groups(), batches, steps, evaluate,
+                 adaptation.adaptation_loss(model, cfg.weight, class_loss), cfg.loop(common.seed), placement,
+                 resume_path, fingerprint, ctx.progress, desc=f"finetune linear, adapt {cfg.method}",
+                 on_epoch=ctx.on_epoch)
+    model.load_state_dict(result.state)
+    model.cpu().eval()
+    with torch.no_grad():
+        adapted = {s: head.features(t[s]).numpy() for s in splits}
+    head.mean.copy_(torch.from_numpy(scalers["target"].mean_).float())  # the served head standardises raw features
+    head.scale.copy_(torch.from_numpy(scalers["target"].scale_).float())
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+    before = {s: scalers["source"].transform(x[s]) for s in splits}  # what a source-only probe reads
+    report = adaptation.alignment_report(cfg.target_domain, cfg.method, before, adapted, best["val_accuracy"],
+                                         common.seed)
+    info = {"taps": list(ctx.cfg.linear.taps), "head": head.spec(), "n_features": int(x["train"].shape[1]),
+            "normalise": cfg.normalise,
+            "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from, "adaptation": report}
+    plot = partial(adaptation.plot_alignment, (before["val"], before[UNLABELLED_VAL]),
+                   (adapted["val"], adapted[UNLABELLED_VAL]), report,
+                   f"{ctx.entry.name} linear, adapt {cfg.method} to {cfg.target_domain!r}")
+    return Trained(None, head.eval(), result.history, best, time.perf_counter() - began, info,
+                   plots={"adaptation.png": plot})
+
+
 def train(ctx: Context) -> Trained:
+    if ctx.cfg.adapt.target_domain is not None:
+        return train_adapted(ctx)
     began = time.perf_counter()
     labels = {s: np.asarray(ctx.dataset.label_index(ctx.dataset.split(s))) for s in ("train", "val")}
     features = {s: np.concatenate([split_features(ctx.dataset, ctx.features_dir, ctx.entry.name, tap, s)
@@ -102,4 +181,4 @@ def train(ctx: Context) -> Trained:
 
 
 STRATEGY = Strategy("linear", train, cost=lambda ctx: Cost(), train_views=lambda cfg: 1,  # seconds: features are cached
-                    next_step=DEEPER_FINETUNING)
+                    next_step=DEEPER_FINETUNING, adapts=True)

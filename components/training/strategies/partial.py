@@ -13,23 +13,30 @@ ones; each epoch draws from both. The tail then learns from the inputs the INT8 
 On ELPV, a tail trained on float activations alone lost 8.8 points of val accuracy when only the
 frozen part was INT8 (0.868 -> 0.780) and full INT8 lost 10.6; trained on both, full INT8 lost 0.5
 and shipped, with the same FP32 val accuracy (0.868).
+
+Adapting to a target domain (`finetune.adapt.target_domain`): the target's unlabelled train images'
+activations are cached too (every view), and each batch of source images goes beside as many
+target images, drawn at random with a random view; `adapt.method`'s alignment loss acts on the
+pooled features the tail produces (`components/training/adaptation.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch import nn
 
+from components.data.domains import UNLABELLED, UNLABELLED_VAL
 from components.models import quantization as int8
 from components.models.backbones import build_classifier
 from components.models.trunk_parts import FrozenPart, TrainedTail, check_layout
-from components.training.activations import (
-    cache_activations,
-)
+from components.training import adaptation
+from components.training.activations import cache_activations
 from components.training.context import Context, Strategy
 from components.training.cost import REFERENCE, Cost, forward_flops, training_seconds
 from components.training.loop import Trained, class_weight_vector, fit, scores
@@ -52,8 +59,9 @@ def train(ctx: Context) -> Trained:
 
         teacher_path, teacher_checkpoint = distill.teacher_checkpoint(common.distill.teacher, dataset.labels)
     recipe = ctx.int8_recipe if cfg.int8_views else None
+    adapt = common.adapt if common.adapt.target_domain is not None else None
     activations = cache_activations(entry, ctx.preprocessing, cfg.blocks, cfg.views, dataset, ctx.cache_dir, ctx.opset,
-                                    ctx.atol, progress=ctx.progress, int8_recipe=recipe)
+                                    ctx.atol, progress=ctx.progress, int8_recipe=recipe, adapting=adapt is not None)
     cached_seconds = time.perf_counter() - began
     labels = {split: torch.as_tensor(dataset.label_index(dataset.split(split))) for split in ("train", "val")}
     n_classes = len(dataset.labels)
@@ -66,6 +74,13 @@ def train(ctx: Context) -> Trained:
     train_x, val_x = torch.from_numpy(activations["train"]), torch.from_numpy(activations["val"])
     n_train, n_views = train_x.shape[:2]
     sources = [train_x] + ([torch.from_numpy(activations["train_int8"])] if recipe is not None else [])
+    network: nn.Module = tail
+    if adapt is not None:
+        target_x = torch.from_numpy(activations[UNLABELLED])
+        steps_per_epoch = (n_train + cfg.batch_size - 1) // cfg.batch_size
+        network = adaptation.AdaptingModel(tail, adaptation.Aligner(
+            adapt.method, model.num_features, adapt.discriminator_width,
+            max(1, round(adapt.grl_warmup_epochs * steps_per_epoch))))
     if distilling:  # teacher logits of the same (image, view) pairs as the activations, same row order
         teacher = distill.teacher_logits(teacher_path, teacher_checkpoint, dataset, n_views, ctx.cache_dir)
         teacher_train = torch.from_numpy(teacher.train)
@@ -83,20 +98,38 @@ def train(ctx: Context) -> Trained:
             for number in range(1, len(sources)):
                 chosen = source == number
                 batch[chosen] = sources[number][index[chosen], views[chosen]]
+            if adapt is not None:  # as many unlabelled target images, each a random view, drawn with replacement
+                drawn = torch.randint(0, len(target_x), (len(index),), generator=generator)
+                batch = torch.cat([batch, target_x[drawn, torch.randint(0, n_views, (len(index),), generator=generator)]])
+                target = torch.cat([target, torch.full((len(index),), adaptation.TARGET)])
             yield batch.float(), target
 
     def evaluate(network: nn.Module) -> dict[str, float]:
-        logits = torch.cat([network(chunk.float().to(placement.device)) for chunk in val_x.split(256)])
-        return scores(logits.cpu(), labels["val"])
+        tail_only = network.model if adapt is not None else network
+        logits = torch.cat([tail_only(chunk.float().to(placement.device)) for chunk in val_x.split(256)])
+        result = scores(logits.cpu(), labels["val"])
+        if adapt is not None:  # label-free: how far apart held-out source and target features still are
+            result["val_coral_distance"] = adaptation.coral_loss(
+                pooled(tail_only, val_x), pooled(tail_only, torch.from_numpy(activations[UNLABELLED_VAL]))).item()
+        return result
+
+    def pooled(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([network.features(chunk.float().to(placement.device)) for chunk in x.split(256)])
 
     weight = class_weight_vector(labels["train"].tolist(), n_classes, common.class_weights).to(placement.device)
     loss = (distill.kd_loss(common.distill.alpha, common.distill.temperature, weight, common.label_smoothing) if distilling
             else nn.CrossEntropyLoss(weight=weight, label_smoothing=common.label_smoothing))
+    loop = cfg.loop(common.seed)
+    if adapt is not None:
+        loss = adaptation.adaptation_loss(network, adapt.weight, loss)
+        if adapt.keep == "last":  # choosing on source val accuracy would undo the alignment
+            loop = dataclasses.replace(loop, keep="last", patience=loop.epochs)
     steps = (n_train + cfg.batch_size - 1) // cfg.batch_size
-    result = fit(tail, tail.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement, resume_path,
-                 fingerprint, ctx.progress, desc=f"finetune partial ({cfg.blocks} blocks)", on_epoch=ctx.on_epoch)
-    tail.load_state_dict(result.state)
-    tail.cpu().eval()
+    desc = f"finetune partial ({cfg.blocks} blocks)" + (f", adapt {adapt.method}" if adapt is not None else "")
+    result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, loop, placement, resume_path,
+                 fingerprint, ctx.progress, desc=desc, on_epoch=ctx.on_epoch)
+    network.load_state_dict(result.state)
+    network.cpu().eval()
     info = {"trainable_blocks": cfg.blocks, "views": n_views, "activation_shape": list(train_x.shape[2:]),
             "int8_views": (recipe.describe(len(int8.calibration_frame(dataset, recipe.calibration_images)))
                            if recipe is not None else None),
@@ -108,7 +141,30 @@ def train(ctx: Context) -> Trained:
                            "teacher_pairs_computed": teacher.computed, "teacher_onnx_runs": teacher.teacher_runs,
                            "teacher_seconds": teacher.seconds}
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
-    return Trained(model, head, result.history, best, time.perf_counter() - began, info)
+    plots = {}
+    if adapt is not None:
+        before, after = alignment_features(ctx, tail, activations)
+        info["adaptation"] = adaptation.alignment_report(adapt.target_domain, adapt.method, before, after,
+                                                         best["val_accuracy"], common.seed)
+        plots["adaptation.png"] = partial(adaptation.plot_alignment, (before["val"], before[UNLABELLED_VAL]),
+                                          (after["val"], after[UNLABELLED_VAL]), info["adaptation"],
+                                          f"{entry.name} partial, adapt {adapt.method} to {adapt.target_domain!r}")
+    return Trained(model, head, result.history, best, time.perf_counter() - began, info, plots=plots)
+
+
+ALIGNMENT_IMAGES = 400  # per split: enough for a domain classifier's accuracy, a few seconds of the tail
+
+
+def alignment_features(ctx: Context, tail: TrainedTail, activations: dict) -> tuple[dict, dict]:  # noqa: ANN001
+    """Pooled features of (up to ALIGNMENT_IMAGES) images of each split, view 0, through the pretrained tail
+    (before) and the trained one (after)."""
+    pretrained = TrainedTail(build_classifier(ctx.entry), ctx.cfg.partial.blocks, nn.Identity(), 0.0).eval()
+    inputs = {split: torch.from_numpy(activations[split][:ALIGNMENT_IMAGES]) for split in
+              ("train", UNLABELLED, "val", UNLABELLED_VAL)}
+    inputs = {split: x[:, 0] if x.ndim == 5 else x for split, x in inputs.items()}  # view 0 of the trained-on splits
+    with torch.no_grad():
+        return tuple({split: torch.cat([network.features(c.float()) for c in x.split(128)]).numpy()
+                      for split, x in inputs.items()} for network in (pretrained, tail.eval()))
 
 
 def cost(ctx: Context) -> Cost:
@@ -126,11 +182,12 @@ def cost(ctx: Context) -> Cost:
     tail = TrainedTail(model, cfg.blocks, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
     n_train, n_val, n_test = (len(dataset.split(split)) for split in ("train", "val", "test"))
     twins = 2 if ctx.int8_recipe is not None and cfg.int8_views else 1  # float and INT8 activations of train views
-    views = n_train * cfg.views * twins + n_val + n_test
+    n_target = len(dataset.split(UNLABELLED)) if ctx.cfg.adapt.target_domain is not None else 0
+    views = n_train * cfg.views * twins + n_val + n_test + n_target * cfg.views  # target: its views, float only
     return Cost(inference_s=views * frozen_flops / REFERENCE.inference_flops_per_s,
                 training_s=training_seconds(forward_flops(tail, activation), cfg.epochs, n_train, n_val),
                 decode_s=(n_train * twins + n_val + n_test) * REFERENCE.decode_s)
 
 
 STRATEGY = Strategy("partial", train, cost, train_views=lambda cfg: cfg.partial.views,
-                    next_step="try finetune.strategy=full (auto does this)")
+                    next_step="try finetune.strategy=full (auto does this)", adapts=True)

@@ -1,0 +1,62 @@
+"""`tlops fewshot`'s episodic evaluation: seeded and reproducible, on real cached features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.core.errors import UserError
+from components.evaluation.config import FewshotConfig
+from components.evaluation.fewshot import draw_support, run
+from tests.tiny_features import make_features
+from tests.tiny_model import make_dataset
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("fewshot")
+    dataset = make_dataset(root / "data")
+    return root, dataset, make_features(dataset, root)
+
+
+def test_the_same_seed_gives_the_same_episodes_and_numbers_another_seed_other_ones(cached, tmp_path: Path) -> None:
+    root, dataset, features = cached
+    cfg = FewshotConfig(shots=(1, 2), episodes=6, seed=3)
+    first = run(cfg, "efficientnet_lite0", dataset, features, tmp_path / "a")
+    again = run(cfg, "efficientnet_lite0", dataset, features, tmp_path / "b")
+    assert (tmp_path / "a" / "fewshot.json").read_bytes() == (tmp_path / "b" / "fewshot.json").read_bytes()
+    assert first.metrics == again.metrics
+    report = json.loads((tmp_path / "a" / "fewshot.json").read_text())
+    assert set(report) == {"1", "2"} and set(report["1"]) == {"prototypes", "linear"}
+    assert all(0 <= report[k][m]["mean"] <= 1 and report[k][m]["ci95"] >= 0 for k in report for m in report[k])
+    assert (tmp_path / "a" / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
+    # Different seeds draw different support sets.
+    rng = [np.random.default_rng([seed, 1]) for seed in (3, 4)]
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    draws = [[tuple(draw_support(labels, 2, 1, r)) for _ in range(6)] for r in rng]
+    assert draws[0] != draws[1]
+
+
+def test_more_shots_than_the_train_split_has_is_one_clear_line(cached, tmp_path: Path) -> None:
+    root, dataset, features = cached
+    with pytest.raises(UserError, match=r"fewshot.shots \[1, 5\]: the train split has fewer than 5 images"):
+        run(FewshotConfig(shots=(1, 5), episodes=2), "efficientnet_lite0", dataset, features, tmp_path / "c")
+
+
+def test_episodes_are_a_function_of_the_seed() -> None:
+    from components.evaluation.fewshot import episode_accuracies
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    train = rng.normal(size=(200, 16)) + labels[:, None] * 0.3  # overlapping classes: episodes differ
+    test_labels = np.repeat(np.arange(4), 25)
+    test = rng.normal(size=(100, 16)) + test_labels[:, None] * 0.3
+    args = (train, labels, test, test_labels, 4, 5, 8)
+    first, again, other = (episode_accuracies(*args, seed, 1.0) for seed in (0, 0, 1))
+    for method in ("prototypes", "linear"):
+        np.testing.assert_array_equal(first[method], again[method])
+        assert not np.array_equal(first[method], other[method])
+        assert len(set(first[method].tolist())) > 1  # the episodes really drew different support sets
