@@ -111,7 +111,8 @@ def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
     return finetune.run(params.finetune, selected_backbone(params), params.path("features"), validated_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
-                        int8_recipe=params.compress.planned_recipe(served_views(params)))
+                        int8_recipe=params.compress.planned_recipe(served_views(params)),
+                        orders=ingest.declared_orders(params.ingest))
 
 
 def served_views(params: Params) -> int:
@@ -152,8 +153,9 @@ def _register(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
     registered = StageResult.load(params.path("register"))
+    # Promotion judges the primary task (the first of finetune.tasks): its column is what the labels mean.
     return promote.run(params.promote, registered.info["model_name"], registered.info["version"],
-                       validated_dataset(params), out)
+                       validated_dataset(params).for_task(params.finetune.tasks[0]), out)
 
 
 def _version_exists(result: StageResult) -> bool:
@@ -178,7 +180,7 @@ STAGES: tuple[Stage, ...] = (
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
     Stage("finetune", "components.training.finetune", _finetune,
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS),
-           "export.tta_views"),
+           "export.tta_views", "ingest.source", "ingest.label_mode"),  # the source's declared class orders
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
           files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
     Stage("export", "components.packaging.export", _export,
@@ -190,7 +192,7 @@ STAGES: tuple[Stage, ...] = (
           "compress"),
     Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
           (f"compress/{compress.SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
-          (Output("confusion_matrix.png"), Output("reliability.png"), Output(RESULT_FILE),
+          (Output("confusion_matrix.png"), Output("reliability.png"), Output(evaluate.TASKS_FOLDER), Output(RESULT_FILE),
            Output(METRICS_FILE, "metrics"),
            Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
                                                                   "y": "predicted"}))),
@@ -198,7 +200,7 @@ STAGES: tuple[Stage, ...] = (
           (f"compress/{compress.SHIPPED_FILE}", f"compress/{RESULT_FILE}", f"evaluate/{METRICS_FILE}",
            f"finetune/{RESULT_FILE}", "validate/manifest.csv"), "register", (Output(cache=False),), io_bound=True, still_valid=_version_exists),
     # Never cached: the champion it is judged against lives in the registry and moves between runs.
-    Stage("promote", "components.registry.promote", _promote, ("promote",),
+    Stage("promote", "components.registry.promote", _promote, ("promote", "finetune.tasks"),
           (f"register/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "promote",
           (Output(cache=False),), cached=False, io_bound=True),
 )

@@ -4,12 +4,18 @@ Labels and preprocessing are read from the model's metadata_props, so the number
 the file that ships, not the PyTorch model it came from. Returns flat metrics (the caller
 writes them as DVC's `metrics.json`) and writes `predictions.csv` (for DVC's confusion plot), a
 labelled confusion matrix and a reliability diagram.
+
+A model of several tasks is scored on each: the primary task's figures keep their names (they are
+the run's headline), and every task gets `task.<name>.*` metrics and, in `tasks/`, its own
+predictions, confusion matrix and reliability diagram, read against its own manifest column.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +26,15 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from components.core.result import StageResult
 from components.data.manifest import Dataset
 from components.evaluation.config import EvaluateConfig
-from components.models.onnx_io import predict_frame, read_metadata, softmax
+from components.models.onnx_io import ModelTask, predict_tasks, read_metadata, softmax
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
 CONFUSION_FILE = "confusion_matrix.png"
 RELIABILITY_FILE = "reliability.png"
+TASKS_FOLDER = "tasks"  # <task>.predictions.csv, <task>.confusion_matrix.png, <task>.reliability.png per task
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def calibration_table(confidence: np.ndarray, correct: np.ndarray, bins: int) -> pd.DataFrame:
@@ -61,7 +69,7 @@ def classification_metrics(actual: np.ndarray, predicted: np.ndarray, labels: tu
     return metrics
 
 
-def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path) -> Path:
+def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path, title: str = "") -> Path:
     # A bare Figure renders through Agg without touching pyplot's global backend state.
     figure = Figure(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
     ax = figure.subplots()
@@ -73,13 +81,13 @@ def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path) -> P
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(f"test split, {int(matrix.sum())} images")
+    ax.set_title(f"{title}test split, {int(matrix.sum())} images")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
 
 
-def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path, title: str = "") -> Path:
     bins = len(table)
     centres = table["lower"] + 0.5 / bins
     figure = Figure(figsize=(5, 5))
@@ -96,7 +104,7 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (max softmax probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability, ECE = {ece:.3f}")
+    ax.set_title(f"{title}reliability, ECE = {ece:.3f}")
     ax.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -113,38 +121,64 @@ def decide(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return logits.argmax(axis=1), softmax(logits).max(axis=1)
 
 
-def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
-    test = dataset.split("test")
-    if test.empty:
-        raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")
-    predicted, confidence = decide(predict_frame(model_path, dataset, test, cfg.batch_size))
+def file_stem(task: str) -> str:
+    """A file name for a task's files; a column name is data, never a path."""
+    if SAFE_NAME.fullmatch(task) and len(task) <= 64:
+        return task
+    return "_".join(SAFE_NAME.findall(task))[:48] + "-" + hashlib.sha256(task.encode("utf-8")).hexdigest()[:8]
+
+
+def score_task(cfg: EvaluateConfig, task: ModelTask, logits: np.ndarray, dataset: Dataset, test: pd.DataFrame,
+               out_dir: Path, stem: str, title: str = "") -> tuple[dict[str, float], dict[str, Path], np.ndarray]:
+    """One task's test metrics, its predictions CSV, confusion matrix and reliability diagram (`<stem>...` in
+    `out_dir`), and the confusion matrix itself; `dataset` and `test` are seen through the task's column."""
+    predicted, confidence = decide(logits)
     actual = np.asarray(dataset.label_index(test))
     correct = predicted == actual
-
-    metrics = {"n_test": float(len(test)), **classification_metrics(actual, predicted, dataset.labels)}
+    metrics = classification_metrics(actual, predicted, dataset.labels)
     if "cell_type" in test.columns:
         for cell_type, rows in test.groupby("cell_type").groups.items():
             metrics[f"accuracy_cell_type_{cell_type}"] = float(correct[np.asarray(rows)].mean())
     table = calibration_table(confidence, correct, cfg.calibration_bins)
     metrics["ece"] = expected_calibration_error(table)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(dataset.labels)
     predictions = pd.DataFrame(
         {"path": test["path"], "actual": labels[actual], "predicted": labels[predicted], "confidence": confidence}
     )
     matrix = confusion_matrix(actual, predicted, labels=list(range(len(labels))))
+    out_dir.mkdir(parents=True, exist_ok=True)
     artifacts = {
-        "predictions": out_dir / PREDICTIONS_FILE,
-        "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / CONFUSION_FILE),
-        "reliability": plot_reliability(table, metrics["ece"], out_dir / RELIABILITY_FILE),
+        "predictions": out_dir / f"{stem}{PREDICTIONS_FILE}",
+        "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / f"{stem}{CONFUSION_FILE}", title),
+        "reliability": plot_reliability(table, metrics["ece"], out_dir / f"{stem}{RELIABILITY_FILE}", title),
     }
     # Labels are free text (commas, quotes, line breaks): quote every text field so the CSV always parses.
     predictions.to_csv(artifacts["predictions"], index=False, float_format="%.6f", quoting=csv.QUOTE_NONNUMERIC)
+    return metrics, artifacts, matrix
+
+
+def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
+    test = dataset.split("test")
+    if test.empty:
+        raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")
+    outputs = predict_tasks(model_path, dataset, test, cfg.batch_size)
+    tasks = list(outputs)
+    metadata = read_metadata(model_path)
+    primary = dataset.for_task(tasks[0].name)
+    scored, artifacts, matrix = score_task(cfg, tasks[0], outputs[tasks[0]], primary, primary.split("test"), out_dir, "")
+    metrics = {"n_test": float(len(test)), **scored}
+    for task in tasks:  # every task, the primary too, in tasks/ (a model of one task: that one)
+        view = dataset.for_task(task.name)
+        task_metrics, task_files, _ = score_task(cfg, task, outputs[task], view, view.split("test"), out_dir / TASKS_FOLDER,
+                                                 f"{file_stem(task.name)}.", f"{task.name}: ")
+        if "tasks" in metadata:
+            metrics |= {f"task.{task.name}.{key}": value for key, value in task_metrics.items()}
+        artifacts |= {f"{task.name}.{kind}": path for kind, path in task_files.items()}
+        log.info("task %s: test accuracy %.4f, macro F1 %.4f, ECE %.4f", task.name, task_metrics["accuracy"],
+                 task_metrics["macro_f1"], task_metrics["ece"])
     log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images with %s",
              metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(test), model_path.name)
 
-    metadata = read_metadata(model_path)
     described = {k: metadata[k] for k in ("compression", "sparsity", "backbone", "checkpoint_sha256") if k in metadata}
     result = StageResult(
         stage="evaluate",
@@ -154,8 +188,9 @@ def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) 
         info={
             "model": model_path.name,
             "model_metadata": described,
-            "labels": list(dataset.labels),
+            "labels": list(primary.labels),
             "confusion_matrix": matrix.tolist(),
+            "tasks": [task.describe() for task in tasks],
         },
     )
     result.save()

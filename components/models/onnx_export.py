@@ -15,8 +15,10 @@ from torch import nn
 from components.models.onnx_io import stamp_metadata
 
 
-def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str], input_size: int, opset: int) -> Path:
-    """Write `model` (image NCHW -> logits) to `path` with a dynamic batch axis, stamp and check it."""
+def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str], input_size: int, opset: int,
+                outputs: tuple[str, ...] = ("logits",)) -> Path:
+    """Write `model` (image NCHW -> logits, or one output per name in `outputs`) to `path` with a dynamic batch
+    axis, stamp and check it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, input_size, input_size)
     with torch.no_grad():
@@ -27,8 +29,8 @@ def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str], input_si
             str(path),
             dynamo=False,
             input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=list(outputs),
+            dynamic_axes={"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             opset_version=opset,
         )
     stamp_metadata(path, metadata)

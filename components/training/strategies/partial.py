@@ -32,7 +32,8 @@ from components.training.activations import (
 )
 from components.training.context import Context, Strategy
 from components.training.cost import REFERENCE, Cost, forward_flops, training_seconds
-from components.training.loop import Trained, class_weight_vector, fit, scores
+from components.training.loop import Trained, class_weight_vector, fit
+from components.training.tasks import Outputs, concat, to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ def train(ctx: Context) -> Trained:
     activations = cache_activations(entry, ctx.preprocessing, cfg.blocks, cfg.views, dataset, ctx.cache_dir, ctx.opset,
                                     ctx.atol, progress=ctx.progress, int8_recipe=recipe)
     cached_seconds = time.perf_counter() - began
-    labels = {split: torch.as_tensor(dataset.label_index(dataset.split(split))) for split in ("train", "val")}
-    n_classes = len(dataset.labels)
+    tasks = ctx.tasks
+    labels = {split: tasks.targets(split) for split in ("train", "val")}
     torch.manual_seed(common.seed)
     model = build_classifier(entry)
-    head = nn.Linear(model.num_features, n_classes)
+    head = tasks.head(model.num_features)
     tail = TrainedTail(model, cfg.blocks, head, cfg.dropout)
     for parameter in tail.parameters():
         parameter.requires_grad_(True)
@@ -85,23 +86,30 @@ def train(ctx: Context) -> Trained:
                 batch[chosen] = sources[number][index[chosen], views[chosen]]
             yield batch.float(), target
 
-    def evaluate(network: nn.Module) -> dict[str, float]:
-        logits = torch.cat([network(chunk.float().to(placement.device)) for chunk in val_x.split(256)])
-        return scores(logits.cpu(), labels["val"])
+    def val_outputs(network: nn.Module) -> Outputs:
+        return to_cpu(concat([network(chunk.float().to(placement.device)) for chunk in val_x.split(256)]))
 
-    weight = class_weight_vector(labels["train"].tolist(), n_classes, common.class_weights).to(placement.device)
-    loss = (distill.kd_loss(common.distill.alpha, common.distill.temperature, weight, common.label_smoothing) if distilling
-            else nn.CrossEntropyLoss(weight=weight, label_smoothing=common.label_smoothing))
+    def evaluate(network: nn.Module) -> dict[str, float]:
+        return tasks.scores(val_outputs(network), labels["val"])
+
+    if distilling:
+        weight = class_weight_vector(labels["train"].tolist(), len(dataset.labels), common.class_weights).to(placement.device)
+        loss = distill.kd_loss(common.distill.alpha, common.distill.temperature, weight, common.label_smoothing)
+    else:
+        loss = tasks.loss(labels["train"], head, placement.device)
     steps = (n_train + cfg.batch_size - 1) // cfg.batch_size
     result = fit(tail, tail.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement, resume_path,
                  fingerprint, ctx.progress, desc=f"finetune partial ({cfg.blocks} blocks)", on_epoch=ctx.on_epoch)
     tail.load_state_dict(result.state)
+    calibration = tasks.calibrate(tail, head, val_outputs, labels["val"])
     tail.cpu().eval()
     info = {"trainable_blocks": cfg.blocks, "views": n_views, "activation_shape": list(train_x.shape[2:]),
             "int8_views": (recipe.describe(len(int8.calibration_frame(dataset, recipe.calibration_images)))
                            if recipe is not None else None),
             "activation_seconds": cached_seconds, "resumed_from_epoch": result.resumed_from,
             "stopped_early": result.stopped_early}
+    if calibration:
+        info["calibration"] = calibration
     if distilling:
         info["distill"] = {"teacher": str(teacher_path), "teacher_backbone": teacher_checkpoint["backbone"]["name"],
                            "teacher_val_accuracy": distill.teacher_accuracy(teacher, labels["val"]),
@@ -123,7 +131,7 @@ def cost(ctx: Context) -> Cost:
     frozen_flops = forward_flops(frozen, image)
     with torch.no_grad():
         activation = frozen(image)
-    tail = TrainedTail(model, cfg.blocks, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
+    tail = TrainedTail(model, cfg.blocks, ctx.tasks.head(model.num_features), cfg.dropout)  # the heads' FLOPs count too
     n_train, n_val, n_test = (len(dataset.split(split)) for split in ("train", "val", "test"))
     twins = 2 if ctx.int8_recipe is not None and cfg.int8_views else 1  # float and INT8 activations of train views
     views = n_train * cfg.views * twins + n_val + n_test
