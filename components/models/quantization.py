@@ -140,25 +140,6 @@ def shape_arithmetic_nodes(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
-def after_heads(graph: onnx.GraphProto) -> list[str]:
-    """Nodes that compute on what the heads' linear layers (Gemm) output: a task's scores from its head (CORN's
-    log probabilities, a regress head's distances into its class intervals) and their mean over views.
-
-    Left in FP32 in a model of several tasks: they are a handful of elementwise ops, and quantized they
-    rounded a regress head's class scores into ties (on 120 ELPV cells at 64 px its INT8 model fell from
-    0.68 to 0.59 val accuracy, and from 0.41 to 0.14 after `partial`).
-    """
-    derived: set[str] = set()
-    names = []
-    for node in graph.node:  # ONNX graphs are topologically sorted
-        if any(name in derived for name in node.input if name):
-            names.append(node.name)
-            derived.update(node.output)
-        elif node.op_type == "Gemm":
-            derived.update(node.output)
-    return names
-
-
 def node_sensitivity(
     prepared: Path, quantized: Path, images: np.ndarray, scratch: Path, skipped: Sequence[str] = ()
 ) -> list[dict[str, object]]:
