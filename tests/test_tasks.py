@@ -249,3 +249,12 @@ def test_bad_task_params_fail_in_one_line_before_any_work(override: str, message
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tlops: error:") and message in lines[0]
+
+
+def test_compress_ships_a_candidate_only_if_every_task_keeps_its_accuracy() -> None:
+    primary = {"fp32": 0.80, "int8": 0.80}
+    kept = compress.choose(primary, 0.01, others={"fp32": {"cell_type": 0.99}, "int8": {"cell_type": 0.985}})
+    assert kept[0] == "int8"
+    lost = compress.choose(primary, 0.01, others={"fp32": {"cell_type": 0.99}, "int8": {"cell_type": 0.95}})
+    assert lost[0] == "fp32" and not lost[2]["int8"]
+    assert "more compressed but over budget: int8 cell_type 0.9500" in lost[1]

@@ -257,7 +257,7 @@ def choose(
     shipped = passing[0]  # fp32 always passes
     passed_over = []
     for name in ranked[: ranked.index(shipped)]:
-        why = [f"{accuracy[name]:.4f}"] if not within[name] else []
+        why = [f"{accuracy[name]:.4f}"] if accuracy[name] < floor - 1e-9 else []
         why += [f"{task} {others[name][task]:.4f}" for task in lost[name]]
         why += [] if fast[name] else [f"{latency_ratio[name]:.2f}x fp32's latency"]
         passed_over.append(f"{name} {' and '.join(why)}")
