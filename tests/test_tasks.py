@@ -258,3 +258,22 @@ def test_compress_ships_a_candidate_only_if_every_task_keeps_its_accuracy() -> N
     lost = compress.choose(primary, 0.01, others={"fp32": {"cell_type": 0.99}, "int8": {"cell_type": 0.95}})
     assert lost[0] == "fp32" and not lost[2]["int8"]
     assert "more compressed but over budget: int8 cell_type 0.9500" in lost[1]
+
+
+def test_export_parity_checks_every_output(tmp_path: Path) -> None:
+    from components.models.backbones import build_trunk
+    from components.models.classifier import Classifier
+    from components.models.onnx_export import export_onnx
+    from components.models.registry import get_entry
+
+    entry = get_entry(BACKBONE)
+    torch.manual_seed(0)
+    model = Classifier(build_trunk(entry, ("pooled",)), TaskHeads({"label": CornHead(entry.feature_dim, [0, 1, 2]),
+                                                                   "cell_type": nn.Linear(entry.feature_dim, 2)})).eval()
+    path = export_onnx(model, tmp_path / "model.onnx", {}, 64, 17, ("label", "cell_type"))
+    images = np.random.default_rng(0).normal(size=(3, 3, 64, 64)).astype(np.float32)
+    assert export.check_parity(model, path, images, atol=1e-4) < 1e-4
+    with torch.no_grad():
+        model.head.head("cell_type").bias.add_(0.01)  # the torch model's second output no longer what the file computes
+    with pytest.raises(export.ExportParityError, match=r"max \|cell_type difference\| vs PyTorch is 0.01"):
+        export.check_parity(model, path, images, atol=1e-4)
