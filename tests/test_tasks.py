@@ -277,3 +277,22 @@ def test_export_parity_checks_every_output(tmp_path: Path) -> None:
         model.head.head("cell_type").bias.add_(0.01)  # the torch model's second output no longer what the file computes
     with pytest.raises(export.ExportParityError, match=r"max \|cell_type difference\| vs PyTorch is 0.01"):
         export.check_parity(model, path, images, atol=1e-4)
+
+
+def test_validate_refuses_rows_without_a_task_value_and_an_unknown_task(tiny, tmp_path: Path) -> None:
+    from components.data import validate
+    from components.data.config import ValidateConfig
+
+    frame = tiny.manifest.copy()
+    frame.loc[[3, 8], "cell_type"] = None
+    manifest = write_manifest(frame, tmp_path / "data" / "manifest.csv")
+    blank = sorted(read_manifest(manifest).manifest.query("cell_type.isna()")["path"])
+    cfg = ValidateConfig(min_per_class_split=1)
+    with pytest.raises(validate.DataValidationError) as refused:
+        validate.run(cfg, manifest, tiny.root, tmp_path / "out", tasks=("label", "cell_type"))
+    for path in blank:
+        assert f"- `{path}`: cell_type_present: column cell_type is blank" in str(refused.value)
+    with pytest.raises(validate.DataValidationError, match=r"finetune.tasks: \['colour'\] not among the columns") as unknown:
+        validate.run(cfg, manifest, tiny.root, tmp_path / "out2", tasks=("label", "colour"))
+    assert "\n" not in str(unknown.value)
+    assert validate.run(cfg, manifest, tiny.root, tmp_path / "out3").info["success"]  # no task reads the column

@@ -95,7 +95,7 @@ def _ingest(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 def _validate(params: Params, ctx: StageContext, out: Path) -> StageResult:
     dataset_dir = params.path("dataset")
-    return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, out)
+    return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, out, params.finetune.tasks)
 
 
 def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -169,7 +169,7 @@ INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe) if key.name != "ca
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "components.data.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
-    Stage("validate", "components.data.validate", _validate, ("validate",), ("dataset",), "validate",
+    Stage("validate", "components.data.validate", _validate, ("validate", "finetune.tasks"), ("dataset",), "validate",
           tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
     Stage("features", "components.features.extract", _features, ("features", "select.candidates", "select.backbone"),
           ("dataset", "validate/manifest.csv"), "features"),
