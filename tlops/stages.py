@@ -23,6 +23,7 @@ from components.core.errors import UserError
 from components.core.lineage import data_version, git_commit
 from components.core.progress import Progress, no_progress
 from components.core.result import RESULT_FILE, StageResult, sha256_file, write_json
+from components.evaluation.config import TASKS_FOLDER
 from components.models.int8_recipe import Recipe
 from components.packaging.config import SHIPPED_FILE
 from tlops.config import Params
@@ -109,7 +110,7 @@ def _validate(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.data import validate
 
     dataset_dir = params.path("dataset")
-    return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, out)
+    return validate.run(params.validate, dataset_dir / "manifest.csv", dataset_dir, out, params.finetune.tasks)
 
 
 def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -126,12 +127,14 @@ def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
 
 
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
+    from components.data import ingest
     from components.training import finetune
 
     return finetune.run(params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
-                        int8_recipe=params.compress.planned_recipe(served_views(params)))
+                        int8_recipe=params.compress.planned_recipe(served_views(params)),
+                        orders=ingest.declared_orders(params.ingest))
 
 
 def served_views(params: Params) -> int:
@@ -182,8 +185,10 @@ def _promote(params: Params, ctx: StageContext, out: Path) -> StageResult:
     registered = StageResult.load(params.path("register"))
     name, version = registered.info["model_name"], registered.info["version"]
     # Asked first: with nothing new (a `dvc repro` after a run) the test split is not even read.
+    # Promotion judges the primary task (the first of finetune.tasks): its column is what the labels mean.
     return (promote.already_champion(params.promote, name, version, out)
-            or promote.run(params.promote, name, version, labelled_dataset(params), out))
+            or promote.run(params.promote, name, version, labelled_dataset(params).for_task(params.finetune.tasks[0]),
+                           out))
 
 
 def _version_exists(result: StageResult) -> bool:
@@ -198,7 +203,7 @@ INT8_KEYS = ("quantize", *(key.name for key in fields(Recipe) if key.name != "ca
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", "components.data.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
-    Stage("validate", "components.data.validate", _validate, ("validate",), ("dataset",), "validate",
+    Stage("validate", "components.data.validate", _validate, ("validate", "finetune.tasks"), ("dataset",), "validate",
           tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
     Stage("features", "components.features.extract", _features, ("features", "select.candidates", "select.backbone"),
           ("dataset", "validate/manifest.csv"), "features"),
@@ -211,7 +216,7 @@ STAGES: tuple[Stage, ...] = (
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
     Stage("finetune", "components.training.finetune", _finetune,
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS),
-           "export.tta_views"),
+           "export.tta_views", "ingest.source", "ingest.label_mode"),  # the source's declared class orders
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
           files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
     Stage("export", "components.packaging.export", _export,
@@ -224,7 +229,8 @@ STAGES: tuple[Stage, ...] = (
           "compress"),
     Stage("evaluate", "components.evaluation.evaluate", _evaluate, ("evaluate",),
           (f"compress/{SHIPPED_FILE}", "dataset", "validate/manifest.csv"), "evaluate",
-          (Output("confusion_matrix.png"), Output("reliability.png"), Output("by_domain.png"), Output(RESULT_FILE),
+          (Output("confusion_matrix.png"), Output("reliability.png"), Output("by_domain.png"), Output(TASKS_FOLDER),
+           Output(RESULT_FILE),
            Output(METRICS_FILE, "metrics"),
            Output("predictions.csv", "plots", cache=False, plot={"template": "confusion", "x": "actual",
                                                                   "y": "predicted"}))),
@@ -232,7 +238,7 @@ STAGES: tuple[Stage, ...] = (
           (f"compress/{SHIPPED_FILE}", f"compress/{RESULT_FILE}", f"evaluate/{METRICS_FILE}",
            f"finetune/{RESULT_FILE}", "validate/manifest.csv"), "register", (Output(cache=False),), io_bound=True, still_valid=_version_exists),
     # Never cached: the champion it is judged against lives in the registry and moves between runs.
-    Stage("promote", "components.registry.promote", _promote, ("promote",),
+    Stage("promote", "components.registry.promote", _promote, ("promote", "finetune.tasks"),
           (f"register/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "promote",
           (Output(cache=False),), cached=False, io_bound=True),
 )

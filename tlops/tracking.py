@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # What is worth showing in the MLflow UI; data (images, features) stays with DVC, and the
 # shipped ONNX model is logged once, as an MLflow model, by the register stage.
 LOGGED_SUFFIXES = {".json", ".png", ".csv", ".md", ".html"}
-LOGGED_FOLDERS = {"data_docs"}  # Great Expectations' HTML report
+LOGGED_FOLDERS = {"data_docs", "tasks"}  # Great Expectations' HTML report; evaluate's per-task plots
 MAX_LOGGED_FILE_BYTES = 5 * 2**20
 INFO_TAGS = ("selected", "backbone", "shipped", "strategy", "negative_transfer", "device", "precision", "adapt")
 NEVER_CACHED_NOTE = "stages that never replay (promote) do not count"

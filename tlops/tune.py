@@ -24,6 +24,7 @@ from mlflow.entities import Metric, RunStatus
 
 from components.core.lineage import git_commit
 from components.core.result import RESULT_FILE, StageResult, atomic_path, metric_key, write_json
+from components.data.ingest import declared_orders
 from components.training import tune as tuning
 from tlops import tracking
 
@@ -143,7 +144,7 @@ def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
                 cfg, params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
                 params.path("validate") / "manifest.csv", out_dir / ".trials", params.path("feature_cache"),
                 params.features.opset, params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)),
-                callbacks=[lambda study, trial: log_trial(parent_id, study, trial)])
+                callbacks=[lambda study, trial: log_trial(parent_id, study, trial)], orders=declared_orders(params.ingest))
             paths = write_outputs(result, out_dir, cfg.strategy)
             (out_dir / ".trials").rmdir()  # every trial removed its own folder
             mlflow.set_tags({"tlops.n_trials": str(len(result.study.trials)),

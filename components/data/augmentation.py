@@ -55,10 +55,13 @@ class Served:
 
 
 class ImageSplit(TorchDataset):
-    def __init__(self, dataset: Dataset, split: str, transform: Transform):
+    """`split`'s images, transformed, with their class indices, or the `targets` given (one row per image:
+    several tasks' classes)."""
+
+    def __init__(self, dataset: Dataset, split: str, transform: Transform, targets: torch.Tensor | None = None):
         frame = dataset.split(split)
         self.paths = [dataset.image_path(p) for p in frame["path"]]
-        self.labels = torch.as_tensor(dataset.label_index(frame))
+        self.labels = torch.as_tensor(dataset.label_index(frame)) if targets is None else targets
         self.transform = transform
 
     def __len__(self) -> int:

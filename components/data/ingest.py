@@ -160,6 +160,15 @@ def elpv_rows(label_mode: str) -> tuple[Path, pd.DataFrame]:
     return root, frame
 
 
+def declared_orders(cfg: IngestConfig) -> dict[str, tuple[str, ...]]:
+    """The class orders a source declares itself, lowest first: ELPV's labels are levels of one defect
+    probability (its numeric `defect_probability` column is ordered by value anyway)."""
+    if cfg.source != "elpv":
+        return {}
+    mapping = ELPV_BINARY if cfg.label_mode == "binary" else ELPV_FOUR_CLASS
+    return {"label": tuple(dict.fromkeys(mapping[level] for level in sorted(mapping)))}
+
+
 def outside(path: Path, root: Path) -> bool:
     """Whether `path`, all symlinks followed, lies outside `root` (already resolved)."""
     return not path.resolve().is_relative_to(root)

@@ -37,6 +37,20 @@ class Dataset:
     manifest: pd.DataFrame
     root: Path
     labels: tuple[str, ...]
+    target: str = "label"  # the column `labels` and `label_index` describe (`for_task` picks another)
+
+    def for_task(self, column: str) -> Dataset:
+        """The same images seen through another manifest column (a task): its values, as text, are the labels.
+
+        Numbers (ELPV's `defect_probability`) become their text (`0.0`, `1.0`); a missing value stays missing.
+        """
+        if column == self.target:
+            return self
+        if column not in self.manifest.columns:
+            raise ManifestError(f"the manifest has no column {column!r}; it has {list(self.manifest.columns)}.")
+        values = self.manifest[column].map(lambda value: value if isinstance(value, str) or pd.isna(value) else str(value))
+        return Dataset(manifest=self.manifest.assign(**{column: values}), root=self.root,
+                       labels=tuple(sorted(values.dropna().unique())), target=column)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.manifest[self.manifest["split"] == name].reset_index(drop=True)
@@ -46,7 +60,7 @@ class Dataset:
 
     def label_index(self, frame: pd.DataFrame) -> list[int]:
         index = {label: i for i, label in enumerate(self.labels)}
-        return [index[label] for label in frame["label"]]
+        return [index[label] for label in frame[self.target]]
 
 
 def read_manifest(csv_path: Path, root: Path | None = None) -> Dataset:

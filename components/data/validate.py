@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -101,12 +102,13 @@ def image_table(manifest: pd.DataFrame, root: Path) -> pd.DataFrame:
     return pd.concat([manifest.drop(columns=["width", "height", "mode"]), found], axis=1)
 
 
-def image_expectations(cfg: ValidateConfig) -> list[gxe.Expectation]:
-    """The per-image rules; `meta["rule"]` is the name every report uses."""
+def image_expectations(cfg: ValidateConfig, tasks: Sequence[str] = ()) -> list[gxe.Expectation]:
+    """The per-image rules; `meta["rule"]` is the name every report uses. Every column a model learns as a task
+    (`finetune.tasks`) must hold a value in every row, like `label`."""
     side = {"min_value": cfg.min_side, "max_value": cfg.max_side}
     rules: list[gxe.Expectation] = [
         gxe.ExpectColumnValuesToNotBeNull(column=c, meta={"rule": f"{c}_present"})
-        for c in ("path", "label", "split", "sha256")
+        for c in dict.fromkeys(("path", "label", "split", "sha256", *tasks))
     ]
     rules += [
         gxe.ExpectColumnValuesToNotMatchRegex(column="label", regex=r"^\s*$", meta={"rule": "label_not_blank"}),
@@ -213,8 +215,8 @@ def source_of(row: pd.Series) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: ValidateConfig) -> Outcome:
-    result = run_suite(context, "images", table, image_expectations(cfg), ["path"])
+def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: ValidateConfig, tasks: Sequence[str] = ()) -> Outcome:
+    result = run_suite(context, "images", table, image_expectations(cfg, tasks), ["path"])
     rules: dict[str, list[Failure]] = {}
     for rule, ids in failing_ids(result).items():
         rows = table[table["path"].isin([i["path"] for i in ids])]
@@ -340,17 +342,25 @@ def write_reports(
     return artifacts
 
 
-def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Path) -> StageResult:
+def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Path,
+        tasks: Sequence[str] = ("label",)) -> StageResult:
     """Validate, write the reports and `result.json`, then raise `DataValidationError` if a rule broke
     that `on_invalid` cannot fix. `info["success"]` says whether every rule passed as given; the
-    validated `manifest.csv` is written (and listed in the artifacts) only when no rule is left broken."""
+    validated `manifest.csv` is written (and listed in the artifacts) only when no rule is left broken.
+
+    `tasks`: the manifest columns the model will learn (`finetune.tasks`); one the manifest lacks is refused
+    before any work, and a row without a value in one breaks the `<task>_present` rule."""
     manifest_csv, dataset_root, out_dir = Path(manifest_csv), Path(dataset_root), Path(out_dir)
     clear_outputs(out_dir, dataset_root, manifest_csv)
     manifest = read_manifest(manifest_csv, dataset_root).manifest
+    unknown = [task for task in tasks if task not in manifest.columns]
+    if unknown:
+        raise DataValidationError(f"finetune.tasks: {unknown} not among the columns of {manifest_csv} "
+                                  f"({list(manifest.columns)}); name columns that hold a class for every image.")
     table = image_table(manifest, dataset_root)
     context = gx_context((out_dir / "data_docs").resolve())
 
-    images = check_images(context, table, cfg)
+    images = check_images(context, table, cfg, tasks)
     exclude = cfg.on_invalid == "exclude"
     drop = excluded_rows(table, images.failures) if exclude else pd.Series(False, index=table.index)
     kept = manifest[~drop]

@@ -6,6 +6,8 @@ from pydantic import Field, field_validator
 
 from components.core.config import StageConfig
 
+TASKS_FOLDER = "tasks"  # evaluate's <task>.predictions.csv, <task>.confusion_matrix.png, ... per task (a DVC output)
+
 
 class EvaluateConfig(StageConfig):
     batch_size: int = Field(32, ge=1)

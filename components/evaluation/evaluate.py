@@ -9,12 +9,19 @@ When the manifest has domains (`components/data/domains.py`), every metric is al
 domain, as `by_domain.<domain>.<metric>` (a `by_domain` block in `metrics.json`), with a chart of
 accuracy and macro-F1 per domain: after domain adaptation the target domain's figure is the one
 that matters.
+
+A model of several tasks is scored on each: the primary task's figures keep their names (they are
+the run's headline, and the only ones broken down `by_domain`), and every task gets `task.<name>.*`
+metrics and, in `tasks/`, its own predictions, confusion matrix, reliability diagram and chart per
+domain, read against its own manifest column.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +32,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from components.core.result import StageResult
 from components.data.domains import domain_of
 from components.data.manifest import Dataset
-from components.evaluation.config import EvaluateConfig
-from components.models.onnx_io import predict_frame, read_metadata, softmax
+from components.evaluation.config import TASKS_FOLDER, EvaluateConfig
+from components.models.onnx_io import ModelTask, predict_tasks, read_metadata, softmax
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ CONFUSION_FILE = "confusion_matrix.png"
 RELIABILITY_FILE = "reliability.png"
 BY_DOMAIN_FILE = "by_domain.png"
 BY_DOMAIN = "by_domain"
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def calibration_table(confidence: np.ndarray, correct: np.ndarray, bins: int) -> pd.DataFrame:
@@ -69,7 +77,7 @@ def classification_metrics(actual: np.ndarray, predicted: np.ndarray, labels: tu
     return metrics
 
 
-def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path) -> Path:
+def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path, title: str = "") -> Path:
     # A bare Figure renders through Agg without touching pyplot's global backend state.
     figure = Figure(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
     ax = figure.subplots()
@@ -81,13 +89,13 @@ def plot_confusion(matrix: np.ndarray, labels: tuple[str, ...], path: Path) -> P
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    ax.set_title(f"test split, {int(matrix.sum())} images")
+    ax.set_title(f"{title}test split, {int(matrix.sum())} images")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
 
 
-def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
+def plot_reliability(table: pd.DataFrame, ece: float, path: Path, title: str = "") -> Path:
     bins = len(table)
     centres = table["lower"] + 0.5 / bins
     figure = Figure(figsize=(5, 5))
@@ -104,7 +112,7 @@ def plot_reliability(table: pd.DataFrame, ece: float, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (max softmax probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability, ECE = {ece:.3f}")
+    ax.set_title(f"{title}reliability, ECE = {ece:.3f}")
     ax.legend(loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -169,40 +177,68 @@ def decide(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return logits.argmax(axis=1), softmax(logits).max(axis=1)
 
 
-def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
-    test = dataset.split("test")
-    if test.empty:
-        raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")
-    predicted, confidence = decide(predict_frame(model_path, dataset, test, cfg.batch_size))
+def file_stem(task: str) -> str:
+    """A file name for a task's files; a column name is data, never a path."""
+    if SAFE_NAME.fullmatch(task) and len(task) <= 64:
+        return task
+    return "_".join(SAFE_NAME.findall(task))[:48] + "-" + hashlib.sha256(task.encode("utf-8")).hexdigest()[:8]
+
+
+def score_task(cfg: EvaluateConfig, task: ModelTask, logits: np.ndarray, dataset: Dataset, test: pd.DataFrame,
+               out_dir: Path, stem: str, title: str = "") -> tuple[dict[str, float], dict[str, Path], np.ndarray]:
+    """One task's test metrics, its predictions CSV, confusion matrix and reliability diagram (`<stem>...` in
+    `out_dir`), and the confusion matrix itself; `dataset` and `test` are seen through the task's column."""
+    predicted, confidence = decide(logits)
     actual = np.asarray(dataset.label_index(test))
     correct = predicted == actual
-
     metrics = {"n_test": float(len(test)), **classification_metrics(actual, predicted, dataset.labels)}
     table = calibration_table(confidence, correct, cfg.calibration_bins)
     metrics["ece"] = expected_calibration_error(table)
     domain = domain_of(test)
     if domain is not None:
         metrics |= domain_metrics(actual, predicted, confidence, domain, dataset.labels, cfg.calibration_bins)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(dataset.labels)
     predictions = pd.DataFrame(
         {"path": test["path"], "actual": labels[actual], "predicted": labels[predicted], "confidence": confidence}
         | ({"domain": domain} if domain is not None else {})
     )
     matrix = confusion_matrix(actual, predicted, labels=list(range(len(labels))))
+    out_dir.mkdir(parents=True, exist_ok=True)
     artifacts = {
-        "predictions": out_dir / PREDICTIONS_FILE,
-        "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / CONFUSION_FILE),
-        "reliability": plot_reliability(table, metrics["ece"], out_dir / RELIABILITY_FILE),
+        "predictions": out_dir / f"{stem}{PREDICTIONS_FILE}",
+        "confusion_matrix": plot_confusion(matrix, dataset.labels, out_dir / f"{stem}{CONFUSION_FILE}", title),
+        "reliability": plot_reliability(table, metrics["ece"], out_dir / f"{stem}{RELIABILITY_FILE}", title),
     }
-    artifacts["by_domain"] = plot_by_domain(metrics, out_dir / BY_DOMAIN_FILE)  # one bar, "all", without domains
+    # One bar, "all", without domains: DVC declares the primary's, so it is always there.
+    artifacts["by_domain"] = plot_by_domain(metrics, out_dir / f"{stem}{BY_DOMAIN_FILE}")
     # Labels are free text (commas, quotes, line breaks): quote every text field so the CSV always parses.
     predictions.to_csv(artifacts["predictions"], index=False, float_format="%.6f", quoting=csv.QUOTE_NONNUMERIC)
+    return metrics, artifacts, matrix
+
+
+def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) -> StageResult:
+    test = dataset.split("test")
+    if test.empty:
+        raise ValueError("the dataset has no `test` rows; ingest with ingest.test_fraction > 0.")
+    outputs = predict_tasks(model_path, dataset, test, cfg.batch_size)
+    tasks = list(outputs)
+    metadata = read_metadata(model_path)
+    primary = dataset.for_task(tasks[0].name)
+    scored, artifacts, matrix = score_task(cfg, tasks[0], outputs[tasks[0]], primary, primary.split("test"), out_dir, "")
+    metrics = {"n_test": float(len(test)), **scored}
+    for task in tasks:  # every task, the primary too, in tasks/ (a model of one task: that one)
+        view = dataset.for_task(task.name)
+        task_metrics, task_files, _ = score_task(cfg, task, outputs[task], view, view.split("test"), out_dir / TASKS_FOLDER,
+                                                 f"{file_stem(task.name)}.", f"{task.name}: ")
+        if "tasks" in metadata:  # per domain: the primary's figures (`by_domain.*`); each task's in tasks/<name>.by_domain.png
+            metrics |= {f"task.{task.name}.{key}": value for key, value in task_metrics.items()
+                        if key != "n_test" and not key.startswith(f"{BY_DOMAIN}.")}
+        artifacts |= {f"{task.name}.{kind}": path for kind, path in task_files.items()}
+        log.info("task %s: test accuracy %.4f, macro F1 %.4f, ECE %.4f", task.name, task_metrics["accuracy"],
+                 task_metrics["macro_f1"], task_metrics["ece"])
     log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images with %s",
              metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(test), model_path.name)
 
-    metadata = read_metadata(model_path)
     described = {k: metadata[k] for k in ("compression", "sparsity", "backbone", "checkpoint_sha256") if k in metadata}
     result = StageResult(
         stage="evaluate",
@@ -212,8 +248,9 @@ def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) 
         info={
             "model": model_path.name,
             "model_metadata": described,
-            "labels": list(dataset.labels),
+            "labels": list(primary.labels),
             "confusion_matrix": matrix.tolist(),
+            "tasks": [task.describe() for task in tasks],
         },
     )
     result.save()

@@ -24,7 +24,9 @@ READABLE_FORMATS = ("tlops.classifier/2", CHECKPOINT_FORMAT)  # a /2 checkpoint'
 
 
 class Classifier(nn.Module):
-    """image -> logits. `trunk` returns one pooled vector per tap; the head reads them concatenated."""
+    """image -> logits. `trunk` returns one pooled vector per tap; the head reads them concatenated.
+
+    A `TaskHeads` head makes it image -> a tuple of outputs, one per task (the primary first)."""
 
     def __init__(self, trunk: Trunk, head: nn.Module):
         super().__init__()
@@ -63,9 +65,11 @@ class ViewAverage(nn.Module):
             raise ValueError(f"views={views}: the dihedral group has 1 to {MAX_VIEWS} views")
         self.model, self.views = model, views
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.model(torch.cat([dihedral_view(images, view) for view in range(self.views)]))
-        return logits.reshape(self.views, -1, logits.shape[-1]).mean(0)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.model(torch.cat([dihedral_view(images, view) for view in range(self.views)]))
+        if isinstance(outputs, tuple):  # one output per task: each averaged alike
+            return tuple(output.reshape(self.views, -1, output.shape[-1]).mean(0) for output in outputs)
+        return outputs.reshape(self.views, -1, outputs.shape[-1]).mean(0)
 
 
 class WithEmbedding(nn.Module):
@@ -82,13 +86,17 @@ class WithEmbedding(nn.Module):
         return self.model.head(features), self.model.head.embedding(features)
 
 
-def output_names(model: nn.Module) -> tuple[str, ...]:
-    """The named outputs of an exported model: logits first, always (every consumer reads output 0)."""
-    return ("logits", "embedding") if isinstance(model, WithEmbedding) else ("logits",)
+def output_names(model: nn.Module, checkpoint: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The named outputs of an exported model: one per task, named by it, when the checkpoint has `tasks`, else
+    `logits` (every single-task consumer reads output 0); then, for a prototype head, its `embedding`."""
+    tasks = (checkpoint or {}).get("tasks")
+    names = tuple(task["name"] for task in tasks) if tasks else ("logits",)
+    return (*names, "embedding") if isinstance(model, WithEmbedding) else names
 
 
 def save_checkpoint(path: Path, head: nn.Module, trunk_state: dict | None, **description: Any) -> Path:
-    """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy."""
+    """`description` must hold backbone (entry dict), taps, labels, preprocessing, config, data, strategy; a model of
+    several tasks (or of another head than classify) also `tasks` (`components.training.tasks.Task.describe`)."""
     required = {"backbone", "taps", "labels", "preprocessing", "config", "data", "strategy"}
     missing = required - description.keys()
     if missing:

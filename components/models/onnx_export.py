@@ -17,8 +17,8 @@ from components.models.onnx_io import stamp_metadata
 
 def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str], input_size: int, opset: int,
                 outputs: tuple[str, ...] = ("logits",)) -> Path:
-    """Write `model` (image NCHW -> logits, and any further `outputs`) to `path` with a dynamic batch axis,
-    stamp and check it."""
+    """Write `model` (image NCHW -> logits; or one output per name in `outputs`: one per task, or logits then
+    a prototype head's embedding) to `path` with a dynamic batch axis, stamp and check it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(1, 3, input_size, input_size)
     with torch.no_grad():

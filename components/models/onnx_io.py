@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,29 @@ def model_labels(model_path: Path, metadata: Mapping[str, str]) -> tuple[str, ..
     return tuple(json.loads(metadata["labels"]))
 
 
+@dataclass(frozen=True)
+class ModelTask:
+    """One task of a model as its metadata_props describe it; the model's outputs come in task order."""
+
+    name: str  # the manifest column it was trained on, and its ONNX output's name
+    kind: str  # classify | ordinal | regress: how the head reads the classes (its scores' argmax decides alike)
+    labels: tuple[str, ...]  # the output's columns
+    order: tuple[str, ...] | None = None  # the declared order of the labels, lowest first (ordinal, regress)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "kind": self.kind, "labels": list(self.labels),
+                "order": list(self.order) if self.order else None}
+
+
+def model_tasks(model_path: Path, metadata: Mapping[str, str]) -> tuple[ModelTask, ...]:
+    """The tasks a model answers, the primary first: `metadata_props["tasks"]`, or (a model of one classify task,
+    which does not say) one classify task on `label` with the model's `labels`."""
+    if "tasks" not in metadata:
+        return (ModelTask("label", "classify", model_labels(model_path, metadata)),)
+    return tuple(ModelTask(task["name"], task["kind"], tuple(task["labels"]), tuple(task["order"]) if task.get("order") else None)
+                 for task in json.loads(metadata["tasks"]))
+
+
 def open_session(model_path: Path, num_threads: int = 0) -> ort.InferenceSession:
     """A CPU session; `num_threads` 0 lets ONNX Runtime use every core."""
     if not Path(model_path).is_file():
@@ -80,6 +104,43 @@ def predict_logits(
         for start in range(0, len(paths), batch_size)
     ]
     return np.concatenate(batches).astype(np.float32)
+
+
+def predict_outputs(
+    session: ort.InferenceSession, paths: list[Path], preprocessing: Preprocessing, batch_size: int,
+    count: int | None = None,
+) -> list[np.ndarray]:
+    """The model's first `count` outputs (default all; one per task) for each image, decoded and preprocessed
+    `batch_size` at a time. Outputs after the tasks' (a prototype head's `embedding`) are not task scores."""
+    input_name = session.get_inputs()[0].name
+    names = [output.name for output in session.get_outputs()][:count]
+    batches = [session.run(names, {input_name: load_batch(paths[start : start + batch_size], preprocessing)})
+               for start in range(0, len(paths), batch_size)]
+    return [np.concatenate([batch[i] for batch in batches]).astype(np.float32) for i in range(len(names))]
+
+
+def predict_tasks(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch_size: int = 32) -> dict[ModelTask, np.ndarray]:
+    """Each task's scores for the rows of `frame` (columns in its labels' order), from one pass of the model.
+
+    As `predict_frame`, but for every task: a task whose labels differ from its manifest column's is refused.
+    """
+    metadata = read_metadata(model_path)
+    tasks = model_tasks(model_path, metadata)
+    for task in tasks:
+        labels = dataset.for_task(task.name).labels if task.name in dataset.manifest.columns else None
+        if labels != task.labels:
+            which = "" if "tasks" not in metadata else f" for task {task.name!r}"
+            found = f"differ from the dataset's {list(labels)}" if labels is not None else "have no column in the dataset"
+            raise LabelMismatchError(
+                f"{model_path}: the model's labels {list(task.labels)}{which} {found} (dataset root "
+                f"{dataset.root.name}); score it on the dataset it was trained for, or retrain."
+            )
+    if frame.empty:
+        return {task: np.zeros((0, len(task.labels)), dtype=np.float32) for task in tasks}
+    session = open_session(model_path)
+    outputs = predict_outputs(session, [dataset.image_path(p) for p in frame["path"]],
+                              model_preprocessing(model_path, metadata), batch_size, count=len(tasks))
+    return dict(zip(tasks, outputs, strict=True))
 
 
 def predict_frame(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch_size: int = 32,

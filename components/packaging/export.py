@@ -4,7 +4,9 @@ Each file written here passes `onnx.checker` (full check), loads in ONNX Runtime
 the PyTorch model's logits on held-out images within a tolerance, and carries in its
 metadata_props everything a consumer needs: labels, preprocessing, backbone and weights hash,
 the cache key of the features it was trained on, data version, training strategy, sparsity
-and the tlops version.
+and the tlops version. A model of several tasks has one output per task, named by it, and says
+in `metadata_props["tasks"]` each task's name, head kind, labels and declared order; parity and
+the train/serve check then hold for every output.
 
 The FP32 file is also checked against what was trained and evaluated (`check_train_serve`):
 read back the way a server reads it (its own metadata -> preprocessing -> raw image files ->
@@ -47,7 +49,7 @@ from components.models.classifier import (
     output_names,
 )
 from components.models.onnx_export import export_onnx
-from components.models.onnx_io import model_preprocessing, open_session, predict_frame, read_metadata
+from components.models.onnx_io import model_preprocessing, open_session, predict_tasks, read_metadata
 from components.models.registry import get_entry
 from components.packaging.config import ExportConfig
 from components.packaging.pruning import prune_model
@@ -77,25 +79,33 @@ def tlops_version() -> str:
 
 
 def check_parity(model: nn.Module, onnx_path: Path, images: np.ndarray, atol: float, rtol: float = 0.0) -> float:
-    """Max |logit difference| between PyTorch and ONNX Runtime on `images`; raises beyond atol + rtol * max |logit|."""
+    """Max |logit difference| between PyTorch and ONNX Runtime on `images`, over every output (one per task);
+    raises when any output differs beyond atol + rtol * its max |logit|, naming it."""
     with torch.no_grad():
         expected = model(torch.from_numpy(images))
-        expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()  # the logits
+    # Every output: one per task, or a prototype head's logits and embedding (what add-class builds on).
+    expected = [e.numpy() for e in expected] if isinstance(expected, tuple) else [expected.numpy()]
     session = open_session(onnx_path)
-    actual = session.run(None, {session.get_inputs()[0].name: images})[0]
-    if actual.shape != expected.shape:
-        raise ExportParityError(
-            f"{onnx_path}: ONNX Runtime returns logits of shape {actual.shape}, PyTorch {expected.shape}."
-        )
-    diff = float(np.max(np.abs(actual - expected)))
-    allowed = atol + rtol * float(np.max(np.abs(expected)))
-    if not np.isfinite(diff) or diff > allowed:
-        relative = f" + export.pruned_parity_rtol={rtol:g} x max |logit| {np.max(np.abs(expected)):.3g}" if rtol else ""
-        raise ExportParityError(
-            f"{onnx_path}: max |logit difference| vs PyTorch is {diff:.3g} on {len(images)} held-out images, "
-            f"above export.parity_atol={atol:g}{relative}; the exported graph does not compute what the model does."
-        )
-    return diff
+    actual = session.run(None, {session.get_inputs()[0].name: images})
+    names = [output.name for output in session.get_outputs()]
+    if len(actual) != len(expected):
+        raise ExportParityError(f"{onnx_path}: ONNX Runtime returns {len(actual)} output(s) {names}, PyTorch {len(expected)}.")
+    worst = 0.0
+    for name, got, want in zip(names, actual, expected):
+        if got.shape != want.shape:
+            raise ExportParityError(
+                f"{onnx_path}: ONNX Runtime returns {name} of shape {got.shape}, PyTorch {want.shape}."
+            )
+        diff = float(np.max(np.abs(got - want)))
+        allowed = atol + rtol * float(np.max(np.abs(want)))
+        if not np.isfinite(diff) or diff > allowed:
+            relative = f" + export.pruned_parity_rtol={rtol:g} x max |logit| {np.max(np.abs(want)):.3g}" if rtol else ""
+            raise ExportParityError(
+                f"{onnx_path}: max |{name} difference| vs PyTorch is {diff:.3g} on {len(images)} held-out images, "
+                f"above export.parity_atol={atol:g}{relative}; the exported graph does not compute what the model does."
+            )
+        worst = max(worst, diff)
+    return worst
 
 
 def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: float,
@@ -116,6 +126,8 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: 
         "tta_views": str(tta_views),
         "head": str((checkpoint.get("head_spec") or {"kind": "linear"})["kind"]),
         "tlops_version": tlops_version(),
+        # Several tasks (or an ordinal / regress head): the outputs, in task order, and what each one's columns are.
+        **({"tasks": json.dumps(checkpoint["tasks"])} if checkpoint.get("tasks") else {}),
     }
 
 
@@ -188,8 +200,9 @@ def check_train_serve(checkpoint: dict[str, Any], checkpoint_path: Path, served_
         cached_features.append(rows_by_sha256(sha256, tap_features, frame["sha256"], backbone, "val"))
     head = checkpoint_head(checkpoint)
     with torch.no_grad():
-        trained_logits = head(torch.from_numpy(np.concatenate(cached_features, axis=1))).numpy()
-    served_logits = predict_frame(served_path, dataset, frame, batch_size=count)
+        trained = head(torch.from_numpy(np.concatenate(cached_features, axis=1)))
+    trained_logits = np.concatenate([t.numpy() for t in trained] if isinstance(trained, tuple) else [trained.numpy()], axis=1)
+    served_logits = np.concatenate(list(predict_tasks(served_path, dataset, frame, batch_size=count).values()), axis=1)
     worst = int(np.abs(served_logits - trained_logits).max(axis=1).argmax())
     diff = float(np.abs(served_logits - trained_logits).max())
     if not diff <= atol:  # also true for NaN
@@ -233,6 +246,10 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
     if sparsity > 0 and channel_pruning is not None:
         raise ValueError("export: unstructured sparsity and channel pruning both asked for; compress.prune picks one.")
     checkpoint = load_checkpoint(checkpoint_path)
+    if channel_pruning is not None and checkpoint.get("tasks"):
+        raise UserError(f"compress.prune=structured: {checkpoint_path} has tasks "
+                        f"{[t['name'] for t in checkpoint['tasks']]}, and structured pruning's recovery training "
+                        f"fine-tunes one classify head; set compress.prune to none or unstructured for this model.")
     model = build_model(checkpoint)
     preprocessing = Preprocessing.of(checkpoint["preprocessing"])
     features_cache_key = str(read_record(features_dir, checkpoint["backbone"]["name"])["cache_key"])
@@ -267,7 +284,7 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
             variant = ViewAverage(variant, views).eval()
         elif hasattr(getattr(variant, "head", None), "embedding"):  # prototypes: the embedding is a second output, for add-class
             variant = WithEmbedding(variant).eval()
-        export_onnx(variant, path, metadata, preprocessing.input_size, cfg.opset, output_names(variant))
+        export_onnx(variant, path, metadata, preprocessing.input_size, cfg.opset, output_names(variant, checkpoint))
         diff = check_parity(variant, path, images, cfg.parity_atol, cfg.pruned_parity_rtol if name == "pruned" else 0.0)
         metrics[f"parity_max_diff_{name}"] = diff
         metrics[f"size_mb_{name}"] = path.stat().st_size / 1e6
@@ -280,7 +297,7 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
             # The cached features are of view 0, so a view-averaging file is checked through its plain twin.
             served = artifacts["fp32"] if views == 1 else export_onnx(
                 model, Path(scratch) / FP32_FILE, model_metadata(checkpoint, checkpoint_path, 0.0, features_cache_key),
-                preprocessing.input_size, cfg.opset)
+                preprocessing.input_size, cfg.opset, output_names(model, checkpoint))
             metrics["train_serve_max_diff"] = check_train_serve(checkpoint, checkpoint_path, served, dataset,
                                                                 features_dir, cfg.parity_images, cfg.train_serve_atol)
     else:
@@ -304,6 +321,7 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
             "pruning": pruning_info,
             "backbone": checkpoint["backbone"]["name"],
             "labels": list(checkpoint["labels"]),
+            **({"tasks": [task["name"] for task in checkpoint["tasks"]]} if checkpoint.get("tasks") else {}),
         },
     )
     result.save()

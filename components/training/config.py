@@ -7,9 +7,9 @@ framework (only pydantic), so a typo in params fails in well under a second, bef
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from pydantic import Field, PositiveFloat, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from components.core.config import StageConfig
 
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     import optuna
 
 Choice = bool | int | float | str  # what Optuna's suggest_categorical stores
+# How a task's head reads its classes: unrelated (softmax), ordered (CORN), or a value with class thresholds.
+HeadKind = Literal["classify", "ordinal", "regress"]
+INPUT_NAME = "image"  # the exported model's input: no task (hence no output) may take its name
 
 
 @dataclass(frozen=True)
@@ -146,11 +149,25 @@ class FinetuneConfig(StageConfig):
     full: FullConfig = FullConfig()
     prototypes: PrototypesConfig = PrototypesConfig()
     adapt: AdaptConfig = AdaptConfig()
+    # Several tasks from one trunk: the manifest columns learned, one head each; the first is the primary
+    # task (early stopping, promotion, compress's budget and the headline accuracy use it).
+    tasks: tuple[str, ...] = Field(("label",), min_length=1)
+    # A kind for the primary task (the others classify), or a kind per task: {label: ordinal, cell_type: classify}.
+    head: HeadKind | dict[str, HeadKind] = "classify"
+    # Weights of the tasks' losses, in task order (None: 1 each), or "uncertainty": learned (Kendall et al. 2018).
+    task_weights: tuple[PositiveFloat, ...] | Literal["uncertainty"] | None = None
+    # The declared order of a task's classes, lowest first (ordinal and regress heads need one); ELPV declares
+    # its own `label` order, and a column whose values are all numbers is ordered by value.
+    orders: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _adaptable(self) -> FinetuneConfig:
         if self.adapt.target_domain is None:
             return self
+        if not self.single_task:
+            raise ValueError(f"finetune.adapt.target_domain is set, but tasks are {list(self.tasks)} with head "
+                             f"{self.head!r}: domain adaptation trains one classify task; train that, or set "
+                             f"finetune.adapt.target_domain=null")
         if self.strategy in ("full", "prototypes"):
             raise ValueError(f"finetune.adapt.target_domain is set, but finetune.strategy={self.strategy} does not "
                              f"adapt; use linear or partial (auto tries those), or set finetune.adapt.target_domain=null")
@@ -158,6 +175,55 @@ class FinetuneConfig(StageConfig):
             raise ValueError("finetune.adapt.target_domain and finetune.distill.teacher cannot be combined (the "
                              "teacher was trained with labels of every domain); set one of them to null")
         return self
+
+    @field_validator("head", mode="before")
+    @classmethod
+    def _head_kinds(cls, head: Any) -> Any:
+        kinds = get_args(HeadKind)
+        named = head.items() if isinstance(head, dict) else [(None, head)]
+        for task, kind in named:
+            if kind not in kinds:
+                where = f" for task {task!r}" if task is not None else ""
+                raise ValueError(f"{kind!r}{where} is not a head kind; use one of {list(kinds)}, or a kind per task "
+                                 f"such as {{label: ordinal}}")
+        return head
+
+    @model_validator(mode="after")
+    def _tasks(self) -> FinetuneConfig:
+        repeated = sorted({task for task in self.tasks if self.tasks.count(task) > 1})
+        if repeated:
+            raise ValueError(f"tasks {list(self.tasks)} name {repeated} more than once; each column is one task")
+        if INPUT_NAME in self.tasks or any(not task.strip() for task in self.tasks):
+            raise ValueError(f"tasks {list(self.tasks)}: a task may not be empty or named {INPUT_NAME!r} (the model's "
+                             f"input); rename that column")
+        if isinstance(self.head, dict):
+            unknown = sorted(set(self.head) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"head names {unknown}, which are not in tasks {list(self.tasks)}")
+        if isinstance(self.task_weights, tuple) and len(self.task_weights) != len(self.tasks):
+            raise ValueError(f"task_weights has {len(self.task_weights)} value(s) for {len(self.tasks)} task(s) "
+                             f"{list(self.tasks)}; give one per task, in the same order")
+        if self.distill.teacher is not None and not self.single_task:
+            raise ValueError(f"distill.teacher is set, but distillation learns one classify task's logits and tasks are "
+                             f"{list(self.tasks)} with head {self.head!r}; drop the teacher or train one classify task")
+        if self.strategy == "prototypes" and not self.single_task:
+            raise ValueError(f"finetune.strategy=prototypes is one classify task's nearest class centroid, but tasks are "
+                             f"{list(self.tasks)} with head {self.head!r}; use linear, partial or full for several tasks")
+        for task, order in self.orders.items():
+            if len(order) < 2 or len(set(order)) != len(order):
+                raise ValueError(f"orders.{task}: {list(order)} must list two or more distinct classes, lowest first")
+        return self
+
+    def head_of(self, task: str) -> HeadKind:
+        """The kind of head `task` gets: a per-task mapping, or `head` for the primary task; classify otherwise."""
+        if isinstance(self.head, dict):
+            return self.head.get(task, "classify")
+        return self.head if task == self.tasks[0] else "classify"
+
+    @property
+    def single_task(self) -> bool:
+        """Today's model: one classify head on `label`, exported with one `logits` output (nothing else changes)."""
+        return self.tasks == ("label",) and self.head_of("label") == "classify"
 
 
 class SearchSpec(StageConfig):

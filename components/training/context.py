@@ -6,7 +6,7 @@ device and precision), so a strategy reads what it needs and nothing is looked u
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from components.features.cache import read_record
 from components.models.registry import get_entry
 from components.training.config import FinetuneConfig
 from components.training.loop import OnEpoch, Trained
+from components.training.tasks import TaskSet, resolve
 
 if TYPE_CHECKING:
     from components.models.int8_recipe import Recipe
@@ -32,8 +33,10 @@ class Context:
 
     def __init__(self, cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, cache_dir: Path,
                  state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None,
-                 int8_recipe: Recipe | None = None):
+                 int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None):
         self.int8_recipe = int8_recipe
+        # Checked before anything is computed: an unknown column or an undeclared order fails in one line.
+        self.tasks = TaskSet(resolve(cfg, dataset, orders or {}), cfg, dataset)
         self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
         self.entry = get_entry(backbone)
         self.record = read_record(features_dir, backbone)
@@ -48,7 +51,10 @@ class Context:
 
     def resume(self, strategy: str, block: StageConfig) -> tuple[Path, str]:
         """Where a strategy keeps its per-epoch state, and the fingerprint a saved state must match."""
-        fingerprint = sha256_json({"strategy": strategy, "config": block.model_dump(mode="json"),
+        tasks = {} if self.tasks.single else {  # keyed only when set, so today's resume files stay valid
+            "tasks": self.tasks.describe(), "task_weights": self.cfg.model_dump(mode="json")["task_weights"],
+            "task_data": self.dataset.manifest[list(self.cfg.tasks)].astype(str).to_dict("list")}
+        fingerprint = sha256_json({**tasks, "strategy": strategy, "config": block.model_dump(mode="json"),
                                    "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill",
                                                                                       "adapt"}),
                                    "backbone": self.entry.describe(), "features": self.record["cache_key"],

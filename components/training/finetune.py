@@ -14,6 +14,7 @@ reported as negative transfer (console, MLflow tag `tlops.negative_transfer`, `f
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,17 +124,19 @@ def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> No
 def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, manifest_path: Path, out_dir: Path,
         cache_dir: Path, state_dir: Path, opset: int = 17, atol: float = 1e-4,
         progress: Progress = no_progress, on_epoch: OnEpoch | None = None,
-        int8_recipe: Recipe | None = None) -> StageResult:
+        int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None) -> StageResult:
     """Train by `cfg.strategy`; `cache_dir` holds cached activations, `state_dir` per-epoch resume files.
 
     `int8_recipe`: how compress will quantize (None: it will not); `partial` then also trains on INT8 activations.
+    `orders`: the declared class order of tasks (the source's, e.g. ELPV's four levels, and `cfg.orders`).
 
     `on_epoch(epoch, entry)` is called after each epoch of partial/full; an exception it raises stops
     the run before anything is written to `out_dir`."""
-    ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch, int8_recipe)
+    ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch, int8_recipe,
+                  {**(orders or {}), **cfg.orders})
     check_taps(cfg, ctx.record, backbone)
     log.info("finetune on %s", ctx.placement.reason)
-    ref = reference.fit_reference(cfg.guard, dataset)
+    ref = reference.fit_reference(cfg.guard, dataset.for_task(ctx.tasks.primary.name))  # judged on the primary task
     if cfg.strategy == "auto":
         strategy, trained, candidates, why = train_auto(ctx, ref)
     else:
@@ -146,15 +149,20 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     out_dir.mkdir(parents=True, exist_ok=True)
     taps = list(trained.info.get("taps", ["pooled"]))  # the probes read taps of their own; the others pooled
     trunk_state = None
+    # Several tasks (or another head than classify): the checkpoint, hence the exported model, says which.
+    calibrated = trained.info.get("calibration", {})  # a regress task's thresholds, chosen on val, go with it
+    described = {} if ctx.tasks.single else {"tasks": [task | ({"thresholds": calibrated[task["name"]]["thresholds"]}
+                                                               if task["name"] in calibrated else {})
+                                                        for task in ctx.tasks.describe()]}
     if trained.network is not None:
         from components.models.backbones import Trunk
 
         trunk_state = Trunk(trained.network, {t: ctx.entry.taps[t] for t in taps}).state_dict()
     checkpoint = save_checkpoint(
         out_dir / CHECKPOINT_FILE, trained.head, trunk_state,
-        backbone=ctx.entry.describe(), taps=taps, labels=list(dataset.labels), preprocessing=ctx.preprocessing.model_dump(mode="json"),
+        backbone=ctx.entry.describe(), taps=taps, labels=list(ctx.tasks.primary.labels), preprocessing=ctx.preprocessing.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"), strategy=strategy, data={"version": data_version(manifest_path)},
-        features_cache_key=ctx.record["cache_key"], train_views=STRATEGIES[strategy].train_views(cfg),
+        features_cache_key=ctx.record["cache_key"], train_views=STRATEGIES[strategy].train_views(cfg), **described,
     )
     report = {"strategy": strategy, "why": why, "candidates": candidates, "placement": ctx.placement.describe(),
               "reference": asdict(ref), "negative_transfer": {"fired": verdict.fired, "message": verdict.message},
@@ -169,11 +177,12 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
         metrics={"val_accuracy": trained.best["val_accuracy"], "val_loss": trained.best["val_loss"],
                  "best_epoch": trained.best["epoch"], "epochs_run": len(trained.history), "train_seconds": trained.seconds,
                  "n_train": len(dataset.split("train")), "reference_val_accuracy": ref.val_accuracy,
+                 **{key: value for key, value in trained.best.items() if key.startswith("val_accuracy.")},
                  **{f"auto.{c['strategy']}.val_accuracy": c["val_accuracy"] for c in candidates if "val_accuracy" in c},
                  **{f"adapt.{k}": float(v) for k, v in adapted.items() if isinstance(v, float)}},
         artifacts={"checkpoint": checkpoint, "report": out_dir / REPORT_FILE, "history": out_dir / "history.json",
                    "training_curves": plot, **pictures},
-        info={"backbone": backbone, "strategy": strategy, "labels": list(dataset.labels), "why": why,
+        info={"backbone": backbone, "strategy": strategy, "labels": list(ctx.tasks.primary.labels), "tasks": ctx.tasks.names, "why": why,
               "negative_transfer": "fired" if verdict.fired else "no", "device": ctx.placement.describe()["device"],
               "precision": ctx.placement.precision,
               **({"adapt": f"{adapted['method']} to {adapted['target_domain']}"} if adapted else {})},

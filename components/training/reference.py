@@ -86,8 +86,8 @@ def labelled_pixels(dataset: Dataset, split: str, image_size: int) -> tuple[np.n
     frame: pd.DataFrame = dataset.split(split)
     if frame.empty:
         raise ReferenceError(f"the manifest has no {split!r} rows; the reference needs train and val (ingest.val_fraction > 0).")
-    if frame["label"].isna().any():
-        raise ReferenceError(f"{int(frame['label'].isna().sum())} {split!r} rows have no label; run the validate stage.")
+    if frame[dataset.target].isna().any():
+        raise ReferenceError(f"{int(frame[dataset.target].isna().sum())} {split!r} rows have no {dataset.target}; run the validate stage.")
     paths = [dataset.image_path(p) for p in frame["path"]]
     return pixel_matrix(paths, image_size), np.asarray(dataset.label_index(frame))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,11 +74,12 @@ def yaml_scalar(value: Any) -> str:
 
 def tune(cfg: TuneConfig, base: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset,
          manifest_path: Path, work_dir: Path, cache_dir: Path, opset: int = 17, atol: float = 1e-4,
-         int8_recipe: Recipe | None = None, callbacks: Sequence[TrialCallback] = ()) -> TuneResult:
+         int8_recipe: Recipe | None = None, callbacks: Sequence[TrialCallback] = (),
+         orders: Mapping[str, Sequence[str]] | None = None) -> TuneResult:
     """Run the study until `cfg.trials` trials or `cfg.minutes` have passed. Every trial's files live in a
     temporary folder under `work_dir`, removed when the trial ends (completed, pruned or failed).
 
-    `int8_recipe`: as for the finetune stage, so a trial trains the way the pipeline will."""
+    `int8_recipe`, `orders`: as for the finetune stage, so a trial trains the way the pipeline will."""
     work_dir.mkdir(parents=True, exist_ok=True)
 
     def objective(trial: optuna.Trial) -> float:
@@ -95,7 +96,7 @@ def tune(cfg: TuneConfig, base: FinetuneConfig, backbone: str, features_dir: Pat
         with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=work_dir) as scratch:
             result = finetune_run(config, backbone, features_dir, dataset, manifest_path, Path(scratch) / "out",
                                   cache_dir, Path(scratch) / "state", opset, atol, on_epoch=report,
-                                  int8_recipe=int8_recipe)
+                                  int8_recipe=int8_recipe, orders=orders)
         for key in ("val_loss", "best_epoch", "epochs_run", "train_seconds"):
             trial.set_user_attr(key, result.metrics[key])
         log.info("trial %d: val accuracy %.4f with %s", trial.number, result.metrics["val_accuracy"], values)

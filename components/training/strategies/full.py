@@ -22,7 +22,8 @@ from components.models.backbones import build_classifier
 from components.models.trunk_parts import FullModel, check_layout
 from components.training.context import Context, Strategy
 from components.training.cost import REFERENCE, Cost, forward_flops, training_seconds
-from components.training.loop import Trained, class_weight_vector, fit, scores
+from components.training.loop import Trained, fit
+from components.training.tasks import Outputs, concat, to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,16 @@ def train(ctx: Context) -> Trained:
     cfg, common, entry, preprocessing, dataset, placement = (ctx.cfg.full, ctx.cfg, ctx.entry, ctx.preprocessing,
                                                              ctx.dataset, ctx.placement)
     resume_path, fingerprint = ctx.resume("full", cfg)
-    n_classes = len(dataset.labels)
+    tasks = ctx.tasks
     torch.manual_seed(common.seed)
     model = build_classifier(entry)
     check_layout(model, entry.name, "full")
-    head = nn.Linear(model.num_features, n_classes)
+    head = tasks.head(model.num_features)
     network = FullModel(model, head, cfg.dropout)
     for parameter in network.parameters():
         parameter.requires_grad_(True)
-    train = ImageSplit(dataset, "train", augmentation(preprocessing, cfg.crop_scale_min, cfg.jitter))
-    val = ImageSplit(dataset, "val", Served(preprocessing))
+    train = ImageSplit(dataset, "train", augmentation(preprocessing, cfg.crop_scale_min, cfg.jitter), tasks.targets("train"))
+    val = ImageSplit(dataset, "val", Served(preprocessing), tasks.targets("val"))
     pin = placement.device.type == "cuda"
     workers = usable_workers(train, cfg.workers, cfg.batch_size)
 
@@ -53,15 +54,13 @@ def train(ctx: Context) -> Trained:
 
     val_loader = DataLoader(val, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=pin)
 
-    def evaluate(net: nn.Module) -> dict[str, float]:
-        logits, labels = [], []
-        for x, y in val_loader:
-            logits.append(net(x.to(placement.device)).float().cpu())
-            labels.append(y)
-        return scores(torch.cat(logits), torch.cat(labels))
+    def val_outputs(net: nn.Module) -> Outputs:
+        return concat([to_cpu(net(x.to(placement.device))) for x, _ in val_loader])
 
-    loss = nn.CrossEntropyLoss(weight=class_weight_vector(train.labels.tolist(), n_classes, common.class_weights)
-                               .to(placement.device), label_smoothing=common.label_smoothing)
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        return tasks.scores(val_outputs(net), val.labels)
+
+    loss = tasks.loss(train.labels, head, placement.device)
     steps = len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1
     try:
         result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement,
@@ -73,9 +72,12 @@ def train(ctx: Context) -> Trained:
                         f"({str(error).splitlines()[0][:160]}); set finetune.full.workers=0 to decode in the training "
                         f"process, or give it more memory and shared memory.") from None
     network.load_state_dict(result.state)
+    calibration = tasks.calibrate(network, head, val_outputs, val.labels)
     network.cpu().eval()
     info = {"resumed_from_epoch": result.resumed_from, "stopped_early": result.stopped_early,
             "augmentation": repr(train.transform), "workers": workers}
+    if calibration:
+        info["calibration"] = calibration
     best = next(h for h in result.history if h["epoch"] == result.best_epoch)
     return Trained(model, head, result.history, best, time.perf_counter() - began, info)
 
@@ -85,7 +87,7 @@ def cost(ctx: Context) -> Cost:
     cfg, dataset = ctx.cfg.full, ctx.dataset
     model = build_classifier(ctx.entry)
     check_layout(model, ctx.entry.name, "full")
-    network = FullModel(model, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
+    network = FullModel(model, ctx.tasks.head(model.num_features), cfg.dropout)
     image = torch.zeros(1, 3, ctx.preprocessing.input_size, ctx.preprocessing.input_size)
     n_train, n_val = len(dataset.split("train")), len(dataset.split("val"))
     return Cost(training_s=training_seconds(forward_flops(network, image), cfg.epochs, n_train, n_val),

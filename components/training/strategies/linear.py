@@ -4,6 +4,10 @@ Features of one or several taps are concatenated and standardised (mean and scal
 the L2 strength is chosen on val from a grid. The fitted probe is folded into one `nn.Linear` on
 the raw features, so the exported model needs no separate scaler.
 
+Several tasks: one probe per task on the same features (frozen features leave the tasks nothing to
+share), each of its head's kind: a logistic regression (classify), CORN's K-1 conditional logistic
+regressions (ordinal), a ridge regression of the class targets with thresholds chosen on val (regress).
+
 A feature's scale is floored at `SCALE_FLOOR` times the median feature's: pooled ReLU6 channels
 that are almost always 0 have spreads of 1e-4, and dividing by that multiplied rounding noise by
 10^4 (a folded weight of 5,662 on ELPV Lite0, whose ONNX Runtime export then missed torch by 1.3e-4).
@@ -20,25 +24,27 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from components.data.domains import UNLABELLED, UNLABELLED_VAL
 from components.features.cache import split_features
-from components.models.heads import BottleneckHead
+from components.models.heads import BottleneckHead, CornHead, RegressHead, TaskHeads
 from components.training import adaptation
 from components.training.context import Context, Strategy
 from components.training.cost import Cost
 from components.training.loop import Trained, class_weight_vector, fit, scores
 from components.training.reference import DEEPER_FINETUNING
+from components.training.tasks import Task, default_bounds
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +58,25 @@ class ProbeResult:
     best: dict[str, float]
 
 
+def folded(coef: np.ndarray, intercept: np.ndarray, scaler: StandardScaler) -> tuple[np.ndarray, np.ndarray]:
+    """The weights and bias of `x @ coef.T + intercept` on standardised x, as weights and bias on raw x."""
+    return coef / scaler.scale_, intercept - (coef * scaler.mean_ / scaler.scale_).sum(1)
+
+
+def copy_into(linear: nn.Linear, coef: np.ndarray, intercept: np.ndarray) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(coef).float())
+        linear.bias.copy_(torch.from_numpy(intercept).float())
+
+
 def fold_scaler(model: LogisticRegression, scaler: StandardScaler, n_classes: int) -> nn.Linear:
     """`model(scaler(x))` as one linear layer on `x` (softmax logits; binary gets [0, z])."""
-    coef, intercept = model.coef_ / scaler.scale_, model.intercept_ - (model.coef_ * scaler.mean_ / scaler.scale_).sum(1)
+    coef, intercept = folded(model.coef_, model.intercept_, scaler)
     if coef.shape[0] == 1 and n_classes == 2:  # sklearn's binary model: one logit for the positive class
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.array([0.0, intercept[0]])
     head = nn.Linear(coef.shape[1], n_classes)
-    with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(coef).float())
-        head.bias.copy_(torch.from_numpy(intercept).float())
+    copy_into(head, coef, intercept)
     return head.eval()
 
 
@@ -167,17 +182,122 @@ def train_adapted(ctx: Context) -> Trained:
                    plots={"adaptation.png": plot})
 
 
+def balanced_weights(labels: np.ndarray, n_classes: int, class_weights: str) -> np.ndarray | None:
+    """Per-sample weights that give each class the weight scikit-learn's "balanced" gives it (None: unweighted)."""
+    if class_weights != "balanced":
+        return None
+    return class_weight_vector(labels.tolist(), n_classes, "balanced").numpy()[labels]
+
+
+def head_scores(head: nn.Module, x: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(accuracy, log loss) of `head`'s class scores on raw features `x` (softmax of its output)."""
+    with torch.no_grad():
+        output = head.eval()(torch.from_numpy(x).float()).double()
+    log_p = torch.log_softmax(output, dim=1).numpy()
+    return float((log_p.argmax(1) == labels).mean()), float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def fit_per_c(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
+              regularization: tuple[float, ...], fit_one: Callable[[np.ndarray, float], nn.Module]) -> ProbeResult:
+    """One head per L2 strength `C` from `fit_one(standardised train x, C)` (a head on standardised features);
+    each folded onto raw features and scored; the best val accuracy wins, ties to lower loss."""
+    scaler = standardiser(train[0])
+    x_train = scaler.transform(train[0])
+    history, heads = [], []
+    for index, c in enumerate(regularization):
+        began = time.perf_counter()
+        head = fit_one(x_train, c)
+        linear = head.linear
+        copy_into(linear, *folded(linear.weight.detach().double().numpy(), linear.bias.detach().double().numpy(), scaler))
+        _, train_loss = head_scores(head, train[0], train[1])
+        val_accuracy, val_loss = head_scores(head, val[0], val[1])
+        history.append({"epoch": index, "C": c, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_accuracy": val_accuracy, "seconds": time.perf_counter() - began})
+        heads.append(head)
+        log.info("probe C=%g: val accuracy %.4f, val loss %.4f", c, val_accuracy, val_loss)
+    best = max(range(len(history)), key=lambda i: (history[i]["val_accuracy"], -history[i]["val_loss"]))
+    return ProbeResult(heads[best], history, history[best])
+
+
+def fit_ordinal_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], task: Task,
+                      regularization: tuple[float, ...], class_weights: str, seed: int) -> ProbeResult:
+    """A CORN head from K-1 logistic regressions: the k-th on the train images of rank >= k, told whether the rank
+    is above k. CORN's loss is the sum of those conditional binary losses and each logit has its own weights,
+    so fitting them one by one is fitting CORN."""
+    ranks = np.asarray(task.ranks)[train[1]]
+    weights = balanced_weights(train[1], len(task.labels), class_weights)
+
+    def fit_one(x: np.ndarray, c: float) -> nn.Module:
+        head = CornHead(x.shape[1], task.ranks)
+        coef, intercept = [], []
+        for k in range(len(task.labels) - 1):
+            subset = ranks >= k
+            model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(x[subset], (ranks[subset] > k).astype(int), sample_weight=None if weights is None else weights[subset])
+            coef.append(model.coef_[0])
+            intercept.append(model.intercept_[0])
+        copy_into(head.linear, np.stack(coef), np.asarray(intercept))
+        return head
+
+    return fit_per_c(train, val, regularization, fit_one)
+
+
+def fit_regress_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], task: Task,
+                      regularization: tuple[float, ...], class_weights: str) -> ProbeResult:
+    """A ridge regression of each image's class target (alpha = 1 / 2C: the L2 strength logistic regression's C
+    stands for, on squared error), with thresholds halfway between the targets until `calibrate_values`."""
+    targets = np.asarray(task.targets)[train[1]]
+    weights = balanced_weights(train[1], len(task.labels), class_weights)
+
+    def fit_one(x: np.ndarray, c: float) -> nn.Module:
+        lower, upper = default_bounds(task.targets, task.ranks)
+        head = RegressHead(x.shape[1], task.targets, lower, upper)
+        model = Ridge(alpha=1 / (2 * c)).fit(x, targets, sample_weight=weights)
+        copy_into(head.linear, model.coef_[None], np.asarray([model.intercept_]))
+        return head
+
+    return fit_per_c(train, val, regularization, fit_one)
+
+
 def train(ctx: Context) -> Trained:
     if ctx.cfg.adapt.target_domain is not None:
         return train_adapted(ctx)
     began = time.perf_counter()
-    labels = {s: np.asarray(ctx.dataset.label_index(ctx.dataset.split(s))) for s in ("train", "val")}
+    tasks = ctx.tasks
     features = {s: np.concatenate([split_features(ctx.dataset, ctx.features_dir, ctx.entry.name, tap, s)
                                    for tap in ctx.cfg.linear.taps], axis=1) for s in ("train", "val")}
-    probe = fit_probe((features["train"], labels["train"]), (features["val"], labels["val"]), len(ctx.dataset.labels),
-                      ctx.cfg.linear.regularization, ctx.cfg.class_weights, ctx.cfg.seed)
-    info = {"taps": list(ctx.cfg.linear.taps), "C": probe.best["C"], "n_features": int(features["train"].shape[1])}
-    return Trained(None, probe.head, probe.history, probe.best, time.perf_counter() - began, info)
+    targets = {s: tasks.targets(s) for s in ("train", "val")}
+    probes: dict[str, ProbeResult] = {}
+    for i, task in enumerate(tasks.tasks):  # a probe per task: on frozen features, the tasks share nothing to train
+        labels = {s: (targets[s] if tasks.single else targets[s][:, i]).numpy() for s in ("train", "val")}
+        train_set, val_set = (features["train"], labels["train"]), (features["val"], labels["val"])
+        regularization, class_weights, seed = ctx.cfg.linear.regularization, ctx.cfg.class_weights, ctx.cfg.seed
+        if task.kind == "ordinal":
+            probes[task.name] = fit_ordinal_probe(train_set, val_set, task, regularization, class_weights, seed)
+        elif task.kind == "regress":
+            probes[task.name] = fit_regress_probe(train_set, val_set, task, regularization, class_weights)
+        else:
+            probes[task.name] = fit_probe(train_set, val_set, len(task.labels), regularization, class_weights, seed)
+    primary = probes[tasks.primary.name]
+    info = {"taps": list(ctx.cfg.linear.taps), "C": primary.best["C"], "n_features": int(features["train"].shape[1])}
+    if tasks.single:
+        return Trained(None, primary.head, primary.history, primary.best, time.perf_counter() - began, info)
+    head = TaskHeads({name: probe.head for name, probe in probes.items()})
+    with torch.no_grad():
+        values = {task.name: head.head(task.name).value(torch.from_numpy(features["val"]).float()).numpy()
+                  for task in tasks.tasks if task.kind == "regress"}
+    calibration = tasks.calibrate_values(head, values, targets["val"])
+    best = dict(primary.best)
+    for task in tasks.tasks:  # each task's val accuracy as its head ships (regress: with the thresholds chosen on val)
+        accuracy, _ = head_scores(head.head(task.name), features["val"], targets["val"][:, tasks.names.index(task.name)].numpy())
+        best[f"val_accuracy.{task.name}"] = accuracy
+    best["val_accuracy"] = best[f"val_accuracy.{tasks.primary.name}"]
+    info |= {"C_per_task": {name: probe.best["C"] for name, probe in probes.items()}}
+    if calibration:
+        info["calibration"] = calibration
+    return Trained(None, head.eval(), primary.history, best, time.perf_counter() - began, info)
 
 
 STRATEGY = Strategy("linear", train, cost=lambda ctx: Cost(), train_views=lambda cfg: 1,  # seconds: features are cached

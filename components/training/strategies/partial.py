@@ -39,7 +39,8 @@ from components.training import adaptation
 from components.training.activations import cache_activations
 from components.training.context import Context, Strategy
 from components.training.cost import REFERENCE, Cost, forward_flops, training_seconds
-from components.training.loop import Trained, class_weight_vector, fit, scores
+from components.training.loop import Trained, class_weight_vector, fit
+from components.training.tasks import Outputs, concat, to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,11 @@ def train(ctx: Context) -> Trained:
     activations = cache_activations(entry, ctx.preprocessing, cfg.blocks, cfg.views, dataset, ctx.cache_dir, ctx.opset,
                                     ctx.atol, progress=ctx.progress, int8_recipe=recipe, adapting=adapt is not None)
     cached_seconds = time.perf_counter() - began
-    labels = {split: torch.as_tensor(dataset.label_index(dataset.split(split))) for split in ("train", "val")}
-    n_classes = len(dataset.labels)
+    tasks = ctx.tasks
+    labels = {split: tasks.targets(split) for split in ("train", "val")}
     torch.manual_seed(common.seed)
     model = build_classifier(entry)
-    head = nn.Linear(model.num_features, n_classes)
+    head = tasks.head(model.num_features)
     tail = TrainedTail(model, cfg.blocks, head, cfg.dropout)
     for parameter in tail.parameters():
         parameter.requires_grad_(True)
@@ -104,10 +105,12 @@ def train(ctx: Context) -> Trained:
                 target = torch.cat([target, torch.full((len(index),), adaptation.TARGET)])
             yield batch.float(), target
 
+    def val_outputs(network: nn.Module) -> Outputs:  # the tail's outputs on the val images (one per task)
+        return to_cpu(concat([network(chunk.float().to(placement.device)) for chunk in val_x.split(256)]))
+
     def evaluate(network: nn.Module) -> dict[str, float]:
         tail_only = network.model if adapt is not None else network
-        logits = torch.cat([tail_only(chunk.float().to(placement.device)) for chunk in val_x.split(256)])
-        result = scores(logits.cpu(), labels["val"])
+        result = tasks.scores(val_outputs(tail_only), labels["val"])
         if adapt is not None:  # label-free: how far apart held-out source and target features still are
             result["val_coral_distance"] = adaptation.coral_loss(
                 pooled(tail_only, val_x), pooled(tail_only, torch.from_numpy(activations[UNLABELLED_VAL]))).item()
@@ -116,11 +119,13 @@ def train(ctx: Context) -> Trained:
     def pooled(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([network.features(chunk.float().to(placement.device)) for chunk in x.split(256)])
 
-    weight = class_weight_vector(labels["train"].tolist(), n_classes, common.class_weights).to(placement.device)
-    loss = (distill.kd_loss(common.distill.alpha, common.distill.temperature, weight, common.label_smoothing) if distilling
-            else nn.CrossEntropyLoss(weight=weight, label_smoothing=common.label_smoothing))
+    if distilling:
+        weight = class_weight_vector(labels["train"].tolist(), len(dataset.labels), common.class_weights).to(placement.device)
+        loss = distill.kd_loss(common.distill.alpha, common.distill.temperature, weight, common.label_smoothing)
+    else:
+        loss = tasks.loss(labels["train"], head, placement.device)
     loop = cfg.loop(common.seed)
-    if adapt is not None:
+    if adapt is not None:  # one classify task (the config refuses adaptation with several)
         loss = adaptation.adaptation_loss(network, adapt.weight, loss)
         if adapt.keep == "last":  # choosing on source val accuracy would undo the alignment
             loop = dataclasses.replace(loop, keep="last", patience=loop.epochs)
@@ -129,12 +134,15 @@ def train(ctx: Context) -> Trained:
     result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, loop, placement, resume_path,
                  fingerprint, ctx.progress, desc=desc, on_epoch=ctx.on_epoch)
     network.load_state_dict(result.state)
+    calibration = tasks.calibrate(tail, head, val_outputs, labels["val"])
     network.cpu().eval()
     info = {"trainable_blocks": cfg.blocks, "views": n_views, "activation_shape": list(train_x.shape[2:]),
             "int8_views": (recipe.describe(len(int8.calibration_frame(dataset, recipe.calibration_images)))
                            if recipe is not None else None),
             "activation_seconds": cached_seconds, "resumed_from_epoch": result.resumed_from,
             "stopped_early": result.stopped_early}
+    if calibration:
+        info["calibration"] = calibration
     if distilling:
         info["distill"] = {"teacher": str(teacher_path), "teacher_backbone": teacher_checkpoint["backbone"]["name"],
                            "teacher_val_accuracy": distill.teacher_accuracy(teacher, labels["val"]),
@@ -179,7 +187,7 @@ def cost(ctx: Context) -> Cost:
     frozen_flops = forward_flops(frozen, image)
     with torch.no_grad():
         activation = frozen(image)
-    tail = TrainedTail(model, cfg.blocks, nn.Linear(model.num_features, len(dataset.labels)), cfg.dropout)
+    tail = TrainedTail(model, cfg.blocks, ctx.tasks.head(model.num_features), cfg.dropout)  # the heads' FLOPs count too
     n_train, n_val, n_test = (len(dataset.split(split)) for split in ("train", "val", "test"))
     twins = 2 if ctx.int8_recipe is not None and cfg.int8_views else 1  # float and INT8 activations of train views
     n_target = len(dataset.split(UNLABELLED)) if ctx.cfg.adapt.target_domain is not None else 0
