@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components.core.errors import UserError
+from components.data.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -75,6 +76,14 @@ class Tokenization(BaseModel):
     def differences(self, other: Tokenization) -> dict[str, tuple[object, object]]:
         mine, theirs = self.model_dump(), other.model_dump()
         return {name: (mine[name], theirs[name]) for name in mine if mine[name] != theirs[name]}
+
+
+def preprocessing_for(entry: Mapping[str, object], value: object) -> Preprocessing | Tokenization:
+    """The typed preparation a checkpoint or `backbone.json` stored beside `entry` (the registry entry's description):
+    a text encoder's `Tokenization`, an image backbone's `Preprocessing`."""
+    if entry.get("modality") == "text":
+        return Tokenization.of(value)  # type: ignore[arg-type]
+    return Preprocessing.of(value)  # type: ignore[arg-type]
 
 
 def is_text_metadata(metadata: Mapping[str, str]) -> bool:

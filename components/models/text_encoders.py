@@ -66,6 +66,7 @@ def build_encoder(entry: TextEncoderEntry) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its load report lists the unused pooler of the checkpoint, every time
+    hf_logging.disable_progress_bar()
     model, info = BertModel.from_pretrained(str(folder), attn_implementation="eager", add_pooling_layer=False,
                                             output_loading_info=True)
     if info["missing_keys"]:

@@ -30,7 +30,8 @@ from components.training import reference
 from components.training.config import FinetuneConfig
 from components.training.context import Context
 from components.training.loop import OnEpoch, Trained
-from components.training.strategies import AUTO_ORDER, STRATEGIES
+from components.training.context import Strategy
+from components.training.strategies import AUTO_ORDER, strategies_for
 
 if TYPE_CHECKING:
     from components.models.int8_recipe import Recipe
@@ -41,7 +42,8 @@ CHECKPOINT_FILE = "model.pt"
 REPORT_FILE = "finetune.json"
 
 
-def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Trained, list[dict[str, Any]], str]:
+def train_auto(ctx: Context, ref: reference.ReferenceResult,
+               strategies: dict[str, Strategy]) -> tuple[str, Trained, list[dict[str, Any]], str]:
     """Each strategy, cheapest first, while its counted cost fits what is left of the budget.
 
     The budget is charged with each trained strategy's counted cost, not its measured time, so the
@@ -51,7 +53,7 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
     tried: list[tuple[str, Trained]] = []
     candidates: list[dict[str, Any]] = []
     for strategy in AUTO_ORDER:
-        cost = STRATEGIES[strategy].cost(ctx)
+        cost = strategies[strategy].cost(ctx)
         left = budget - spent
         estimate = f"estimated {cost.seconds / 60:.1f} min ({cost.training_s / 60:.1f} training, " \
                    f"{(cost.inference_s + cost.decode_s) / 60:.1f} activations and decoding)"
@@ -61,10 +63,10 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
             log.info("auto: %s %s", strategy, reason)
             continue
         log.info("auto: training %s, %s, %.1f min of the budget left", strategy, estimate, left / 60)
-        trained = STRATEGIES[strategy].train(ctx)
+        trained = strategies[strategy].train(ctx)
         spent += cost.seconds
         verdict = reference.judge(trained.best["val_accuracy"], ref, ctx.cfg.guard.margin, f"{ctx.entry.name}/{strategy}",
-                                  STRATEGIES[strategy].next_step)
+                                  strategies[strategy].next_step)
         if verdict.fired:
             log.warning("auto: %s", verdict.message)
         candidates.append({"strategy": strategy, "estimate": cost.describe(), "status": "trained",
@@ -125,19 +127,24 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     check_taps(cfg, ctx.record, backbone)
     log.info("finetune on %s", ctx.placement.reason)
     ref = reference.fit_reference(cfg.guard, dataset)
+    strategies = strategies_for(ctx.entry.modality)
     if cfg.strategy == "auto":
-        strategy, trained, candidates, why = train_auto(ctx, ref)
+        strategy, trained, candidates, why = train_auto(ctx, ref, strategies)
     else:
-        strategy, trained = cfg.strategy, STRATEGIES[cfg.strategy].train(ctx)
+        strategy, trained = cfg.strategy, strategies[cfg.strategy].train(ctx)
         candidates, why = [], f"finetune.strategy={strategy}"
     verdict = reference.judge(trained.best["val_accuracy"], ref, cfg.guard.margin, f"{backbone}/{strategy}",
-                              STRATEGIES[strategy].next_step)
+                              strategies[strategy].next_step)
     (log.warning if verdict.fired else log.info)("%s", verdict.message)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     taps = list(cfg.linear.taps) if strategy == "linear" else ["pooled"]
     trunk_state = None
-    if trained.network is not None:
+    if trained.network is not None and ctx.entry.modality == "text":
+        from components.models.text_encoders import TextTrunk
+
+        trunk_state = TextTrunk(trained.network, ctx.entry, tuple(taps)).state_dict()
+    elif trained.network is not None:
         from components.models.backbones import Trunk
 
         trunk_state = Trunk(trained.network, {t: ctx.entry.taps[t] for t in taps}).state_dict()
@@ -145,7 +152,7 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
         out_dir / CHECKPOINT_FILE, trained.head, trunk_state,
         backbone=ctx.entry.describe(), taps=taps, labels=list(dataset.labels), preprocessing=ctx.preprocessing.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"), strategy=strategy, data={"version": data_version(manifest_path)},
-        features_cache_key=ctx.record["cache_key"], train_views=STRATEGIES[strategy].train_views(cfg),
+        features_cache_key=ctx.record["cache_key"], train_views=strategies[strategy].train_views(cfg),
     )
     report = {"strategy": strategy, "why": why, "candidates": candidates, "placement": ctx.placement.describe(),
               "reference": asdict(ref), "negative_transfer": {"fired": verdict.fired, "message": verdict.message},
