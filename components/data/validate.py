@@ -405,5 +405,5 @@ def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Pa
         raise DataValidationError(
             f"{text}\nManifest: {manifest_csv}\nReport: {artifacts['report_md']}\nData Docs: {artifacts['data_docs']}"
         )
-    log.info("validated %d images from %s: %s", len(manifest), manifest_csv, headline)
+    log.info("validated %d %s from %s: %s", len(manifest), "texts" if texts else "images", manifest_csv, headline)
     return result
