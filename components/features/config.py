@@ -18,6 +18,7 @@ MIN_OPSET, MAX_OPSET = 13, 20
 
 class FeaturesConfig(StageConfig):
     image_size: int | None = Field(None, ge=32)  # None = each backbone's native size; the trunks stride 32
+    max_length: int | None = Field(None, ge=8, le=512)  # text: tokens kept per text; None = each encoder's native
     taps: tuple[str, ...] = Field(("pooled",), min_length=1)
     batch_size: int = Field(32, ge=1)
     num_threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0 = its default (all cores)

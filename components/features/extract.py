@@ -34,13 +34,14 @@ from components.core.result import StageResult, atomic_path, write_json
 from components.data import preprocess
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
-from components.features import cache
+from components.data.tokenization import Tokenization
+from components.features import cache, text_embedding
 from components.features.cache import FEATURES_FILE, RECORD_FILE, FeatureStore, cache_key
 from components.features.config import FeaturesConfig
 from components.models import backbones
 from components.models.backbones import Trunk, build_trunk
 from components.models.onnx_io import open_session
-from components.models.registry import BackboneEntry, get_entry
+from components.models.registry import BackboneEntry, Entry, get_entry
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,14 @@ def key_inputs(entry: BackboneEntry, preprocessing: Preprocessing, taps: Sequenc
     }
 
 
-def config_key_inputs(entry: BackboneEntry, cfg: FeaturesConfig) -> dict[str, Any]:
+def entry_preprocessing(entry: Entry, cfg: FeaturesConfig) -> Preprocessing | Tokenization:
+    """What turns one input into the encoder's: an image's size and normalisation, or a text's tokenization."""
+    return entry.preprocessing(cfg.max_length) if entry.modality == "text" else entry.preprocessing(cfg.image_size)
+
+
+def config_key_inputs(entry: Entry, cfg: FeaturesConfig) -> dict[str, Any]:
+    if entry.modality == "text":
+        return text_embedding.key_inputs(entry, entry_preprocessing(entry, cfg), cfg.taps, cfg.opset)
     return key_inputs(entry, entry.preprocessing(cfg.image_size), cfg.taps, cfg.opset)
 
 
@@ -217,11 +225,13 @@ def extract(
     return features, stats
 
 
-def stale_inputs(record: Mapping[str, Any], entry: BackboneEntry) -> list[str]:
+def stale_inputs(record: Mapping[str, Any], entry: Entry) -> list[str]:
     """What differs between the key inputs recorded with cached features and today's code, versions, entry.
 
     Empty when features computed now with the recorded settings would get the same key.
     """
+    if entry.modality == "text":
+        return text_embedding.stale_inputs(record, entry)
     recorded = record["cache_key_inputs"]
     current = key_inputs(entry, Preprocessing.of(record["preprocessing"]), record["taps"], recorded["opset"])
     differences = []
@@ -235,6 +245,18 @@ def stale_inputs(record: Mapping[str, Any], entry: BackboneEntry) -> list[str]:
     return differences
 
 
+class ModalityMismatchError(UserError):
+    """An encoder asked to embed the other modality (a text encoder and images, or the reverse)."""
+
+
+def check_modality(entry: Entry, dataset: Dataset) -> None:
+    if entry.modality != dataset.modality:
+        raise ModalityMismatchError(
+            f"backbone {entry.name!r} is {'a text encoder' if entry.modality == 'text' else 'an image backbone'}, but "
+            f"the dataset holds {dataset.modality}s; set select.candidates to "
+            f"{'image backbones' if dataset.modality == 'image' else 'text encoders'} (`tlops backbones` lists them).")
+
+
 def run(
     cfg: FeaturesConfig,
     backbones: tuple[str, ...],
@@ -245,20 +267,26 @@ def run(
 ) -> StageResult:
     entries = [get_entry(name) for name in backbones]  # unknown names fail before any work
     for entry in entries:
+        check_modality(entry, dataset)
         unknown = [t for t in cfg.taps if t not in entry.taps]
         if unknown:
             raise KeyError(f"features.taps: {entry.name} has no tap(s) {unknown}; available: {sorted(entry.taps)}.")
     metrics: dict[str, float] = {}
     artifacts: dict[str, Path] = {}
     for entry in entries:
-        features, stats = extract(entry, cfg, dataset, cache_dir, progress)
+        if entry.modality == "text":
+            features, stats = text_embedding.extract(entry, entry_preprocessing(entry, cfg), cfg.taps, cfg.opset,
+                                                     cfg.batch_size, cfg.num_threads, cfg.parity_images,
+                                                     cfg.parity_atol, dataset, cache_dir, progress)
+        else:
+            features, stats = extract(entry, cfg, dataset, cache_dir, progress)
         target = out_dir / entry.name
         with atomic_path(target / FEATURES_FILE) as partial, open(partial, "wb") as f:
             np.savez(f, **features)
         inputs = config_key_inputs(entry, cfg)
         write_json(
             target / RECORD_FILE,
-            {"entry": entry.describe(), "preprocessing": entry.preprocessing(cfg.image_size),
+            {"entry": entry.describe(), "preprocessing": entry_preprocessing(entry, cfg),
              "taps": list(cfg.taps), "cache_key": cache_key(inputs), "cache_key_inputs": inputs},
         )
         artifacts[f"{entry.name}.features"] = target / FEATURES_FILE

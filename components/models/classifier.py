@@ -131,9 +131,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def build_model(checkpoint: dict[str, Any]) -> Classifier:
-    """Rebuild the full model (pretrained trunk + trained head) from a checkpoint, in eval mode."""
+def build_model(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the full model (pretrained trunk + trained head) from a checkpoint, in eval mode: image -> logits,
+    or for a text encoder's checkpoint (input_ids, attention_mask) -> logits."""
     entry = get_entry(checkpoint["backbone"]["name"])
+    if entry.modality == "text":
+        from components.models.text_encoders import TextClassifier, build_text_trunk
+
+        text_trunk = build_text_trunk(entry, tuple(checkpoint["taps"]))
+        if checkpoint.get("trunk") is not None:
+            text_trunk.load_state_dict(checkpoint["trunk"])
+        return TextClassifier(text_trunk, checkpoint_head(checkpoint)).eval()
     trunk = build_trunk(entry, tuple(checkpoint["taps"]))
     if checkpoint.get("trunk") is not None:
         trunk.load_state_dict(checkpoint["trunk"])

@@ -2,7 +2,9 @@
 
 A model exported by tlops carries its labels and preprocessing in `metadata_props`; every
 consumer (compress, evaluate, serving) reads them from the file rather than from arguments,
-so a model can never be fed images prepared for another one.
+so a model can never be fed images prepared for another one. A text model says `modality: text`
+and carries its tokenizer file and settings instead (`components/data/tokenization.py`): it takes
+`input_ids` and `attention_mask`, which `model_feeds` makes from raw texts the same way for everyone.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ import pandas as pd
 from components.core.errors import UserError
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, PreprocessingError, load_batch
+from components.data.tokenization import (
+    TOKENIZER_KEY,
+    Tokenization,
+    TokenizationError,
+    encode,
+    is_text_metadata,
+    load_tokenizer,
+    read_texts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,25 @@ def model_preprocessing(model_path: Path, metadata: Mapping[str, str]) -> Prepro
         raise PreprocessingError(
             f"{model_path}: {error}; it was not exported by tlops (or was stripped). Re-export it with the export stage."
         ) from None
+
+
+def model_tokenizer(model_path: Path, metadata: Mapping[str, str]):  # noqa: ANN201 - a tokenizers.Tokenizer
+    """The tokenizer a text model carries in its metadata_props, set as it was trained; the error names the file."""
+    try:
+        if TOKENIZER_KEY not in metadata:
+            raise TokenizationError(f"metadata lacks `{TOKENIZER_KEY}`")
+        return load_tokenizer(metadata[TOKENIZER_KEY], Tokenization.from_metadata(metadata))
+    except TokenizationError as error:
+        raise TokenizationError(f"{model_path}: {error}; it was not exported by tlops (or was stripped). "
+                                f"Re-export it with the export stage.") from None
+
+
+def model_feeds(model_path: Path, metadata: Mapping[str, str], paths: list[Path]) -> dict[str, np.ndarray]:
+    """The inputs of one ONNX Runtime call for the files at `paths`, prepared as the model's metadata says:
+    images decoded and preprocessed (input `image`), or texts tokenized (`input_ids`, `attention_mask`)."""
+    if is_text_metadata(metadata):
+        return encode(model_tokenizer(model_path, metadata), read_texts(paths))
+    return {"image": load_batch(paths, model_preprocessing(model_path, metadata))}
 
 
 def model_labels(model_path: Path, metadata: Mapping[str, str]) -> tuple[str, ...]:
@@ -107,15 +137,22 @@ def predict_logits(
 
 
 def predict_outputs(
-    session: ort.InferenceSession, paths: list[Path], preprocessing: Preprocessing, batch_size: int,
+    session: ort.InferenceSession, model_path: Path, metadata: Mapping[str, str], paths: list[Path], batch_size: int,
     count: int | None = None,
 ) -> list[np.ndarray]:
-    """The model's first `count` outputs (default all; one per task) for each image, decoded and preprocessed
-    `batch_size` at a time. Outputs after the tasks' (a prototype head's `embedding`) are not task scores."""
-    input_name = session.get_inputs()[0].name
+    """The model's first `count` outputs (default all; one per task) for each input, prepared as the model's metadata
+    says (images or texts, `model_feeds`) `batch_size` at a time. Outputs after the tasks' (a prototype head's
+    `embedding`) are not task scores."""
     names = [output.name for output in session.get_outputs()][:count]
-    batches = [session.run(names, {input_name: load_batch(paths[start : start + batch_size], preprocessing)})
-               for start in range(0, len(paths), batch_size)]
+    if is_text_metadata(metadata):
+        tokenizer = model_tokenizer(model_path, metadata)
+        texts = read_texts(paths)
+        feeds = (encode(tokenizer, texts[start : start + batch_size]) for start in range(0, len(texts), batch_size))
+    else:
+        preprocessing, input_name = model_preprocessing(model_path, metadata), session.get_inputs()[0].name
+        feeds = ({input_name: load_batch(paths[start : start + batch_size], preprocessing)}
+                 for start in range(0, len(paths), batch_size))
+    batches = [session.run(names, feed) for feed in feeds]
     return [np.concatenate([batch[i] for batch in batches]).astype(np.float32) for i in range(len(names))]
 
 
@@ -138,8 +175,8 @@ def predict_tasks(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch
     if frame.empty:
         return {task: np.zeros((0, len(task.labels)), dtype=np.float32) for task in tasks}
     session = open_session(model_path)
-    outputs = predict_outputs(session, [dataset.image_path(p) for p in frame["path"]],
-                              model_preprocessing(model_path, metadata), batch_size, count=len(tasks))
+    outputs = predict_outputs(session, model_path, metadata, [dataset.image_path(p) for p in frame["path"]], batch_size,
+                              count=len(tasks))
     return dict(zip(tasks, outputs, strict=True))
 
 
@@ -163,7 +200,12 @@ def predict_frame(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch
         return np.zeros((0, len(labels)), dtype=np.float32)
     session = open_session(model_path)
     paths = [dataset.image_path(p) for p in frame["path"]]
-    log.debug("scoring %d images with %s", len(paths), model_path)
+    log.debug("scoring %d inputs with %s", len(paths), model_path)
+    if is_text_metadata(metadata):
+        tokenizer = model_tokenizer(model_path, metadata)
+        texts = read_texts(paths)
+        return np.concatenate([session.run(None, encode(tokenizer, texts[start : start + batch_size]))[0]
+                               for start in range(0, len(texts), batch_size)]).astype(np.float32)
     return predict_logits(session, paths, model_preprocessing(model_path, metadata), batch_size)
 
 

@@ -23,6 +23,11 @@ nodes: 1.14x FP32's latency at batch 32), and full INT8 of the ELPV model ran 0.
 an AVX-512 VNNI EPYC but 1.08x on an AVX2-only one. Otherwise FP32 ships, and the reason is recorded.
 
 The INT8 recipe and its reasons are in components/models/quantization.py.
+
+A text model (`modality: text` in its metadata) gets dynamic INT8 instead, the norm for transformers:
+int8 weights, activations quantized at run time per batch, so no calibration texts are needed and
+nothing sensitive to a calibration set's ranges ships (`dynamic_int8`). It is a candidate like any
+other: within the same accuracy budget, under the same objective, timed the same way.
 """
 
 from __future__ import annotations
@@ -47,9 +52,16 @@ from components.core.cpu import describe_cpu
 from components.core.errors import UserError
 from components.core.result import StageResult, write_json
 from components.data.manifest import Dataset
-from components.data.preprocess import load_batch
+from components.data.tokenization import is_text_metadata
 from components.models import quantization as int8
-from components.models.onnx_io import model_preprocessing, open_session, predict_tasks, read_metadata, stamp_metadata
+from components.models.onnx_io import (
+    model_feeds,
+    model_preprocessing,
+    open_session,
+    predict_tasks,
+    read_metadata,
+    stamp_metadata,
+)
 from components.packaging.config import SHIPPED_FILE, CompressConfig
 
 if TYPE_CHECKING:
@@ -193,7 +205,7 @@ def secondary(accuracies: dict[str, float]) -> dict[str, float]:
     return dict(list(accuracies.items())[1:])
 
 
-def latencies_ms(models: dict[str, Path], images: np.ndarray, threads: int, runs: int) -> dict[str, dict[int, float]]:
+def latencies_ms(models: dict[str, Path], inputs: dict[str, np.ndarray], threads: int, runs: int) -> dict[str, dict[int, float]]:
     """Median wall time (ms) of one session.run of each model at each batch size in LATENCY_BATCHES.
 
     Like for like: the same inputs and threads, each session warmed up, and the models alternating
@@ -202,8 +214,8 @@ def latencies_ms(models: dict[str, Path], images: np.ndarray, threads: int, runs
     sessions = {name: open_session(path, threads) for name, path in models.items()}
     timings: dict[str, dict[int, float]] = {name: {} for name in models}
     for batch_size in LATENCY_BATCHES:
-        batch = np.ascontiguousarray(np.resize(images, (batch_size, *images.shape[1:])))
-        feeds = {name: {session.get_inputs()[0].name: batch} for name, session in sessions.items()}
+        batch = {key: np.ascontiguousarray(np.resize(value, (batch_size, *value.shape[1:]))) for key, value in inputs.items()}
+        feeds = {name: batch for name in sessions}
         for name, session in sessions.items():
             session.run(None, feeds[name])
         samples: dict[str, list[float]] = {name: [] for name in models}
@@ -334,6 +346,29 @@ def search_int8(
     return models, accuracy, search
 
 
+def dynamic_int8(cfg: CompressConfig, source: Path, dataset: Dataset,
+                 out_dir: Path) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
+    """A text model as dynamic INT8 (onnxruntime.quantization.quantize_dynamic: MatMul and embedding weights in
+    int8, activations quantized per batch at run time), checked and scored on val."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    metadata = read_metadata(source)
+    target = out_dir / INT8_FILE
+    partial = target.with_name(target.stem + ".partial.onnx")
+    with tempfile.TemporaryDirectory(prefix="tlops-int8-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        int8.prepare(source, prepared, Path(scratch))
+        quantize_dynamic(str(prepared), str(partial), weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
+                         reduce_range=cfg.reduce_range)
+    recipe = (f"dynamic INT8: int8 weights{' (7-bit range)' if cfg.reduce_range else ''}, "
+              f"{'per-channel' if cfg.per_channel else 'per-tensor'}, activations quantized per batch at run time")
+    stamp_metadata(partial, metadata | {"quantization": recipe, "fp32_nodes": ""})
+    onnx.checker.check_model(str(partial), full_check=True)
+    os.replace(partial, target)
+    log.info("quantized -> %s (%s)", target.name, recipe)
+    return {"int8": target}, {"int8": task_accuracies(target, dataset, "val")}
+
+
 def check_serving_cpu(cfg: CompressConfig) -> dict[str, object]:
     """This machine's CPU; refused before any work when objective=latency names another serving CPU."""
     here = describe_cpu()
@@ -355,7 +390,13 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_task = {name: task_accuracies(path, dataset, "val") for name, path in candidates.items()}
     search: dict[str, object] = {}
-    if cfg.quantize:
+    texts = is_text_metadata(read_metadata(candidates["fp32"]))
+    if cfg.quantize and texts:
+        int8_models, int8_accuracy = dynamic_int8(cfg, candidates["fp32"], dataset, out_dir)
+        candidates |= int8_models
+        per_task |= int8_accuracy
+        search = {"method": "dynamic", "stopped": "text models are quantized dynamically: no mixed-precision search"}
+    elif cfg.quantize:
         source = candidates.get("pruned", candidates["fp32"])
         int8_models, int8_accuracy, search = search_int8(cfg, source, dataset, per_task["fp32"], out_dir)
         candidates |= int8_models
@@ -363,9 +404,9 @@ def run(cfg: CompressConfig, export_dir: Path, dataset: Dataset, out_dir: Path) 
     accuracy = {name: next(iter(scores.values())) for name, scores in per_task.items()}  # the primary task's
     others = {name: secondary(scores) for name, scores in per_task.items()}
 
-    timing_images = load_batch([dataset.image_path(p) for p in dataset.split("val")["path"].head(8)],
-                               model_preprocessing(candidates["fp32"], read_metadata(candidates["fp32"])))
-    latency = latencies_ms(candidates, timing_images, cfg.latency_threads, cfg.latency_runs)
+    timing_inputs = model_feeds(candidates["fp32"], read_metadata(candidates["fp32"]),
+                                [dataset.image_path(p) for p in dataset.split("val")["path"].head(8)])
+    latency = latencies_ms(candidates, timing_inputs, cfg.latency_threads, cfg.latency_runs)
     ratio = {name: {batch: latency[name][batch] / latency["fp32"][batch] for batch in LATENCY_BATCHES}
              for name in candidates}
     speed_rule = cfg.max_latency_ratio if cfg.objective == "latency" else None

@@ -38,6 +38,7 @@ from components.core.errors import UserError
 from components.core.result import StageResult, sha256_file
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
+from components.data.tokenization import preprocessing_for
 from components.features.cache import FEATURES_FILE, RECORD_FILE, load_features, read_record, rows_by_sha256
 from components.features.extract import stale_inputs
 from components.models.classifier import (
@@ -51,7 +52,9 @@ from components.models.classifier import (
 from components.models.onnx_export import export_onnx
 from components.models.onnx_io import model_preprocessing, open_session, predict_tasks, read_metadata
 from components.models.registry import get_entry
+from components.packaging import text_export
 from components.packaging.config import ExportConfig
+from components.packaging.errors import ExportParityError, TrainServeSkewError
 from components.packaging.pruning import prune_model
 
 if TYPE_CHECKING:
@@ -61,14 +64,6 @@ log = logging.getLogger(__name__)
 
 FP32_FILE = "model_fp32.onnx"
 PRUNED_FILE = "model_pruned.onnx"
-
-
-class ExportParityError(UserError):
-    """An exported model whose outputs differ from the PyTorch model's beyond the tolerance."""
-
-
-class TrainServeSkewError(UserError):
-    """The model as served does not compute what was trained: the message says which input drifted."""
 
 
 def tlops_version() -> str:
@@ -112,7 +107,7 @@ def model_metadata(checkpoint: dict[str, Any], checkpoint_path: Path, sparsity: 
                    features_cache_key: str, tta_views: int = 1) -> dict[str, str]:
     backbone = checkpoint["backbone"]
     return {
-        **Preprocessing.of(checkpoint["preprocessing"]).to_metadata(),
+        **preprocessing_for(backbone, checkpoint["preprocessing"]).to_metadata(),
         "features_cache_key": features_cache_key,
         "labels": json.dumps(list(checkpoint["labels"])),
         "backbone": str(backbone["name"]),
@@ -250,9 +245,13 @@ def run(cfg: ExportConfig, sparsity: float, checkpoint_path: Path, dataset: Data
         raise UserError(f"compress.prune=structured: {checkpoint_path} has tasks "
                         f"{[t['name'] for t in checkpoint['tasks']]}, and structured pruning's recovery training "
                         f"fine-tunes one classify head; set compress.prune to none or unstructured for this model.")
+    features_cache_key = str(read_record(features_dir, checkpoint["backbone"]["name"])["cache_key"])
+    if checkpoint["backbone"].get("modality") == "text":  # no views, no pruning: its own export and checks
+        return text_export.run(cfg, checkpoint, checkpoint_path, dataset, out_dir, features_dir,
+                               model_metadata(checkpoint, checkpoint_path, 0.0, features_cache_key),
+                               held_out(dataset, cfg.parity_images))
     model = build_model(checkpoint)
     preprocessing = Preprocessing.of(checkpoint["preprocessing"])
-    features_cache_key = str(read_record(features_dir, checkpoint["backbone"]["name"])["cache_key"])
     images = parity_images(dataset, cfg.parity_images, preprocessing)
     views = served_views(cfg, checkpoint)
 

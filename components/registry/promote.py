@@ -119,20 +119,17 @@ def latency_frame_paths(dataset: Dataset, count: int) -> list[Path]:
 
 def measure_batch1(model_path: Path, paths: list[Path], threads: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-image latency (ms, session.run only: what a server pays per request) and batch-1 logits."""
-    from components.data.preprocess import load_batch
-    from components.models.onnx_io import model_preprocessing, open_session, read_metadata
+    from components.models.onnx_io import model_feeds, open_session, read_metadata
 
     metadata = read_metadata(model_path)
-    preprocessing = model_preprocessing(model_path, metadata)
     session = open_session(model_path, num_threads=threads)
-    input_name = session.get_inputs()[0].name
-    inputs = [load_batch([p], preprocessing) for p in paths]
+    inputs = [model_feeds(model_path, metadata, [p]) for p in paths]  # images or texts, as the model says
     for _ in range(LATENCY_WARMUP_RUNS):
-        session.run(None, {input_name: inputs[0]})
+        session.run(None, inputs[0])
     latencies, logits = [], []
     for batch in inputs:
         start = time.perf_counter()
-        out = session.run(None, {input_name: batch})[0]
+        out = session.run(None, batch)[0]
         latencies.append((time.perf_counter() - start) * 1e3)
         logits.append(out[0])
     return np.asarray(latencies), np.asarray(logits, dtype=np.float32)

@@ -31,7 +31,15 @@ from mlflow.types.schema import ColSpec, DataType, Map, Schema
 from PIL import Image
 
 from components.core.errors import UserError
-from components.models.onnx_io import model_labels, model_preprocessing, read_metadata
+from components.data.tokenization import encode, is_text_metadata
+from components.models.onnx_io import (
+    model_labels,
+    model_preprocessing,
+    model_tokenizer,
+    open_session,
+    read_metadata,
+    softmax,
+)
 from components.serving.image_decoding import BadInputError, decode_base64, decode_image
 from components.serving.served_model import LoadedModel, ModelSource, classify, load_onnx, sha256_of
 
@@ -71,6 +79,44 @@ class OnnxImageClassifier(PythonModel):
                              "probabilities": [p.probabilities for p in predictions]})
 
 
+TEXT_COLUMN = "text"
+TEXT_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.string, TEXT_COLUMN)]),
+    outputs=Schema([ColSpec(DataType.string, "label"), ColSpec(Map(DataType.double), "probabilities")]),
+)
+
+
+class OnnxTextClassifier(PythonModel):
+    """A DataFrame with a `text` column -> one row per text: `label`, `probabilities`.
+
+    Tokenized by the `tokenizers` library with the tokenizer file and settings the model carries in its
+    metadata_props (no torch), as `tlops serve` and every pipeline stage tokenize it."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        path = Path(context.artifacts[ARTIFACT_KEY])
+        metadata = read_metadata(path)
+        self._session = open_session(path)
+        self._tokenizer = model_tokenizer(path, metadata)
+        self._labels = model_labels(path, metadata)
+
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if TEXT_COLUMN not in model_input.columns:
+            raise MlflowException.invalid_parameter_value(
+                f"the input has columns {list(model_input.columns)}; send one column `{TEXT_COLUMN}` of texts.")
+        texts = list(model_input[TEXT_COLUMN])
+        for position, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise MlflowException.invalid_parameter_value(f"empty_text: text[{position}] is empty or not a string.")
+        rows = []
+        for start in range(0, len(texts), 32):
+            rows.append(softmax(self._session.run(None, encode(self._tokenizer, texts[start : start + 32]))[0]
+                                .astype(np.float64)))
+        probabilities = np.concatenate(rows) if rows else np.zeros((0, len(self._labels)))
+        return pd.DataFrame({"label": [self._labels[int(r.argmax())] for r in probabilities],
+                             "probabilities": [dict(zip(self._labels, map(float, r))) for r in probabilities]})
+
+
 def uses_external_data(model: onnx.ModelProto) -> bool:
     return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in model.graph.initializer)
 
@@ -100,19 +146,20 @@ def log_model(onnx_path: Path, registered_model_name: str) -> ModelInfo:
     if uses_external_data(onnx.load(str(onnx_path), load_external_data=False)):
         raise UserError(f"{onnx_path}: its weights live in external data files; save it as one file to register it.")
     metadata = read_metadata(onnx_path)
+    texts = is_text_metadata(metadata)
     try:
         labels = model_labels(onnx_path, metadata)
-        model_preprocessing(onnx_path, metadata)
+        model_tokenizer(onnx_path, metadata) if texts else model_preprocessing(onnx_path, metadata)
     except KeyError as error:
         raise UserError(str(error.args[0])) from None
     info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=OnnxImageClassifier(),
+        python_model=OnnxTextClassifier() if texts else OnnxImageClassifier(),
         artifacts={ARTIFACT_KEY: str(onnx_path)},
         registered_model_name=registered_model_name,
-        signature=SIGNATURE,
-        input_example=input_example(),
-        pip_requirements=pip_requirements(),
+        signature=TEXT_SIGNATURE if texts else SIGNATURE,
+        input_example=pd.DataFrame({TEXT_COLUMN: ["Shares rose after the bank's results."]}) if texts else input_example(),
+        pip_requirements=pip_requirements() + ([f"tokenizers=={importlib.metadata.version('tokenizers')}"] if texts else []),
         metadata={"labels": list(labels), "onnx_sha256": sha256_of(onnx_path), "onnx_file": onnx_path.name},
     )
     log.info("logged %s as pyfunc model %s", onnx_path, info.model_uri)

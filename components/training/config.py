@@ -42,6 +42,10 @@ class ReferenceConfig(StageConfig):
     # Inverse L2 strengths (scikit-learn's C) tried; the best on val accuracy wins, ties go to lower log loss.
     regularization: tuple[PositiveFloat, ...] = Field((0.001, 0.01, 0.1, 1.0), min_length=1)
     max_iter: int = Field(1000, ge=1)  # lbfgs iterations per fit
+    # Texts: TF-IDF of 1..text_ngrams word n-grams seen in at least text_min_df train texts, C from this grid.
+    text_ngrams: int = Field(2, ge=1, le=3)
+    text_min_df: int = Field(2, ge=1)
+    text_regularization: tuple[PositiveFloat, ...] = Field((1.0, 10.0, 100.0), min_length=1)
 
 
 class DistillConfig(StageConfig):

@@ -16,7 +16,7 @@ from components.core.config import StageConfig
 from components.core.progress import Progress
 from components.core.result import sha256_file, sha256_json
 from components.data.manifest import Dataset
-from components.data.preprocess import Preprocessing
+from components.data.tokenization import preprocessing_for
 from components.features.cache import read_record
 from components.models.registry import get_entry
 from components.training.config import FinetuneConfig
@@ -40,7 +40,8 @@ class Context:
         self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
         self.entry = get_entry(backbone)
         self.record = read_record(features_dir, backbone)
-        self.preprocessing = Preprocessing.of(self.record["preprocessing"])
+        # An image backbone's Preprocessing, or a text encoder's Tokenization.
+        self.preprocessing = preprocessing_for(self.record["entry"], self.record["preprocessing"])
         self.opset, self.atol, self.progress, self.on_epoch = opset, atol, progress, on_epoch
         self.placement = devices.resolve(cfg.device, cfg.precision)
 

@@ -29,9 +29,9 @@ from components.data.manifest import Dataset
 from components.models.classifier import save_checkpoint
 from components.training import reference
 from components.training.config import FinetuneConfig
-from components.training.context import Context
+from components.training.context import Context, Strategy
 from components.training.loop import OnEpoch, Trained
-from components.training.strategies import AUTO_ORDER, STRATEGIES
+from components.training.strategies import AUTO_ORDER, strategies_for
 
 if TYPE_CHECKING:
     from components.models.int8_recipe import Recipe
@@ -42,7 +42,8 @@ CHECKPOINT_FILE = "model.pt"
 REPORT_FILE = "finetune.json"
 
 
-def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Trained, list[dict[str, Any]], str]:
+def train_auto(ctx: Context, ref: reference.ReferenceResult,
+               strategies: dict[str, Strategy]) -> tuple[str, Trained, list[dict[str, Any]], str]:
     """Each strategy, cheapest first, while its counted cost fits what is left of the budget.
 
     The budget is charged with each trained strategy's counted cost, not its measured time, so the
@@ -52,12 +53,12 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
     tried: list[tuple[str, Trained]] = []
     candidates: list[dict[str, Any]] = []
     for strategy in AUTO_ORDER:
-        if ctx.cfg.adapt.target_domain is not None and not STRATEGIES[strategy].adapts:
+        if ctx.cfg.adapt.target_domain is not None and not strategies[strategy].adapts:
             reason = f"skipped: does not adapt to finetune.adapt.target_domain={ctx.cfg.adapt.target_domain!r}"
             candidates.append({"strategy": strategy, "status": "skipped", "reason": reason})
             log.info("auto: %s %s", strategy, reason)
             continue
-        cost = STRATEGIES[strategy].cost(ctx)
+        cost = strategies[strategy].cost(ctx)
         left = budget - spent
         estimate = f"estimated {cost.seconds / 60:.1f} min ({cost.training_s / 60:.1f} training, " \
                    f"{(cost.inference_s + cost.decode_s) / 60:.1f} activations and decoding)"
@@ -67,10 +68,10 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
             log.info("auto: %s %s", strategy, reason)
             continue
         log.info("auto: training %s, %s, %.1f min of the budget left", strategy, estimate, left / 60)
-        trained = STRATEGIES[strategy].train(ctx)
+        trained = strategies[strategy].train(ctx)
         spent += cost.seconds
         verdict = reference.judge(trained.best["val_accuracy"], ref, ctx.cfg.guard.margin, f"{ctx.entry.name}/{strategy}",
-                                  STRATEGIES[strategy].next_step)
+                                  strategies[strategy].next_step)
         if verdict.fired:
             log.warning("auto: %s", verdict.message)
         candidates.append({"strategy": strategy, "estimate": cost.describe(), "status": "trained",
@@ -110,6 +111,24 @@ def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> 
     return path
 
 
+def check_modality(cfg: FinetuneConfig, modality: str, single_task: bool, strategies: Mapping[str, Any]) -> None:
+    """One line, before any work, for what the encoder's modality cannot train: text models train one classify
+    task, by linear, partial or full, without domain adaptation."""
+    from components.core.errors import UserError
+
+    if modality == "image":
+        return
+    if cfg.strategy != "auto" and cfg.strategy not in strategies:
+        raise UserError(f"finetune.strategy={cfg.strategy} trains image encoders only; for a {modality} encoder use one "
+                        f"of {sorted(strategies)} or auto.")
+    if not single_task:
+        raise UserError(f"finetune.tasks {list(cfg.tasks)} with head {cfg.head!r}: a {modality} encoder trains one classify "
+                        f"task on `label`; set finetune.tasks: [label] and finetune.head: classify.")
+    if cfg.adapt.target_domain is not None:
+        raise UserError(f"finetune.adapt.target_domain={cfg.adapt.target_domain!r}: domain adaptation is built for image "
+                        f"encoders; set it to null for a {modality} encoder.")
+
+
 def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> None:
     from components.core.errors import UserError
 
@@ -136,14 +155,16 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
                   {**(orders or {}), **cfg.orders})
     check_taps(cfg, ctx.record, backbone)
     log.info("finetune on %s", ctx.placement.reason)
+    strategies = strategies_for(ctx.entry.modality)
+    check_modality(cfg, ctx.entry.modality, ctx.tasks.single, strategies)
     ref = reference.fit_reference(cfg.guard, dataset.for_task(ctx.tasks.primary.name))  # judged on the primary task
     if cfg.strategy == "auto":
-        strategy, trained, candidates, why = train_auto(ctx, ref)
+        strategy, trained, candidates, why = train_auto(ctx, ref, strategies)
     else:
-        strategy, trained = cfg.strategy, STRATEGIES[cfg.strategy].train(ctx)
+        strategy, trained = cfg.strategy, strategies[cfg.strategy].train(ctx)
         candidates, why = [], f"finetune.strategy={strategy}"
     verdict = reference.judge(trained.best["val_accuracy"], ref, cfg.guard.margin, f"{backbone}/{strategy}",
-                              STRATEGIES[strategy].next_step)
+                              strategies[strategy].next_step)
     (log.warning if verdict.fired else log.info)("%s", verdict.message)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +175,11 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     described = {} if ctx.tasks.single else {"tasks": [task | ({"thresholds": calibrated[task["name"]]["thresholds"]}
                                                                if task["name"] in calibrated else {})
                                                         for task in ctx.tasks.describe()]}
-    if trained.network is not None:
+    if trained.network is not None and ctx.entry.modality == "text":
+        from components.models.text_encoders import TextTrunk
+
+        trunk_state = TextTrunk(trained.network, ctx.entry, tuple(taps)).state_dict()
+    elif trained.network is not None:
         from components.models.backbones import Trunk
 
         trunk_state = Trunk(trained.network, {t: ctx.entry.taps[t] for t in taps}).state_dict()
@@ -162,7 +187,7 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
         out_dir / CHECKPOINT_FILE, trained.head, trunk_state,
         backbone=ctx.entry.describe(), taps=taps, labels=list(ctx.tasks.primary.labels), preprocessing=ctx.preprocessing.model_dump(mode="json"),
         config=cfg.model_dump(mode="json"), strategy=strategy, data={"version": data_version(manifest_path)},
-        features_cache_key=ctx.record["cache_key"], train_views=STRATEGIES[strategy].train_views(cfg), **described,
+        features_cache_key=ctx.record["cache_key"], train_views=strategies[strategy].train_views(cfg), **described,
     )
     report = {"strategy": strategy, "why": why, "candidates": candidates, "placement": ctx.placement.describe(),
               "reference": asdict(ref), "negative_transfer": {"fired": verdict.fired, "message": verdict.message},

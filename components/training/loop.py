@@ -136,10 +136,12 @@ def fit(
             model.train()
             total, count = 0.0, 0
             for x, y in batches(epoch, generator):
-                x, y = x.to(placement.device, non_blocking=True), y.to(placement.device, non_blocking=True)
+                # x: one tensor, or a tuple of them (a text model takes hidden states or ids, and a mask)
+                inputs = tuple(t.to(placement.device, non_blocking=True) for t in (x if isinstance(x, tuple) else (x,)))
+                y = y.to(placement.device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with placement.autocast():
-                    loss = loss_fn(model(x), y)
+                    loss = loss_fn(model(*inputs), y)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
