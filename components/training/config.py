@@ -83,7 +83,16 @@ class FullConfig(TrainConfig):
     batch_size: int = Field(32, ge=2)
     crop_scale_min: float = Field(0.8, gt=0, le=1)  # RandomResizedCrop's smallest area share
     jitter: float = Field(0.2, ge=0, lt=1)  # brightness/contrast jitter
-    workers: int = Field(1, ge=0)  # DataLoader processes decoding and augmenting
+    workers: int = Field(1, ge=0)  # DataLoader processes decoding and augmenting (per training process)
+    # Training processes (DistributedDataParallel through torch.distributed.run); batch_size stays the global batch.
+    processes: int = Field(1, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> FullConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must split evenly over "
+                             f"processes={self.processes} (each process takes batch_size / processes images)")
+        return self
 
 
 class FinetuneConfig(StageConfig):

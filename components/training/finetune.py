@@ -26,7 +26,7 @@ from components.core.progress import Progress, no_progress
 from components.core.result import StageResult, write_json
 from components.data.manifest import Dataset
 from components.models.classifier import save_checkpoint
-from components.training import reference
+from components.training import ddp, reference
 from components.training.config import FinetuneConfig
 from components.training.context import Context
 from components.training.loop import OnEpoch, Trained
@@ -61,7 +61,7 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
             log.info("auto: %s %s", strategy, reason)
             continue
         log.info("auto: training %s, %s, %.1f min of the budget left", strategy, estimate, left / 60)
-        trained = STRATEGIES[strategy].train(ctx)
+        trained = train_strategy(strategy, ctx)
         spent += cost.seconds
         verdict = reference.judge(trained.best["val_accuracy"], ref, ctx.cfg.guard.margin, f"{ctx.entry.name}/{strategy}",
                                   STRATEGIES[strategy].next_step)
@@ -80,6 +80,12 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult) -> tuple[str, Train
     why = (f"auto chose {chosen}: best val accuracy {best.best['val_accuracy']:.4f} within "
            f"{ctx.cfg.budget_minutes:g} reference min (others: {others or 'none'})")
     return chosen, best, candidates, why
+
+
+def train_strategy(strategy: str, ctx: Context) -> Trained:
+    """One strategy trained in this process, or in its `processes` processes (components/training/ddp.py)."""
+    world = ddp.processes(ctx.cfg, strategy)
+    return ddp.train(strategy, ctx, world) if world > 1 else STRATEGIES[strategy].train(ctx)
 
 
 def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> Path:
@@ -123,12 +129,14 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     the run before anything is written to `out_dir`."""
     ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch, int8_recipe)
     check_taps(cfg, ctx.record, backbone)
+    if cfg.strategy in ("full", "auto"):
+        ddp.check_processes(cfg, "full", ctx.placement.device.type == "cuda")
     log.info("finetune on %s", ctx.placement.reason)
     ref = reference.fit_reference(cfg.guard, dataset)
     if cfg.strategy == "auto":
         strategy, trained, candidates, why = train_auto(ctx, ref)
     else:
-        strategy, trained = cfg.strategy, STRATEGIES[cfg.strategy].train(ctx)
+        strategy, trained = cfg.strategy, train_strategy(cfg.strategy, ctx)
         candidates, why = [], f"finetune.strategy={strategy}"
     verdict = reference.judge(trained.best["val_accuracy"], ref, cfg.guard.margin, f"{backbone}/{strategy}",
                               STRATEGIES[strategy].next_step)
