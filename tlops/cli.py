@@ -126,8 +126,11 @@ def run_flow(args: argparse.Namespace) -> None:
     from tlops.config import load_params
     from tlops.stages import METRICS_FILE
 
-    load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
+    params = load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
     tracking.check_tracking_server()  # and on a tracking server that is not there
+    from flows.workers import check_runner
+
+    check_runner(params)  # and on a Dask scheduler that does not answer, or more training processes than fit
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     summary = train(params_file=str(args.params), overrides=list(args.overrides))

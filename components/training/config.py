@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, PositiveFloat, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from components.core.config import StageConfig
 
@@ -145,6 +145,17 @@ class SearchSpec(StageConfig):
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """What `suggest` draws from, for trials whose values are drawn when they are asked (`study.ask`)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.choices is not None:
+            return CategoricalDistribution(list(self.choices))
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
     def corners(self) -> list[Any]:
         """The values a study can reach at its edges, checked against finetune's schema at load time."""
         if self.choices is not None:
@@ -205,6 +216,20 @@ class TuneConfig(StageConfig):
     seed: int = 0  # TPE's seed: the same seed, space and data give the same sequence of trials
     space: dict[str, SearchSpec] = Field(default_factory=lambda: dict(DEFAULT_SPACE), min_length=1)
     pruner: PrunerConfig = PrunerConfig()
+    # Trials on Dask workers (runner.kind: dask) share the study here: an SQLAlchemy URL (PostgreSQL in the team
+    # setup) or null, a journal file in paths.tune. Unused by a study in one process.
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _shared_safely(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("sqlite"):
+            raise ValueError("SQLite is not safe for trials written by several processes at once (Optuna's RDBStorage "
+                             "docs); leave it null (a journal file, safe across processes) or give a PostgreSQL URL")
+        if value is not None and "://" not in value:
+            raise ValueError(f"{value!r} is not a database URL (e.g. postgresql+psycopg://user:pass@host/optuna); "
+                             f"null keeps the study in a journal file in paths.tune")
+        return value
 
     @model_validator(mode="after")
     def _budget_and_space(self) -> TuneConfig:
