@@ -12,7 +12,7 @@ and waits. Each process joins the group (gloo on CPU, NCCL on CUDA, one GPU each
 writes: the per-epoch resume file (so a killed run resumes as a one-process run does), the epochs so
 far (which this process follows, to draw progress and call `on_epoch`), and the trained result, which
 the stage reads back and publishes exactly as it publishes a one-process result; the stage, not the
-processes, reports to the tracker. The processes exit when the stage's process dies.
+processes, reports to the tracker. The processes on the stage's machine exit when the stage's process dies.
 
 Several machines: torch.distributed.run also reads its options from `PET_*` environment variables, so
 `PET_NNODES=2 PET_RDZV_BACKEND=c10d PET_RDZV_ENDPOINT=host:29400 PET_RDZV_ID=tlops` in the environment
@@ -22,12 +22,12 @@ runs the same command on the same folder (shared storage), see docs/scaling.md.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,7 +98,7 @@ def train(strategy: str, ctx: Context, world: int) -> Trained:
                "-m", "components.training.ddp", str(folder)]
     log.info("finetune %s in %d processes (%s): %s", strategy, world,
              "NCCL" if ctx.placement.device.type == "cuda" else "gloo", " ".join(command))
-    launcher = subprocess.Popen(command, start_new_session=True, preexec_fn=die_with_parent_signal)
+    launcher = subprocess.Popen(command, start_new_session=True)
     try:
         follow(launcher, folder, ctx, getattr(ctx.cfg, strategy).epochs, f"finetune {strategy} x{world}")
     except BaseException:
@@ -125,6 +125,7 @@ def write_spec(folder: Path, strategy: str, ctx: Context, world: int) -> None:
         "features_dir": str(ctx.features_dir), "root": str(ctx.dataset.root), "labels": list(ctx.dataset.labels),
         "cache_dir": str(ctx.cache_dir), "state_dir": str(ctx.state_dir), "opset": ctx.opset, "atol": ctx.atol,
         "int8_recipe": ctx.int8_recipe.as_dict() if ctx.int8_recipe is not None else None,
+        "stage_pid": os.getpid(), "stage_host": socket.gethostname(),
     })
 
 
@@ -159,22 +160,24 @@ def stop(launcher: subprocess.Popen) -> None:
             launcher.wait()
 
 
-def die_with_parent_signal() -> None:
-    """In the launcher's child, before exec: be killed when the stage's process dies (Linux), even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def exit_with_launcher() -> None:
-    """A rank whose launcher is gone stops: nothing is left to collect its result, and a rerun must not race it."""
-    launcher = os.getppid()
+def exit_with_stage(spec: dict[str, object]) -> None:
+    """A rank on the stage's machine stops once the stage's process is gone (even killed by SIGKILL): nothing is left
+    to collect its result, and a rerun must not race it for the resume file. Its launcher then exits too."""
+    if spec["stage_host"] != socket.gethostname():
+        return
+    pid = int(spec["stage_pid"])
 
     def watch() -> None:
-        while os.getppid() == launcher:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, another user's: cannot be the stage
+                pass
             time.sleep(1.0)
-        os._exit(1)
 
-    threading.Thread(target=watch, daemon=True, name="exit-with-launcher").start()
+    threading.Thread(target=watch, daemon=True, name="exit-with-stage").start()
 
 
 def context_from_spec(folder: Path, replicas: Replicas, on_epoch: Callable[[int, dict[str, float]], None]) -> Context:
@@ -196,15 +199,15 @@ def main(argv: list[str]) -> int:
     rank, world, local_rank = (int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     old_factory = logging.getLogRecordFactory()
 
-    def with_rank(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the log record factory's signature
+    def with_rank(*args, **kwargs):  # the log record factory's signature
         record = old_factory(*args, **kwargs)
         record.rank = rank
         return record
 
     logging.setLogRecordFactory(with_rank)
-    exit_with_launcher()
     folder = Path(argv[0])
     spec = json.loads((folder / SPEC_FILE).read_text())
+    exit_with_stage(spec)
     cuda = torch.cuda.is_available() and spec["config"]["device"] in ("auto", "cuda")
     if cuda:
         torch.cuda.set_device(local_rank)
