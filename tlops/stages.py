@@ -144,13 +144,13 @@ def _chunks_missing_work(params: Params, done: dict[str, str]) -> dict[str, dict
 
 
 def _missing_images(params: Params) -> dict[str, set[str]]:
-    from components.features.shards import store_for
+    """Per image backbone (text encoders embed in the stage itself), the manifest images its cache lacks."""
+    from components.features.shards import missing_images
     from components.models.registry import get_entry
 
-    wanted = set(validated_dataset(params).manifest["sha256"])
-    stores = {name: store_for(name, params.features, params.path("feature_cache")) for name in params.select.scored()
-              if getattr(get_entry(name), "modality", "image") == "image"}
-    return {name: {sha for sha in wanted if not store.has(sha)} for name, store in stores.items()}
+    dataset = validated_dataset(params)
+    return {name: missing_images(name, params.features, dataset, params.path("feature_cache"))
+            for name in params.select.scored() if getattr(get_entry(name), "modality", "image") == "image"}
 
 
 def _trunk_piece(params: Params, arguments: dict[str, Any]) -> str:

@@ -33,6 +33,12 @@ from components.models.registry import get_entry
 log = logging.getLogger(__name__)
 
 
+def missing_images(backbone: str, cfg: FeaturesConfig, dataset: Dataset, cache_dir: Path) -> set[str]:
+    """The dataset's images whose entries the backbone's cache lacks."""
+    store = store_for(backbone, cfg, cache_dir)
+    return {sha for sha in set(dataset.manifest["sha256"]) if not store.has(sha)}
+
+
 def image_chunks(dataset: Dataset, batches_per_chunk: int, batch_size: int) -> list[list[str]]:
     """The distinct images' sha256 in the order one process extracts them, cut every `batches_per_chunk` batches."""
     ordered = sorted(set(dataset.manifest["sha256"]))

@@ -5,6 +5,9 @@ params' finetune block, written into a temporary folder that is removed when the
 cached features and activations are shared, so a trial costs only its training. Partial and full
 report val accuracy after every epoch; a trial below the median of earlier trials at the same
 epoch is pruned there. MLflow logging is the caller's (`tlops/tune.py`), through `callbacks`.
+
+`tune` runs the study in this process; `tune_in_rounds` runs it with trials elsewhere (Dask workers,
+`flows/tune.py`), in seeded rounds that keep it reproducible (see the comment above it).
 """
 
 from __future__ import annotations
