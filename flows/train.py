@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from components.core.errors import UserError
 from components.core.result import StageResult, sha256_json
 from components.data.ingest import source_fingerprint
+from flows.workers import Workers, check_runner, pieces_on_workers, workers_for
 from tlops import tracking
 from tlops.config import Params, load_params
 from tlops.run_state import RunLock, killed_run
@@ -90,9 +91,17 @@ def still_valid(stage: Stage, record: StageRecord) -> bool:
     return result.is_intact() and result.fingerprint() == record.fingerprint and stage.still_valid(result)
 
 
-def run_stage(stage: Stage, params: Params, upstream: dict[str, str], recorder: Recorder) -> tuple[StageRecord, bool]:
-    """(record, cached) of one stage, recorded in MLflow as it starts and ends (a failed one keeps its report)."""
+def run_stage(stage: Stage, params: Params, upstream: dict[str, str], recorder: Recorder,
+              workers: Workers | None = None) -> tuple[StageRecord, bool]:
+    """(record, cached) of one stage, recorded in MLflow as it starts and ends (a failed one keeps its report).
+
+    With Dask `workers`, the pieces the stage declares run on them first; the stage then merges what they cached."""
     call = {"params": params, "upstream": dict(upstream), "run_id": recorder.stage_started(stage)}
+    try:
+        pieces_on_workers(workers, stage, params)
+    except Exception:
+        recorder.stage_failed(stage, stage_dir(params, stage), stage_params(params, stage))
+        raise
     state = TASKS[stage.name](**call, return_state=True)
     if state.is_failed():
         recorder.stage_failed(stage, stage_dir(params, stage), stage_params(params, stage))
@@ -111,13 +120,15 @@ def train(params_file: str = "params.yaml", overrides: list[str] | None = None) 
     """Ingest -> validate -> features -> select -> finetune -> export -> compress -> evaluate -> register -> promote."""
     params = load_params(Path(params_file), overrides or [])
     tracking.check_tracking_server()
+    check_runner(params)  # a Dask scheduler that does not answer, more training processes than fit: one line, now
     summary: dict[str, Any] = {}
     with RunLock(params, "tlops run") as lock, \
-            tracking.Recorder(params, "prefect", overrides or [], killed=killed_run(lock)) as recorder:
+            tracking.Recorder(params, "prefect", overrides or [], killed=killed_run(lock)) as recorder, \
+            workers_for(params) as workers:
         lock.update(mlflow_run_id=recorder.run_id, prefect_flow_run_id=str(flow_run.get_id()))
         upstream: dict[str, str] = {"source": source_fingerprint(params.ingest)}
         for stage in STAGES:
-            record, cached = run_stage(stage, params, upstream, recorder)
+            record, cached = run_stage(stage, params, upstream, recorder, workers)
             lock.stage_done(stage.name)
             upstream[stage.name] = record.fingerprint
             summary[stage.name] = {"out_dir": record.out_dir, "cached": cached, **record.info}

@@ -21,20 +21,29 @@ from tests.conftest import REPO
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 SERVE_PORT = 8000
+SCHEDULER_PORT = 8786
 
 
 def load_all(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-def k8s_objects() -> dict[str, dict[str, Any]]:
+def k8s_objects(folder: Path = K8S) -> dict[str, dict[str, Any]]:
     """kind -> object, from the files kustomization.yaml lists (one object of each kind here)."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     objects: dict[str, dict[str, Any]] = {}
+    for (kind, name), doc in named_k8s_objects(folder).items():
+        assert kind not in objects, f"{name}: a second {kind}"
+        objects[kind] = doc
+    return objects
+
+
+def named_k8s_objects(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """(kind, name) -> object, from the files `folder/kustomization.yaml` lists."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    objects = {}
     for name in kustomization["resources"]:
-        for doc in load_all(K8S / name):
-            assert doc["kind"] not in objects, f"{name}: a second {doc['kind']}"
-            objects[doc["kind"]] = doc
+        for doc in load_all(folder / name):
+            objects[doc["kind"], doc["metadata"]["name"]] = doc
     return objects
 
 
@@ -133,7 +142,8 @@ def compose_problems(compose: dict[str, Any]) -> list[str]:
 
 def test_every_yaml_file_under_infra_parses() -> None:
     files = sorted(INFRA.rglob("*.yml")) + sorted(INFRA.rglob("*.yaml"))
-    assert {f.name for f in files} >= {"docker-compose.yml", "deployment.yaml", "service.yaml", "hpa.yaml"}
+    assert {f.name for f in files} >= {"docker-compose.yml", "deployment.yaml", "service.yaml", "hpa.yaml",
+                                       "scheduler.yaml", "workers.yaml", "storage.yaml"}
     for path in files:
         assert load_all(path), f"{path.name} is empty"
     with pytest.raises(yaml.YAMLError):
@@ -178,3 +188,102 @@ def test_dockerfile_serves_on_8000_with_a_healthcheck_and_copies_what_exists() -
             assert source == "." or (REPO / source).exists(), f"COPY {source}: not in the repository"
     ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()
     assert {"outputs", ".venv", ".cache", "mlruns"} <= set(ignored)
+
+
+def dask_compose_problems(compose: dict[str, Any]) -> list[str]:
+    """The `dask` profile: a scheduler and workers from the tlops image, on the flows' folders and volumes."""
+    problems = []
+    services = compose["services"]
+    scheduler, worker = services.get("dask-scheduler", {}), services.get("dask-worker", {})
+    flows = services.get("prefect-worker", {})
+    for name, service in (("dask-scheduler", scheduler), ("dask-worker", worker)):
+        if service.get("profiles") != ["dask"]:
+            problems.append(f"{name} is not in the dask profile (a plain `up` would start it)")
+        if (service.get("image"), service.get("build")) != (flows.get("image"), flows.get("build")):
+            problems.append(f"{name} does not run the image the flows run")
+    others = [name for name, service in services.items() if "dask" in service.get("profiles", []) and
+              name not in ("dask-scheduler", "dask-worker")]
+    if others:
+        problems.append(f"other services in the dask profile: {others}")
+    listens = " ".join(scheduler.get("command", []))
+    if f"--port {SCHEDULER_PORT}" not in listens or f"{SCHEDULER_PORT}:{SCHEDULER_PORT}" not in scheduler.get("ports", []):
+        problems.append(f"the scheduler does not listen on and publish {SCHEDULER_PORT}")
+    if f"tcp://dask-scheduler:{SCHEDULER_PORT}" not in worker.get("command", []):
+        problems.append("workers do not connect to the dask-scheduler service")
+    if "dask-scheduler" not in worker.get("depends_on", {}):
+        problems.append("workers do not wait for the scheduler")
+    if sorted(worker.get("volumes", [])) != sorted(flows.get("volumes", [])) or \
+            worker.get("working_dir") != flows.get("working_dir"):
+        problems.append("workers do not see the folders and volumes the flows write (outputs/, .cache/)")
+    return problems
+
+
+def dask_k8s_problems(objects: dict[tuple[str, str], dict[str, Any]], serving_image: str) -> list[str]:
+    """The Dask Deployments: the Service reaches the scheduler, workers reach the Service and share the pipeline volume."""
+    problems = []
+    scheduler, worker = objects[("Deployment", "dask-scheduler")], objects[("Deployment", "dask-worker")]
+    service = objects[("Service", "dask-scheduler")]
+    (scheduler_container,) = scheduler["spec"]["template"]["spec"]["containers"]
+    (worker_container,) = worker["spec"]["template"]["spec"]["containers"]
+    for deployment in (scheduler, worker):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        if deployment["spec"]["selector"]["matchLabels"].items() - labels.items():
+            problems.append(f"{deployment['metadata']['name']}: selector does not match its pod labels")
+    if service["spec"]["selector"].items() - scheduler["spec"]["template"]["metadata"]["labels"].items():
+        problems.append("the scheduler Service selects no scheduler pod")
+    (port,) = service["spec"]["ports"]
+    if container_port(scheduler_container, port["targetPort"]) != SCHEDULER_PORT:
+        problems.append(f"Service targetPort {port['targetPort']!r} is not the scheduler's port")
+    if f"tcp://{service['metadata']['name']}:{port['port']}" not in worker_container.get("args", []):
+        problems.append("workers do not connect to the scheduler Service")
+    for container in (scheduler_container, worker_container):
+        if container["image"] != serving_image:
+            problems.append(f"{container['name']} runs {container['image']!r}, not the tlops image {serving_image!r}")
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName")
+              for v in worker["spec"]["template"]["spec"].get("volumes", [])}
+    mounts = {m["mountPath"]: claims.get(m["name"]) for m in worker_container.get("volumeMounts", [])}
+    for path in ("/app/outputs", "/app/.cache"):
+        claim = mounts.get(path)
+        if claim is None or ("PersistentVolumeClaim", claim) not in objects:
+            problems.append(f"workers do not mount {path} from a PersistentVolumeClaim of these manifests")
+        elif "ReadWriteMany" not in objects[("PersistentVolumeClaim", claim)]["spec"]["accessModes"]:
+            problems.append(f"{path}: claim {claim!r} is not ReadWriteMany (the run's client and every worker share it)")
+    if worker_container.get("workingDir") != "/app":
+        problems.append("workers do not run from /app, where params' relative paths resolve")
+    resources = worker_container.get("resources", {})
+    for kind in ("cpu", "memory"):
+        request, limit = resources.get("requests", {}).get(kind), resources.get("limits", {}).get(kind)
+        if request is None or limit is None or quantity(request) > quantity(limit):
+            problems.append(f"worker {kind}: needs a request no larger than its limit")
+    return problems
+
+
+def test_compose_has_a_dask_profile_on_the_flows_image_and_volumes() -> None:
+    compose = yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+    assert dask_compose_problems(compose) == [] and compose_problems(compose) == []
+    broken = copy.deepcopy(compose)
+    broken["services"]["dask-worker"]["volumes"] = ["pipeline-outputs:/app/outputs"]
+    broken["services"]["dask-worker"]["command"] = ["worker", "tcp://scheduler:8786"]
+    del broken["services"]["dask-scheduler"]["profiles"]
+    assert dask_compose_problems(broken) == [
+        "dask-scheduler is not in the dask profile (a plain `up` would start it)",
+        "workers do not connect to the dask-scheduler service",
+        "workers do not see the folders and volumes the flows write (outputs/, .cache/)",
+    ]
+
+
+def test_kubernetes_dask_workers_reach_the_scheduler_and_share_the_pipeline_volume() -> None:
+    objects = named_k8s_objects(K8S / "dask")
+    serving_image = k8s_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert dask_k8s_problems(objects, serving_image) == []
+    broken = copy.deepcopy(objects)
+    broken[("Service", "dask-scheduler")]["spec"]["ports"][0]["targetPort"] = 8787
+    broken[("PersistentVolumeClaim", "tlops-pipeline")]["spec"]["accessModes"] = ["ReadWriteOnce"]
+    (worker,) = broken[("Deployment", "dask-worker")]["spec"]["template"]["spec"]["containers"]
+    worker["image"] = "daskdev/dask:latest"
+    assert dask_k8s_problems(broken, serving_image) == [
+        "Service targetPort 8787 is not the scheduler's port",
+        "worker runs 'daskdev/dask:latest', not the tlops image 'tlops'",
+        "/app/outputs: claim 'tlops-pipeline' is not ReadWriteMany (the run's client and every worker share it)",
+        "/app/.cache: claim 'tlops-pipeline' is not ReadWriteMany (the run's client and every worker share it)",
+    ]

@@ -13,7 +13,7 @@ import pytest
 from components.data.manifest import Dataset
 from components.features.cache import FeatureCacheError, load_features, split_features
 from components.features.config import SelectConfig
-from components.features.select import logme_evidences, logme_score, run
+from components.features.select import candidate_score, logme_evidences, logme_score, run, score_path
 
 LABELS = ("defective", "functional")
 
@@ -139,6 +139,24 @@ def test_run_selects_the_informative_backbone(tmp_path: Path, dataset: Dataset) 
                  dataset, features_dir, tmp_path / "pinned")
     assert pinned.info["selected"] == "efficientnet_lite0"
     assert pinned.info["ranking"][0]["backbone"] == "efficientnet_lite1"
+
+
+def test_a_kept_score_is_reused_only_for_the_same_features_rows_and_labels(tmp_path: Path, dataset: Dataset) -> None:
+    features_dir, cache = tmp_path / "features", tmp_path / "cache"
+    write_cache(features_dir, "efficientnet_lite0", dataset, informative=True, seed=5)
+    computed = candidate_score(dataset, features_dir, "efficientnet_lite0", "pooled", cache)
+    kept = score_path(dataset, features_dir, "efficientnet_lite0", "pooled", cache)
+    assert json.loads(kept.read_text())["score"] == computed  # what a select piece on a worker leaves for the stage
+    kept.write_text(json.dumps({"score": {**computed, "logme": 123.0}}))
+    assert candidate_score(dataset, features_dir, "efficientnet_lite0", "pooled", cache)["logme"] == 123.0  # reused
+    relabelled = Dataset(dataset.manifest.assign(label=dataset.manifest["label"].iloc[::-1].to_numpy()),
+                         dataset.root, dataset.labels)
+    assert candidate_score(relabelled, features_dir, "efficientnet_lite0", "pooled", cache)["logme"] != 123.0
+    write_cache(features_dir, "efficientnet_lite0", dataset, informative=False, seed=6)  # other features, same path
+    fresh = candidate_score(dataset, features_dir, "efficientnet_lite0", "pooled", cache)
+    assert fresh["logme"] != 123.0 and fresh["logme"] < computed["logme"]
+    assert run(SelectConfig(candidates=("efficientnet_lite0",)), dataset, features_dir, tmp_path / "select",
+               cache).metrics["logme.efficientnet_lite0"] == fresh["logme"]
 
 
 def test_cached_features_are_matched_to_train_rows_by_sha256(tmp_path: Path, dataset: Dataset) -> None:

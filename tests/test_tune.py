@@ -132,3 +132,28 @@ def test_bad_tune_block_fails_at_load(tmp_path: Path, tune: dict, message: str) 
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")) as error:
         load_params(small_params(tmp_path, tune=tune))
     assert "\n" not in str(error.value)
+
+
+def test_a_round_prunes_only_against_trials_finished_before_it() -> None:
+    """Trials of one round run at once on workers: which of them ends first must not decide a pruning."""
+    from components.training.tune import RoundPruner
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.5, 0.6):  # earlier rounds
+        trial = study.ask()
+        trial.report(value, 1)
+        study.tell(trial, value)
+    first_of_round = len(study.trials)
+    for value in (0.95, 0.99):  # the same round, done before the trial below reaches epoch 1
+        trial = study.ask()
+        trial.report(value, 1)
+        study.tell(trial, value)
+    slow = study.ask()
+    slow.report(0.7, 1)
+    frozen = study.get_trials(deepcopy=False)[slow.number]
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    assert median.prune(study, frozen)  # below the median of all four finished trials (0.775)
+    assert not RoundPruner(median, first_of_round).prune(study, frozen)  # above the earlier rounds' median (0.55)
+    weak = study.ask()
+    weak.report(0.52, 1)
+    assert RoundPruner(median, first_of_round).prune(study, study.get_trials(deepcopy=False)[weak.number])

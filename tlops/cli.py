@@ -190,6 +190,9 @@ def run_flow(args: argparse.Namespace, params: Params) -> None:
     from tlops.stages import METRICS_FILE
 
     tracking.check_tracking_server()  # fail on a tracking server that is not there before Prefect starts
+    from flows.workers import check_runner
+
+    check_runner(params)  # and on a Dask scheduler that does not answer, or more training processes than fit
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HideUserErrorTracebacks())
     summary = train(params_file=str(args.params), overrides=list(args.overrides))
@@ -221,7 +224,9 @@ def list_backbones() -> None:
     from components.models.registry import REGISTRY
 
     for entry in REGISTRY.values():
-        print(f"{entry.name:22s} {entry.architecture:34s} {entry.input_size}px  dim={entry.feature_dim}  "
+        # An image backbone's input size; a text encoder's tokens per text.
+        size = f"{entry.max_length}tok" if entry.modality == "text" else f"{entry.input_size}px"
+        print(f"{entry.name:22s} {entry.architecture:34s} {size}  dim={entry.feature_dim}  "
               f"top1={entry.imagenet_top1}  {entry.license}")
 
 

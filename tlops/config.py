@@ -6,11 +6,12 @@ the dotted key. Overrides use the same dotted keys as `dvc exp run -S`.
 
 from __future__ import annotations
 
+import re
 import warnings
 import zoneinfo
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -88,6 +89,25 @@ class ScheduleConfig(StageConfig):
         return value
 
 
+class RunnerConfig(StageConfig):
+    """Where the work that parallelises runs (feature shards, LogME per candidate, tune's trials): this process, or
+    Dask workers through prefect-dask. Results are the same either way (docs/scaling.md); no other key changes."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None  # a running Dask scheduler, tcp://host:8786; null = a local cluster for the run
+    workers: int = Field(2, ge=1, le=256)  # processes of that local cluster (with address null)
+    shard_batches: int = Field(8, ge=1)  # features: a shard is this many features.batch_size batches of one backbone
+    connect_seconds: float = Field(10.0, gt=0)  # how long the scheduler at `address` has to answer (and have a worker)
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls|inproc|ws|wss)://[^\s/]+(:\d+)?/?", value):
+            raise ValueError(f"{value!r} is not a Dask scheduler address; write tcp://host:8786 (or null for a local "
+                             f"cluster of runner.workers processes)")
+        return value
+
+
 class Params(StageConfig):
     paths: PathsConfig = PathsConfig()
     ingest: IngestConfig = IngestConfig()
@@ -105,6 +125,7 @@ class Params(StageConfig):
     drift: DriftConfig = DriftConfig()
     tune: TuneConfig = TuneConfig()
     fewshot: FewshotConfig = FewshotConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _distinct_aliases(self) -> Params:

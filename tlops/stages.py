@@ -58,6 +58,21 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Shards:
+    """One wave of a stage's work cut into pieces that can run on other machines (`runner.kind: dask`).
+
+    `plan(params, done)` lists the pieces the caches still lack (piece id -> small JSON: names, image sha256s),
+    given `done`, the fingerprints of earlier waves' pieces; `run(params, arguments)` computes one piece into a
+    content-addressed cache and returns its fingerprint. The stage's `compute` then finds them cached and only
+    merges; without the pieces (`tlops stage`, `dvc repro`, `runner.kind: local`) it computes the same in one pass.
+    """
+
+    name: str
+    plan: Callable[[Params, dict[str, str]], dict[str, dict[str, Any]]]
+    run: Callable[[Params, dict[str, Any]], str]
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     component: str  # the module doing the work; it and its project imports are the stage's code
@@ -73,6 +88,8 @@ class Stage:
     # Files outside the pipeline's folders that params name and the stage reads (a distillation teacher):
     # their content is part of the Prefect cache key.
     files: Callable[[Params], tuple[Path, ...]] = lambda params: ()
+    # Its work in pieces for Dask workers, wave after wave (empty: the stage runs whole, in one process).
+    fan_out: tuple[Shards, ...] = ()
 
     def modules(self) -> tuple[str, ...]:
         return tuple(sorted(set(project_modules(self.component)) | set(WIRING)))
@@ -123,7 +140,67 @@ def _features(params: Params, ctx: StageContext, out: Path) -> StageResult:
 def _select(params: Params, ctx: StageContext, out: Path) -> StageResult:
     from components.features import select
 
-    return select.run(params.select, labelled_dataset(params), params.path("features"), out)
+    return select.run(params.select, labelled_dataset(params), params.path("features"), out,
+                      params.path("feature_cache"))
+
+
+def _trunks_missing_work(params: Params, done: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """One piece per image backbone with images its cache lacks: its trunk, exported or checked once for all chunks."""
+    return {backbone: {"backbone": backbone} for backbone, missing in _missing_images(params).items() if missing}
+
+
+def _chunks_missing_work(params: Params, done: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per backbone, the chunks of images (whole batches, in extraction order) holding images its cache lacks."""
+    from components.features.shards import image_chunks
+
+    pieces = {}
+    for backbone, missing in _missing_images(params).items():
+        for index, chunk in enumerate(image_chunks(validated_dataset(params), params.runner.shard_batches,
+                                                   params.features.batch_size)):
+            if missing & set(chunk):
+                pieces[f"{backbone}-{index}"] = {"backbone": backbone, "sha256": chunk, "trunk": done[backbone]}
+    return pieces
+
+
+def _missing_images(params: Params) -> dict[str, set[str]]:
+    """Per image backbone (text encoders embed in the stage itself), the manifest images its cache lacks."""
+    from components.features.shards import missing_images
+    from components.models.registry import get_entry
+
+    dataset = validated_dataset(params)
+    return {name: missing_images(name, params.features, dataset, params.path("feature_cache"))
+            for name in params.select.scored() if getattr(get_entry(name), "modality", "image") == "image"}
+
+
+def _trunk_piece(params: Params, arguments: dict[str, Any]) -> str:
+    from components.features.shards import prepare_trunk
+
+    return prepare_trunk(arguments["backbone"], params.features, validated_dataset(params), params.path("feature_cache"))
+
+
+def _chunk_piece(params: Params, arguments: dict[str, Any]) -> str:
+    from components.features.shards import compute_chunk
+
+    return compute_chunk(arguments["backbone"], params.features, validated_dataset(params), params.path("feature_cache"),
+                         arguments["sha256"], arguments["trunk"])
+
+
+def _scores_missing_work(params: Params, done: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """One piece per candidate whose LogME score is not cached for today's features (and labels: select reads the
+    labelled view, like the stage)."""
+    from components.features import select
+
+    return {name: {"backbone": name} for name in params.select.scored()
+            if not select.score_path(labelled_dataset(params), params.path("features"), name, params.select.tap,
+                                     params.path("feature_cache")).exists()}
+
+
+def _score_piece(params: Params, arguments: dict[str, Any]) -> str:
+    from components.features import select
+
+    score = select.candidate_score(labelled_dataset(params), params.path("features"), arguments["backbone"],
+                                   params.select.tap, params.path("feature_cache"))
+    return str(score["logme"])
 
 
 def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
@@ -205,14 +282,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", "components.data.ingest", _ingest, ("ingest",), (), "dataset", io_bound=True),
     Stage("validate", "components.data.validate", _validate, ("validate", "finetune.tasks"), ("dataset",), "validate",
           tuple(Output(n) for n in ("manifest.csv", "report.json", "report.md", RESULT_FILE, "data_docs"))),
+    # Pieces: each backbone's trunk, then chunks of images x backbones, each writing its entries of the feature cache.
     Stage("features", "components.features.extract", _features, ("features", "select.candidates", "select.backbone"),
-          ("dataset", "validate/manifest.csv"), "features"),
+          ("dataset", "validate/manifest.csv"), "features",
+          fan_out=(Shards("trunks", _trunks_missing_work, _trunk_piece),
+                   Shards("chunks", _chunks_missing_work, _chunk_piece))),
     # `finetune.adapt.target_domain` hides the target's train/val labels from every stage from here on.
+    # Pieces: LogME per candidate, each kept by content beside that candidate's cached features.
     Stage("select", "components.features.select", _select, ("select", ADAPT_KEY), ("features", "validate/manifest.csv"),
           "select",
           (Output("ranking.json"), Output("ranking.png"), Output(RESULT_FILE),
            Output("ranking.csv", "plots", cache=False, plot={"x": "logme", "y": "backbone",
-                                                               "template": "bar_horizontal"}))),
+                                                               "template": "bar_horizontal"})),
+          fan_out=(Shards("logme", _scores_missing_work, _score_piece),)),
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
     Stage("finetune", "components.training.finetune", _finetune,
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS),

@@ -132,6 +132,10 @@ def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
 
     cfg = params.tune
     out_dir = params.path("tune")
+    if params.runner.kind == "dask":
+        from flows.workers import check_runner
+
+        check_runner(params)  # an unreachable scheduler: one line, before the prerequisites run
     with RunLock(params, command) as lock:
         ran = ensure_prerequisites(params, lock)
         tracking.experiment(params)
@@ -140,11 +144,18 @@ def run_tune(params: Params, command: str = "tlops tune") -> dict[str, Any]:
         with mlflow.start_run(run_name="tune", tags=tags) as parent:
             parent_id = parent.info.run_id
             mlflow.log_params({k: str(v)[:500] for k, v in tracking.flat("tune", cfg.model_dump(mode="json")).items()})
-            result = tuning.tune(
-                cfg, params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
-                params.path("validate") / "manifest.csv", out_dir / ".trials", params.path("feature_cache"),
-                params.features.opset, params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)),
-                callbacks=[lambda study, trial: log_trial(parent_id, study, trial)], orders=declared_orders(params.ingest))
+            callbacks = [lambda study, trial: log_trial(parent_id, study, trial)]
+            if params.runner.kind == "dask":  # trials in parallel on Dask workers, sharing the study's storage
+                from flows.tune import tune_on_workers
+
+                result = tune_on_workers(params, callbacks)
+            else:
+                result = tuning.tune(
+                    cfg, params.finetune, selected_backbone(params), params.path("features"), labelled_dataset(params),
+                    params.path("validate") / "manifest.csv", out_dir / ".trials", params.path("feature_cache"),
+                    params.features.opset, params.features.parity_atol,
+                    int8_recipe=params.compress.planned_recipe(served_views(params)), callbacks=callbacks,
+                    orders=declared_orders(params.ingest))
             paths = write_outputs(result, out_dir, cfg.strategy)
             (out_dir / ".trials").rmdir()  # every trial removed its own folder
             mlflow.set_tags({"tlops.n_trials": str(len(result.study.trials)),

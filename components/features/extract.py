@@ -30,7 +30,7 @@ import torch
 from components.core.code_version import package_versions, source_sha256
 from components.core.errors import UserError
 from components.core.progress import Progress, no_progress
-from components.core.result import StageResult, atomic_path, write_json
+from components.core.result import StageResult, atomic_path, sha256_file, write_json
 from components.data import preprocess
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, load_batch
@@ -164,8 +164,12 @@ def extract(
     dataset: Dataset,
     cache_dir: Path,
     progress: Progress = no_progress,
+    verified_trunk: str | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Features of every manifest image for one backbone, computing only what the cache lacks."""
+    """Features of every manifest image for one backbone, computing only what the cache lacks.
+
+    `verified_trunk`: the sha256 of a trunk this run has already checked against torch (a shard of the stage,
+    `components/features/shards.py`); a trunk file with exactly that content is used without checking it again."""
     inputs = config_key_inputs(entry, cfg)
     store = FeatureStore(cache_dir / entry.name, cache_key(inputs))
     store.describe(inputs)
@@ -192,7 +196,8 @@ def extract(
     invalid = sum(store.has(sha) for sha in missing["sha256"])
     seconds = 0.0
     if len(missing):
-        if trunk is None:  # a trunk exported earlier is checked again before it computes anything new
+        if trunk is None and not (verified_trunk and sha256_file(store.trunk_path) == verified_trunk):
+            # a trunk exported earlier is checked again before it computes anything new
             trunk = build_trunk(entry, cfg.taps)
             fix = f"delete {store.trunk_path} to re-export it"
             stats["trunk_parity_max_diff"] = verify_trunk(

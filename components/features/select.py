@@ -9,6 +9,7 @@ and noise precision `beta` set by evidence maximisation. No training, one SVD pe
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from components.core.result import StageResult, sha256_file, write_json
+from components.core.code_version import package_versions, source_sha256
+from components.core.result import StageResult, sha256_file, sha256_json, write_json
 from components.data.manifest import Dataset
 from components.features.cache import FEATURES_FILE, split_features
 from components.features.config import SelectConfig
@@ -125,6 +127,39 @@ def logme_score(features: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean([e.log_evidence / n for e in logme_evidences(features, labels)]))
 
 
+def score_key_inputs(dataset: Dataset, features_dir: Path, backbone: str, tap: str) -> dict[str, object]:
+    """Everything a LogME score depends on: the features' content, the train rows and labels, the code, numpy."""
+    train = dataset.split("train")
+    return {"features_sha256": sha256_file(Path(features_dir) / backbone / FEATURES_FILE), "tap": tap,
+            "train": list(train["sha256"]), "labels": dataset.label_index(train), "classes": list(dataset.labels),
+            "code": source_sha256([logme_score, logme_evidences, maximize_evidence, _evidence_terms]),
+            "versions": package_versions(["numpy"])}
+
+
+def score_path(dataset: Dataset, features_dir: Path, backbone: str, tap: str, cache_dir: Path) -> Path:
+    """Where the LogME score of these features, rows and labels is kept (whether or not it is there yet)."""
+    key = sha256_json(score_key_inputs(dataset, features_dir, backbone, tap))[:20]
+    return Path(cache_dir) / backbone / "logme" / f"{key}.json"
+
+
+def candidate_score(dataset: Dataset, features_dir: Path, backbone: str, tap: str,
+                    cache_dir: Path | None = None) -> dict[str, float]:
+    """LogME of one candidate's train features, with the rows and dimension it was computed on.
+
+    With `cache_dir`, scores are kept by content (`<cache_dir>/<backbone>/logme/<key>.json`, the key covering
+    `score_key_inputs`), so a score computed elsewhere (a shard of the stage on another worker) or earlier is reused."""
+    path = score_path(dataset, features_dir, backbone, tap, cache_dir) if cache_dir is not None else None
+    if path is not None and path.exists():
+        return json.loads(path.read_text())["score"]
+    features = split_features(dataset, features_dir, backbone, tap)
+    labels = np.asarray(dataset.label_index(dataset.split("train")))
+    score = {"logme": logme_score(features, labels), "n_samples": int(features.shape[0]),
+             "feature_dim": int(features.shape[1])}
+    if path is not None:
+        write_json(path, {"score": score, "inputs": score_key_inputs(dataset, features_dir, backbone, tap)})
+    return score
+
+
 def plot_ranking(ranking: list[dict[str, object]], selected: str, path: Path) -> Path:
     names = [str(row["backbone"]) for row in ranking]
     scores = np.array([float(row["logme"]) for row in ranking])
@@ -146,7 +181,8 @@ def plot_ranking(ranking: list[dict[str, object]], selected: str, path: Path) ->
     return path
 
 
-def run(cfg: SelectConfig, dataset: Dataset, features_dir: Path, out_dir: Path) -> StageResult:
+def run(cfg: SelectConfig, dataset: Dataset, features_dir: Path, out_dir: Path, cache_dir: Path | None = None) -> StageResult:
+    """Rank `cfg.scored()` by LogME; `cache_dir` keeps scores by content (see `candidate_score`)."""
     train = dataset.split("train")
     if train.empty:
         raise ValueError("select: the manifest has no train rows to score backbones on.")
@@ -155,13 +191,9 @@ def run(cfg: SelectConfig, dataset: Dataset, features_dir: Path, out_dir: Path) 
         log.warning("select: the train split holds a single class; LogME cannot tell backbones apart.")
     ranking = []
     for name in cfg.scored():
-        features = split_features(dataset, features_dir, name, cfg.tap)
-        score = logme_score(features, labels)
-        log.info("LogME %s (%s, %d x %d): %.5f", name, cfg.tap, *features.shape, score)
-        ranking.append({
-            "backbone": name, "logme": score, "n_samples": int(features.shape[0]),
-            "feature_dim": int(features.shape[1]), "imagenet_top1": get_entry(name).imagenet_top1,
-        })
+        score = candidate_score(dataset, features_dir, name, cfg.tap, cache_dir)
+        log.info("LogME %s (%s, %d x %d): %.5f", name, cfg.tap, score["n_samples"], score["feature_dim"], score["logme"])
+        ranking.append({"backbone": name, **score, "imagenet_top1": get_entry(name).imagenet_top1})
     ranking.sort(key=lambda row: -row["logme"])  # stable: ties keep the configured order
     selected = ranking[0]["backbone"] if cfg.backbone == "auto" else cfg.backbone
     if selected != ranking[0]["backbone"]:

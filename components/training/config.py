@@ -91,7 +91,16 @@ class FullConfig(TrainConfig):
     batch_size: int = Field(32, ge=2)
     crop_scale_min: float = Field(0.8, gt=0, le=1)  # RandomResizedCrop's smallest area share
     jitter: float = Field(0.2, ge=0, lt=1)  # brightness/contrast jitter
-    workers: int = Field(1, ge=0)  # DataLoader processes decoding and augmenting
+    workers: int = Field(1, ge=0)  # DataLoader processes decoding and augmenting (per training process)
+    # Training processes (DistributedDataParallel through torch.distributed.run); batch_size stays the global batch.
+    processes: int = Field(1, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> FullConfig:
+        if self.batch_size % self.processes:
+            raise ValueError(f"batch_size {self.batch_size} is the global batch and must split evenly over "
+                             f"processes={self.processes} (each process takes batch_size / processes images)")
+        return self
 
 
 class AdaptConfig(StageConfig):
@@ -264,6 +273,17 @@ class SearchSpec(StageConfig):
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """What `suggest` draws from, for trials whose values are drawn when they are asked (`study.ask`)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.choices is not None:
+            return CategoricalDistribution(list(self.choices))
+        assert self.low is not None and self.high is not None
+        if self.integer:
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+
     def corners(self) -> list[Any]:
         """The values a study can reach at its edges, checked against finetune's schema at load time."""
         if self.choices is not None:
@@ -324,6 +344,20 @@ class TuneConfig(StageConfig):
     seed: int = 0  # TPE's seed: the same seed, space and data give the same sequence of trials
     space: dict[str, SearchSpec] = Field(default_factory=lambda: dict(DEFAULT_SPACE), min_length=1)
     pruner: PrunerConfig = PrunerConfig()
+    # Trials on Dask workers (runner.kind: dask) share the study here: an SQLAlchemy URL (PostgreSQL in the team
+    # setup) or null, a journal file in paths.tune. Unused by a study in one process.
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _shared_safely(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("sqlite"):
+            raise ValueError("SQLite is not safe for trials written by several processes at once (Optuna's RDBStorage "
+                             "docs); leave it null (a journal file, safe across processes) or give a PostgreSQL URL")
+        if value is not None and "://" not in value:
+            raise ValueError(f"{value!r} is not a database URL (e.g. postgresql+psycopg://user:pass@host/optuna); "
+                             f"null keeps the study in a journal file in paths.tune")
+        return value
 
     @model_validator(mode="after")
     def _budget_and_space(self) -> TuneConfig:

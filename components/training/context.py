@@ -21,6 +21,7 @@ from components.features.cache import read_record
 from components.models.registry import get_entry
 from components.training.config import FinetuneConfig
 from components.training.loop import OnEpoch, Trained
+from components.training.replicas import SINGLE, Replicas
 from components.training.tasks import TaskSet, resolve
 
 if TYPE_CHECKING:
@@ -33,10 +34,13 @@ class Context:
 
     def __init__(self, cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, cache_dir: Path,
                  state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None,
-                 int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None):
+                 int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None,
+                 replicas: Replicas = SINGLE):
         self.int8_recipe = int8_recipe
+        self.replicas = replicas  # the processes training together (one, unless components/training/ddp.py started more)
         # Checked before anything is computed: an unknown column or an undeclared order fails in one line.
-        self.tasks = TaskSet(resolve(cfg, dataset, orders or {}), cfg, dataset)
+        self.orders = {task: list(order) for task, order in (orders or {}).items()}  # ddp's processes resolve alike
+        self.tasks = TaskSet(resolve(cfg, dataset, self.orders), cfg, dataset)
         self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
         self.entry = get_entry(backbone)
         self.record = read_record(features_dir, backbone)

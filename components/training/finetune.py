@@ -27,7 +27,7 @@ from components.core.progress import Progress, no_progress
 from components.core.result import StageResult, write_json
 from components.data.manifest import Dataset
 from components.models.classifier import save_checkpoint
-from components.training import reference
+from components.training import ddp, reference
 from components.training.config import FinetuneConfig
 from components.training.context import Context, Strategy
 from components.training.loop import OnEpoch, Trained
@@ -68,7 +68,7 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult,
             log.info("auto: %s %s", strategy, reason)
             continue
         log.info("auto: training %s, %s, %.1f min of the budget left", strategy, estimate, left / 60)
-        trained = strategies[strategy].train(ctx)
+        trained = train_strategy(strategy, ctx, strategies)
         spent += cost.seconds
         verdict = reference.judge(trained.best["val_accuracy"], ref, ctx.cfg.guard.margin, f"{ctx.entry.name}/{strategy}",
                                   strategies[strategy].next_step)
@@ -87,6 +87,13 @@ def train_auto(ctx: Context, ref: reference.ReferenceResult,
     why = (f"auto chose {chosen}: best val accuracy {best.best['val_accuracy']:.4f} within "
            f"{ctx.cfg.budget_minutes:g} reference min (others: {others or 'none'})")
     return chosen, best, candidates, why
+
+
+def train_strategy(strategy: str, ctx: Context, strategies: Mapping[str, Strategy]) -> Trained:
+    """One strategy trained in this process, or in its `processes` processes (components/training/ddp.py; image
+    encoders only, which `check_modality` makes sure of)."""
+    world = ddp.processes(ctx.cfg, strategy)
+    return ddp.train(strategy, ctx, world) if world > 1 else strategies[strategy].train(ctx)
 
 
 def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> Path:
@@ -127,6 +134,9 @@ def check_modality(cfg: FinetuneConfig, modality: str, single_task: bool, strate
     if cfg.adapt.target_domain is not None:
         raise UserError(f"finetune.adapt.target_domain={cfg.adapt.target_domain!r}: domain adaptation is built for image "
                         f"encoders; set it to null for a {modality} encoder.")
+    if cfg.full.processes > 1 and cfg.strategy in ("full", "auto"):
+        raise UserError(f"finetune.full.processes={cfg.full.processes}: several training processes (DDP) train image "
+                        f"encoders only; set it to 1 for a {modality} encoder.")
 
 
 def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> None:
@@ -154,6 +164,8 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch, int8_recipe,
                   {**(orders or {}), **cfg.orders})
     check_taps(cfg, ctx.record, backbone)
+    if cfg.strategy in ("full", "auto"):
+        ddp.check_processes(cfg, "full", ctx.placement.device.type == "cuda")
     log.info("finetune on %s", ctx.placement.reason)
     strategies = strategies_for(ctx.entry.modality)
     check_modality(cfg, ctx.entry.modality, ctx.tasks.single, strategies)
@@ -161,7 +173,7 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
     if cfg.strategy == "auto":
         strategy, trained, candidates, why = train_auto(ctx, ref, strategies)
     else:
-        strategy, trained = cfg.strategy, strategies[cfg.strategy].train(ctx)
+        strategy, trained = cfg.strategy, train_strategy(cfg.strategy, ctx, strategies)
         candidates, why = [], f"finetune.strategy={strategy}"
     verdict = reference.judge(trained.best["val_accuracy"], ref, cfg.guard.margin, f"{backbone}/{strategy}",
                               strategies[strategy].next_step)

@@ -27,6 +27,7 @@ from components.core.devices import Placement
 from components.core.progress import Progress, no_progress
 from components.core.result import atomic_path
 from components.training.config import LoopConfig
+from components.training.replicas import SINGLE, Replicas
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,14 @@ def fit(
     progress: Progress = no_progress,
     desc: str = "finetune",
     on_epoch: OnEpoch | None = None,
+    replicas: Replicas = SINGLE,
 ) -> FitResult:
-    """Train `model` in place; returns the best epoch's weights. `batches(epoch, generator)` yields (x, y)."""
+    """Train `model` in place; returns the best epoch's weights. `batches(epoch, generator)` yields (x, y).
+
+    `replicas`: the processes training it together (components/training/replicas.py); each passes its own share
+    of every batch, rank 0 alone evaluates and writes the resume file."""
     model.to(placement.device)
+    trained = replicas.wrap(model, [p for group in groups for p in group])  # `model` itself in one process
     optimizer = torch.optim.AdamW(param_groups(groups, cfg))
     scheduler = lr_scheduler(optimizer, cfg, steps_per_epoch)
     # The weights evaluated and kept: the model itself, or its moving average (BatchNorm statistics averaged too).
@@ -131,8 +137,8 @@ def fit(
             if stopped_early:
                 break
             began = time.perf_counter()
-            generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout, stochastic depth
+            generator = torch.Generator().manual_seed(replicas.seed(cfg.seed * 100_003 + epoch))
+            torch.manual_seed(replicas.seed(cfg.seed * 100_003 + epoch))  # dropout, stochastic depth
             model.train()
             total, count = 0.0, 0
             for x, y in batches(epoch, generator):
@@ -141,7 +147,7 @@ def fit(
                 y = y.to(placement.device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with placement.autocast():
-                    loss = loss_fn(model(*inputs), y)
+                    loss = loss_fn(trained(*inputs), y)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -150,7 +156,8 @@ def fit(
                 total, count = total + loss.item() * len(y), count + len(y)
             kept.eval()
             with torch.no_grad(), placement.autocast():
-                scores = evaluate(kept)
+                scores = replicas.from_writer(evaluate(kept) if replicas.writer else None)
+            total, count = replicas.total(total, count)
             seconds += time.perf_counter() - began
             entry = {"epoch": epoch, "train_loss": total / max(count, 1), **scores,
                      "lr": optimizer.param_groups[-1]["lr"], "seconds": seconds}
@@ -160,7 +167,7 @@ def fit(
             else:
                 stale += 1
             stopped_early = stale >= cfg.patience
-            if resume_path is not None:
+            if resume_path is not None and replicas.writer:
                 with atomic_path(resume_path) as partial:
                     torch.save({"fingerprint": resume_fingerprint, "model": model.state_dict(),
                                 "averaged": averaged.state_dict() if averaged is not None else None,

@@ -48,9 +48,10 @@ def train(ctx: Context) -> Trained:
     workers = usable_workers(train, cfg.workers, cfg.batch_size)
 
     def batches(epoch: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # The loader's shuffling and its workers' augmentation seeds both come from `generator`.
-        yield from DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=generator, drop_last=len(train) > cfg.batch_size,
-                              num_workers=workers, pin_memory=pin, persistent_workers=False)
+        # The loader's shuffling and its workers' augmentation seeds both come from `generator` (with several
+        # training processes, each takes its share of every global batch).
+        yield from ctx.replicas.loader(train, cfg.batch_size, generator, epoch, common.seed, num_workers=workers,
+                                       pin_memory=pin, persistent_workers=False)
 
     val_loader = DataLoader(val, batch_size=cfg.batch_size * 2, num_workers=workers, pin_memory=pin)
 
@@ -64,7 +65,8 @@ def train(ctx: Context) -> Trained:
     steps = len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1
     try:
         result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement,
-                     resume_path, fingerprint, ctx.progress, desc="finetune full", on_epoch=ctx.on_epoch)
+                     resume_path, fingerprint, ctx.progress, desc="finetune full", on_epoch=ctx.on_epoch,
+                     replicas=ctx.replicas)
     except RuntimeError as error:
         if workers == 0 or "DataLoader worker" not in str(error):
             raise
