@@ -67,19 +67,18 @@ def slug(name: str) -> str:
 
 
 def fetch_model(uri: str, into: Path) -> tuple[Path, str]:
-    """The ONNX file `uri` names (a models:/ URI, resolved to its version now, or a file), and what it is."""
-    from components.core.errors import UserError
-    from components.serving.served_model import resolve_source
+    """The ONNX file `uri` names (a models:/ URI, resolved to its version now and downloaded, or a file), and what
+    it is. The registry is asked in this process: the lookup `tlops serve` makes in a child process, here with
+    MLflow already imported."""
+    from components.serving.config import check_model_uri, parse_registry_uri
+    from components.serving.registry_fetch import download_onnx, resolve_version
+    from components.serving.served_model import sha256_of
 
-    source = resolve_source(uri)
-    if source.name is None:
-        return Path(uri), f"file {uri} ({source.version})"
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{source.name}/{source.version}",
-                                                     dst_path=str(into)))
-    files = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
-    if len(files) != 1:
-        raise UserError(f"--model {uri}: version {source.version} holds {len(files)} ONNX files; register exactly one.")
-    return files[0], f"{uri} (version {source.version})"
+    check_model_uri(uri)
+    if not uri.startswith("models:/"):
+        return Path(uri), f"file {uri} (sha256:{sha256_of(Path(uri))[:12]})"
+    version = resolve_version(uri)
+    return download_onnx(uri, parse_registry_uri(uri)[0], version, into), f"{uri} (version {version})"
 
 
 def run_add_class(params: Params, name: str, images: Path, model_uri: str | None) -> dict[str, Any]:

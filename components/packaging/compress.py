@@ -309,7 +309,8 @@ def search_int8(
         quantizer = Quantizer(cfg, source, dataset, Path(scratch))
         models["int8"] = quantizer.quantize(out_dir / INT8_FILE)
         accuracy["int8"] = task_accuracies(models["int8"], dataset, "val")
-        log.info("int8: val accuracy %s (floor %s)", accuracy["int8"], floor)
+        log.info("int8: val accuracy %s", ", ".join(f"{task} {value:.4f} (floor {floor[task]:.4f})"
+                                                  for task, value in accuracy["int8"].items()))
         search: dict[str, object] = {"recipe": quantizer.recipe(()), "calibration_images": len(quantizer.images),
                                      "shape_nodes_not_quantized": len(quantizer.shape_nodes), "fp32_nodes": [],
                                      **({"head_nodes_not_quantized": len(quantizer.head_nodes)} if quantizer.head_nodes else {})}

@@ -158,7 +158,7 @@ def quantize_frozen(store: ViewStore, quantized: ViewStore, recipe: Recipe, data
             prepared = Path(scratch) / "prepared.onnx"
             int8.prepare(store.dir / FROZEN_FILE, prepared, Path(scratch))
             int8.quantize(prepared, partial, images, recipe)
-        log.info("frozen part quantized (%s) -> %s", recipe.describe(len(images)), path)
+        log.info("frozen part quantized (%s) -> %s", recipe.describe(len(images) // recipe.calibration_views), path)
     return path
 
 
