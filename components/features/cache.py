@@ -41,6 +41,19 @@ def cache_key(inputs: Mapping[str, Any]) -> str:
     return sha256_json(inputs)[:20]
 
 
+def key_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """`name: was -> now` for every key input that differs (one level into dicts); empty when the keys agree."""
+    differences = []
+    for name in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(name), current.get(name)
+        if isinstance(was, dict) and isinstance(now, dict):
+            differences += [f"{name}.{k}: {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
+                            if was.get(k) != now.get(k)]
+        elif was != now:
+            differences.append(f"{name}: {was} -> {now}")
+    return differences
+
+
 class FeatureStore:
     """One `.npz` per image under `root/<key>/<sha[:2]>/<sha>.npz`, written atomically."""
 

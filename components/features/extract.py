@@ -239,15 +239,7 @@ def stale_inputs(record: Mapping[str, Any], entry: Entry) -> list[str]:
         return text_embedding.stale_inputs(record, entry)
     recorded = record["cache_key_inputs"]
     current = key_inputs(entry, Preprocessing.of(record["preprocessing"]), record["taps"], recorded["opset"])
-    differences = []
-    for name in sorted(set(recorded) | set(current)):
-        was, now = recorded.get(name), current.get(name)
-        if isinstance(was, dict) and isinstance(now, dict):
-            differences += [f"{name}.{k}: {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
-                            if was.get(k) != now.get(k)]
-        elif was != now:
-            differences.append(f"{name}: {was} -> {now}")
-    return differences
+    return cache.key_differences(recorded, current)
 
 
 class ModalityMismatchError(UserError):

@@ -155,12 +155,4 @@ def stale_inputs(record: Mapping[str, Any], entry: TextEncoderEntry) -> list[str
     """What differs between the key inputs recorded with cached text features and today's code, versions, entry."""
     recorded = record["cache_key_inputs"]
     current = key_inputs(entry, Tokenization.of(record["preprocessing"]), record["taps"], recorded["opset"])
-    differences = []
-    for name in sorted(set(recorded) | set(current)):
-        was, now = recorded.get(name), current.get(name)
-        if isinstance(was, dict) and isinstance(now, dict):
-            differences += [f"{name}.{k}: {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
-                            if was.get(k) != now.get(k)]
-        elif was != now:
-            differences.append(f"{name}: {was} -> {now}")
-    return differences
+    return cache.key_differences(recorded, current)
