@@ -204,8 +204,10 @@ def test_the_adapted_linear_head_exports_and_reports_alignment(tmp_path: Path) -
                                                    "bottleneck": 16}})
     result = run(cfg, "efficientnet_lite0", tmp_path / "features", view, tmp_path / "data" / "manifest.csv",
                  tmp_path / "finetune", tmp_path / "cache", tmp_path / "state")
-    for key in ("adapt.domain_accuracy_before", "adapt.domain_accuracy_after", "adapt.source_val_accuracy"):
-        assert 0.0 <= result.metrics[key] <= 1.0
+    # Mono and poly cells are told apart before adaptation (0.96 here) and DANN brings that to chance (0.50 here).
+    before, after = result.metrics["adapt.domain_accuracy_before"], result.metrics["adapt.domain_accuracy_after"]
+    assert before >= 0.8 and after <= before - 0.2
+    assert 0.0 < result.metrics["adapt.source_val_accuracy"] <= 1.0
     assert result.artifacts["adaptation"].read_bytes()[:4] == b"\x89PNG"
     checkpoint = load_checkpoint(result.artifacts["checkpoint"])
     assert checkpoint["head_spec"]["kind"] == "bottleneck"

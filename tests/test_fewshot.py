@@ -32,6 +32,7 @@ def test_the_same_seed_gives_the_same_episodes_and_numbers_another_seed_other_on
     report = json.loads((tmp_path / "a" / "fewshot.json").read_text())
     assert set(report) == {"1", "2"} and set(report["1"]) == {"prototypes", "linear"}
     assert all(0 <= report[k][m]["mean"] <= 1 and report[k][m]["ci95"] >= 0 for k in report for m in report[k])
+    assert first.metrics["fewshot.1.prototypes.mean"] == report["1"]["prototypes"]["mean"]  # the run logs what it writes
     assert (tmp_path / "a" / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
     # Different seeds draw different support sets.
     rng = [np.random.default_rng([seed, 1]) for seed in (3, 4)]
