@@ -295,7 +295,9 @@ def test_malformed_input_gets_4xx_json_and_the_service_stays_ready(tiny_onnx: Pa
         ("corrupt_image", 422, dict(content=good[: len(good) // 2], headers=image_png)),
         ("empty_image", 422, dict(content=b"", headers=image_png)),
         ("too_many_pixels", 422, dict(content=bomb, headers=image_png)),
-        ("unsupported_media_type", 415, dict(content=good, headers={"content-type": "text/plain"})),
+        ("wrong_modality", 415, dict(content=good, headers={"content-type": "text/plain"})),  # texts, to an image model
+        ("wrong_modality", 415, dict(json={"texts": ["a defective cell"]})),
+        ("bad_json", 400, dict(json=["not", "an", "object"])),
         ("unsupported_media_type", 415, dict(content=good)),
         ("body_too_large", 413, dict(content=b"\x89PNG" + bytes(300_000), headers=image_png)),
         ("body_too_large", 413, dict(content=iter([bytes(100_000)] * 3), headers=image_png)),  # chunked, no length

@@ -3,11 +3,13 @@ compress and evaluate on real ELPV cells at 64 px."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,13 +27,15 @@ from components.features import extract as features
 from components.features.config import FeaturesConfig
 from components.models.classifier import ViewAverage, build_model, load_checkpoint
 from components.models.heads import CornHead, RegressHead, TaskHeads, build_head, head_spec
-from components.models.onnx_io import model_tasks, open_session, read_metadata
+from components.models.onnx_io import model_tasks, open_session, predict_tasks, read_metadata, softmax
 from components.packaging import compress, export
 from components.packaging.config import CompressConfig, ExportConfig
+from components.serving.pyfunc import log_model
 from components.training.config import FinetuneConfig
 from components.training.finetune import run as finetune
 from components.training.tasks import TaskError, bounds, choose_thresholds, class_of, resolve
 from tests.conftest import venv_env
+from tests.test_serve import service
 from tests.tiny_model import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +109,30 @@ def test_a_two_task_model_has_one_output_per_task_and_onnx_matches_torch_on_each
     for name in ("label", "cell_type"):
         assert (tmp_path / "evaluate" / "tasks" / f"{name}.confusion_matrix.png").stat().st_size > 0
         assert (tmp_path / "evaluate" / "tasks" / f"{name}.reliability.png").stat().st_size > 0
+
+    # The service and the registered pyfunc answer every task per image, as ONNX Runtime scores the shipped file.
+    shipped = tmp_path / "compress" / compress.SHIPPED_FILE
+    rows = test.head(5)
+    expected = {task.name: softmax(scores.astype(np.float64))
+                for task, scores in predict_tasks(shipped, cells.dataset, rows).items()}
+    files = [cells.dataset.image_path(p) for p in rows["path"]]
+    with service(model_uri=str(shipped)) as (client, _):
+        answer = client.post("/predict", files=[("f", (f.name, f.read_bytes(), "image/png")) for f in files])
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    for name, labels in (("label", FOUR), ("cell_type", ("mono", "poly"))):
+        served = np.array([[p["tasks"][name]["probabilities"][label] for label in labels] for p in predictions])
+        np.testing.assert_allclose(served, expected[name], atol=1e-4)
+        assert [p["tasks"][name]["label"] for p in predictions] == [labels[int(r.argmax())] for r in expected[name]]
+    assert [p["label"] for p in predictions] == [p["tasks"]["label"]["label"] for p in predictions]  # the primary task
+    mlflow.set_experiment("two-task-serving")
+    with mlflow.start_run():
+        info = log_model(shipped, "tlops-two-tasks-test")
+    frame = mlflow.pyfunc.load_model(info.model_uri).predict(
+        pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in files]}))
+    assert list(frame.columns) == ["label", "probabilities", "cell_type", "cell_type_probabilities"]
+    assert list(frame["cell_type"]) == [p["tasks"]["cell_type"]["label"] for p in predictions]
+    assert list(frame["label"]) == [p["label"] for p in predictions]
 
 
 @pytest.mark.parametrize("strategy", ["linear", "full"])

@@ -214,3 +214,66 @@ def test_dynamic_int8_ships_within_the_accuracy_budget(pipeline: dict[str, Path]
     assert report["shipped"] == ("int8" if int8["within_budget"] else "fp32")
     assert report["candidates"][report["shipped"]]["val_accuracy_drop"] <= report["max_accuracy_drop"] + 1e-9
     assert "dynamic INT8" in read_metadata(pipeline["compress"] / "model_int8.onnx")["quantization"]
+
+
+def test_the_service_and_the_pyfunc_answer_texts_as_the_pipeline_scores_them(bbc: Dataset, pipeline: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    """`tlops serve` on a text model: JSON texts and text/plain answered as the pipeline's own scoring (raw text ->
+    the file's tokenizer -> ONNX Runtime) scores them, bad texts refused in one line, and the registered pyfunc
+    model predicts the same."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components.models.onnx_io import softmax
+    from components.serving.pyfunc import log_model
+    from tests.test_serve import metric, service
+
+    path = pipeline["export"] / "model_fp32.onnx"  # FP32: dynamic INT8 scales activations per batch (see docs/text.md)
+    test = bbc.split("test").head(8)
+    texts = [bbc.image_path(p).read_text(encoding="utf-8") for p in test["path"]]
+    expected = softmax(predict_frame(path, bbc, test).astype(np.float64))
+    labels = bbc.labels
+
+    def probabilities(answers: list[dict]) -> np.ndarray:
+        return np.array([[answer["probabilities"][label] for label in labels] for answer in answers])
+
+    with service(model_uri=str(path), max_text_chars=20_000) as (client, server):
+        assert server.model is not None and server.model.describe()["modality"] == "text"
+        answer = client.post("/predict", json={"texts": texts})
+        assert answer.status_code == 200, answer.text
+        predictions = answer.json()["predictions"]
+        assert [p["label"] for p in predictions] == [labels[int(row.argmax())] for row in expected]
+        np.testing.assert_allclose(probabilities(predictions), expected, atol=1e-5)
+        one = client.post("/predict", content=texts[3].encode("utf-8"), headers={"content-type": "text/plain; charset=utf-8"})
+        np.testing.assert_allclose(probabilities(one.json()["predictions"]), expected[3:4], atol=1e-5)
+
+        cases = [
+            ("empty_text", 422, dict(json={"texts": [texts[0], " \n\t "]})),
+            ("empty_text", 422, dict(content=b"", headers={"content-type": "text/plain"})),
+            ("bad_text", 400, dict(json={"texts": [42]})),
+            ("no_texts", 400, dict(json={"texts": []})),
+            ("not_utf8", 400, dict(content="caf\u00e9 au lait".encode("latin-1"), headers={"content-type": "text/plain"})),
+            ("text_too_long", 413, dict(json={"text": "word " * 5000})),
+            ("wrong_modality", 415, dict(content=b"\x89PNG\r\n", headers={"content-type": "image/png"})),
+            ("wrong_modality", 415, dict(json={"images": ["aGVsbG8="]})),
+            ("bad_json", 400, dict(json={"sentences": texts[:1]})),
+        ]
+        for kind, status, request in cases:
+            refused = client.post("/predict", **request)
+            assert (refused.status_code, refused.json()["error"]) == (status, kind), refused.text
+            assert "\n" not in refused.json()["detail"]
+        assert client.get("/readyz").status_code == 200
+        assert metric(client, "tlops_serve_errors_total", kind="empty_text") == 2
+        assert sum(metric(client, "tlops_serve_predictions_total", label=label) for label in labels) == len(texts) + 1
+
+    mlflow.set_experiment("text-serving")
+    with mlflow.start_run():
+        info = log_model(path, "tlops-text-test")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert model.metadata.get_input_schema().input_names() == ["text"]
+    frame = model.predict(pd.DataFrame({"text": texts}))
+    assert list(frame["label"]) == [p["label"] for p in predictions]
+    np.testing.assert_allclose(np.array([[row[label] for label in labels] for row in frame["probabilities"]]), expected,
+                               atol=1e-5)
+    with pytest.raises(MlflowException, match="empty_text"):
+        model.predict(pd.DataFrame({"text": ["  "]}))

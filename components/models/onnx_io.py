@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from components.data.tokenization import (
     load_tokenizer,
     read_texts,
 )
+from components.models.task_metadata import ModelTask, tasks_from_metadata
 
 log = logging.getLogger(__name__)
 
@@ -91,27 +91,11 @@ def model_labels(model_path: Path, metadata: Mapping[str, str]) -> tuple[str, ..
     return tuple(json.loads(metadata["labels"]))
 
 
-@dataclass(frozen=True)
-class ModelTask:
-    """One task of a model as its metadata_props describe it; the model's outputs come in task order."""
-
-    name: str  # the manifest column it was trained on, and its ONNX output's name
-    kind: str  # classify | ordinal | regress: how the head reads the classes (its scores' argmax decides alike)
-    labels: tuple[str, ...]  # the output's columns
-    order: tuple[str, ...] | None = None  # the declared order of the labels, lowest first (ordinal, regress)
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "kind": self.kind, "labels": list(self.labels),
-                "order": list(self.order) if self.order else None}
-
-
 def model_tasks(model_path: Path, metadata: Mapping[str, str]) -> tuple[ModelTask, ...]:
-    """The tasks a model answers, the primary first: `metadata_props["tasks"]`, or (a model of one classify task,
-    which does not say) one classify task on `label` with the model's `labels`."""
+    """The tasks a model answers, the primary first (`components/models/task_metadata.py`); the error names the file."""
     if "tasks" not in metadata:
-        return (ModelTask("label", "classify", model_labels(model_path, metadata)),)
-    return tuple(ModelTask(task["name"], task["kind"], tuple(task["labels"]), tuple(task["order"]) if task.get("order") else None)
-                 for task in json.loads(metadata["tasks"]))
+        model_labels(model_path, metadata)  # a model that says neither is refused, naming the file
+    return tasks_from_metadata(metadata)
 
 
 def open_session(model_path: Path, num_threads: int = 0) -> ort.InferenceSession:

@@ -1,7 +1,8 @@
 """`tlops serve`: a thin FastAPI app around `components.serving.server.ModelServer`, run by uvicorn.
 
-The app only translates HTTP: it reads the body (bounded), picks the images out of it by
-content type, has the server admit, decode and queue them, and writes the answer. Every
+The app only translates HTTP: it reads the body (bounded), picks the images or texts out of it by
+content type (the served model's modality decides which it takes), has the server admit, decode
+and queue them, and writes the answer. Every
 /predict has a deadline (`serve.request_timeout_ms`) covering all of that: past it the client
 gets 504 and the request's queued images are dropped. Decoding, batching, reloads and metrics
 live in `components/serving/server.py`.
@@ -28,10 +29,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from components.core.errors import UserError
 from components.serving.config import ServeConfig
-from components.serving.image_decoding import BadInputError, images_from_json
+from components.serving.image_decoding import BadInputError, images_from_document, json_document
 from components.serving.metrics import ServeMetrics
 from components.serving.micro_batcher import DeadlineExceededError, NotReadyError, QueueFullError, Ticket
 from components.serving.server import ModelServer
+from components.serving.text_input import text_from_plain, texts_from_document
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +79,45 @@ async def images_from_multipart(request: Request, body: bytes, max_files: int) -
         await form.close()
 
 
-async def request_images(request: Request, cfg: ServeConfig) -> list[bytes]:
+ACCEPTED = {
+    "image": "image/* bytes, multipart/form-data files or application/json {\"images\": [\"<base64>\", ...]}",
+    "text": "text/plain (one text) or application/json {\"texts\": [\"...\", ...]}",
+}
+
+
+def wrong_modality(modality: str, sent: str) -> BadInputError:
+    return BadInputError("wrong_modality", f"the served model classifies {modality}s and the request sends {sent}s; "
+                         f"send {ACCEPTED[modality]}.", 415)
+
+
+def payloads_from_json(body: bytes, modality: str) -> list[bytes] | list[object]:
+    document = json_document(body)
+    sent = "text" if ("texts" in document or "text" in document) else "image" if ("images" in document or "image" in document) else None
+    if sent is None:
+        raise BadInputError("bad_json", f"the JSON body has neither of the keys this model takes; send {ACCEPTED[modality]}.", 400)
+    if sent != modality:
+        raise wrong_modality(modality, sent)
+    return texts_from_document(document) if modality == "text" else images_from_document(document)
+
+
+async def request_payloads(request: Request, cfg: ServeConfig, modality: str) -> list[bytes] | list[object]:
+    """The request's images (bytes, still encoded) or texts (unchecked), for a model of `modality`."""
     body = await read_body(request, cfg.max_body_bytes)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type == "application/json":
+        return await anyio.to_thread.run_sync(payloads_from_json, body, modality)
+    sent = ("image" if content_type.startswith("image/") or content_type == "multipart/form-data"
+            else "text" if content_type == "text/plain" else None)
+    if sent is None:
+        raise BadInputError("unsupported_media_type",
+                            f"content type {content_type or '(none)'!r} is not accepted; send {ACCEPTED[modality]}.", 415)
+    if sent != modality:
+        raise wrong_modality(modality, sent)
+    if content_type == "text/plain":
+        return [text_from_plain(body)]
     if content_type.startswith("image/"):
         return [body]
-    if content_type == "application/json":
-        return await anyio.to_thread.run_sync(images_from_json, body)
-    if content_type == "multipart/form-data":
-        return await images_from_multipart(request, body, cfg.queue_size)
-    raise BadInputError(
-        "unsupported_media_type",
-        f"content type {content_type or '(none)'!r} is not accepted; send image/* bytes, multipart/form-data "
-        f"files or application/json with base64 images.",
-        415,
-    )
+    return await images_from_multipart(request, body, cfg.queue_size)
 
 
 class MeasuredRequests:
@@ -146,7 +172,7 @@ def create_app(server: ModelServer) -> FastAPI:
         try:
             async with asyncio.timeout(timeout_s):
                 with server.batcher.arriving():
-                    payloads = await request_images(request, server.cfg)
+                    payloads = await request_payloads(request, server.cfg, server.modality())
                     ticket, model = server.admit(len(payloads), deadline)  # room reserved before decoding
                     images = await asyncio.get_running_loop().run_in_executor(server.decoder, server.prepare,
                                                                               model, payloads)

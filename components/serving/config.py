@@ -51,6 +51,7 @@ class ServeConfig(StageConfig):
     queue_size: int = Field(256, ge=1, le=100_000)  # images waiting; beyond it requests get 503 + Retry-After
     max_body_mb: float = Field(10.0, gt=0, le=1024)
     max_image_megapixels: float = Field(16.0, gt=0, le=1000)  # decoded size; above it is a decompression bomb
+    max_text_chars: int = Field(100_000, ge=1, le=10_000_000)  # a text model: longer texts get 413 (tokens past max_length are cut anyway)
     poll_seconds: float = Field(0.0, ge=0, le=86_400)  # 0 = reload only on POST /admin/reload
     num_threads: int = Field(0, ge=0, le=256)  # ONNX Runtime intra-op threads, 0 = all cores
     request_timeout_ms: float = Field(10_000, ge=10, le=600_000)  # past it a /predict gets 504, its images dropped

@@ -76,15 +76,23 @@ def decode_base64(text: object, position: int) -> bytes:
         raise BadInputError("bad_base64", f"images[{position}] is not valid base64: {error}", 400) from None
 
 
-def images_from_json(body: bytes) -> list[bytes]:
-    """`{"images": ["<base64>", ...]}` or `{"image": "<base64>"}` -> the decoded image bytes."""
+def json_document(body: bytes) -> dict[str, object]:
+    """A JSON request body -> its top-level object."""
     try:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadInputError("bad_json", f"the body is not valid JSON: {error}", 400) from None
-    if isinstance(document, dict) and isinstance(document.get("images"), list):
+    if not isinstance(document, dict):
+        raise BadInputError("bad_json", f"the JSON body is a {type(document).__name__}, not an object such as "
+                            f'{{"images": [...]}} or {{"texts": [...]}}.', 400)
+    return document
+
+
+def images_from_document(document: dict[str, object]) -> list[bytes]:
+    """`{"images": ["<base64>", ...]}` or `{"image": "<base64>"}` -> the decoded image bytes."""
+    if isinstance(document.get("images"), list):
         items = document["images"]
-    elif isinstance(document, dict) and "image" in document:
+    elif "image" in document:
         items = [document["image"]]
     else:
         raise BadInputError(
@@ -92,4 +100,5 @@ def images_from_json(body: bytes) -> list[bytes]:
         )
     if not items:
         raise BadInputError("no_images", 'the JSON body has an empty "images" list.', 400)
-    return [decode_base64(item, i) for i, item in enumerate(items)]
+    return [decode_base64(item, i) for i, item in enumerate(items)]  # type: ignore[union-attr] - a list
+

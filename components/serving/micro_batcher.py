@@ -1,4 +1,4 @@
-"""Micro-batching for the service: images from concurrent requests, gathered into ONNX Runtime calls.
+"""Micro-batching for the service: images (or texts) from concurrent requests, gathered into ONNX Runtime calls.
 
 A request goes through the batcher in three steps, each of which can refuse it cheaply:
 
@@ -30,9 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from components.serving.metrics import ServeMetrics
@@ -65,7 +63,7 @@ class Ticket:
     deadline: float  # time.monotonic() after which running its images is pointless
     future: Future[list[Prediction]] = field(default_factory=Future)
     model: LoadedModel | None = None
-    images: Sequence[np.ndarray] = ()
+    images: Sequence[Any] = ()  # preprocessed images (CHW arrays) or texts, as the ticket's model takes them
     queued_at: float = 0.0
     taken: int = 0  # images already handed to a batch
     state: str = "reserved"  # reserved -> queued -> done (taken or discarded)
@@ -169,7 +167,7 @@ class MicroBatcher:
             self._reserved += count
         return Ticket(count=count, deadline=deadline)
 
-    def submit(self, ticket: Ticket, model: LoadedModel, images: Sequence[np.ndarray]) -> Future[list[Prediction]]:
+    def submit(self, ticket: Ticket, model: LoadedModel, images: Sequence[Any]) -> Future[list[Prediction]]:
         """Queue the ticket's decoded images (one per reserved place); its future gives their predictions in order."""
         if len(images) != ticket.count:
             raise ValueError(f"the ticket reserved {ticket.count} images, {len(images)} were submitted")
@@ -295,7 +293,7 @@ class MicroBatcher:
         images = [image for part in parts for image in part.ticket.images[part.start : part.stop]]
         self.metrics.batch_size.observe(len(images))
         try:
-            predictions = model.predictions(np.stack(images))
+            predictions = model.predictions(images)
         except Exception as error:  # noqa: BLE001 - handed to the waiting requests instead of killing the worker
             if len({id(part.ticket) for part in parts}) > 1:
                 log.warning("a batch of %d images failed (%s); running its requests one by one", len(images), error)

@@ -1,8 +1,9 @@
 """A tlops ONNX model ready to serve: where it comes from (registry alias, version or file), its session, predictions.
 
-The model explains itself: labels and preprocessing come from its `metadata_props` (read through
-the ONNX Runtime session, so serving needs neither the `onnx` package nor pandas), never from
-configuration. Used by the service (components/serving/server.py) and the registered pyfunc model
+The model explains itself: its modality, labels, tasks and preprocessing (images) or tokenizer
+(texts) come from its `metadata_props` (read through the ONNX Runtime session, so serving needs
+neither the `onnx` package nor pandas), never from configuration. A model of several tasks answers
+every task for each input, the primary task first. Used by the service (components/serving/server.py) and the registered pyfunc model
 (components/serving/pyfunc.py). Registry URIs are resolved and downloaded by
 components/serving/registry_client.py, the only serving module that needs MLflow.
 """
@@ -24,6 +25,15 @@ from PIL import Image
 
 from components.core.errors import UserError
 from components.data.preprocess import Preprocessing, PreprocessingError, preprocess_image
+from components.data.tokenization import (
+    TOKENIZER_KEY,
+    Tokenization,
+    TokenizationError,
+    encode,
+    is_text_metadata,
+    load_tokenizer,
+)
+from components.models.task_metadata import ModelTask, tasks_from_metadata
 from components.serving import registry_client
 from components.serving.config import check_model_uri, parse_registry_uri
 from components.serving.image_decoding import BadInputError
@@ -40,69 +50,121 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
+class TaskPrediction:
+    label: str
+    probabilities: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "probabilities": self.probabilities}
+
+
+@dataclass(frozen=True)
 class Prediction:
+    """One input's answer: the primary task's label and probabilities, and (a model of several tasks) every task's."""
+
     label: str
     probabilities: dict[str, float]
     model_version: str
+    tasks: Mapping[str, TaskPrediction] | None = None  # by task name, the primary first; None for a one-task model
 
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": self.probabilities, "model_version": self.model_version}
+        answer = {"label": self.label, "probabilities": self.probabilities, "model_version": self.model_version}
+        if self.tasks is not None:
+            answer["tasks"] = {name: task.to_json() for name, task in self.tasks.items()}
+        return answer
+
+
+# What a text model is warmed up and timed on: a text that fills any max_length, so the batch size the
+# server picks holds for the longest texts it will see.
+WARM_UP_TEXT = " ".join(["tlops"] * 8192)
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """One ONNX Runtime session and what its metadata says about its input and output."""
+    """One ONNX Runtime session and what its metadata says about its input and outputs.
+
+    An image model has `preprocessing` and takes decoded images (`preprocess` makes each a CHW array); a text
+    model has `tokenization` and its `tokenizer`, and takes strings, tokenized a batch at a time (padded to the
+    batch's longest) exactly as the pipeline tokenized them. `predictions` takes a list of either.
+    """
 
     source: ModelSource
     session: ort.InferenceSession
     labels: tuple[str, ...]
-    preprocessing: Preprocessing  # as read from the metadata
+    preprocessing: Preprocessing | Tokenization  # as read from the metadata
     metadata: dict[str, str]
     sha256: str
     input_name: str
-    batch_limit: int = 1  # the most images the batcher puts in one call to this model
+    tasks: tuple[ModelTask, ...] = ()  # one per output, the primary first
+    tokenizer: Any = None  # a tokenizers.Tokenizer, for a text model
+    batch_limit: int = 1  # the most inputs the batcher puts in one call to this model
     seconds_per_image: Mapping[int, float] = field(default_factory=dict)  # by batch size, as timed at load
 
     @property
+    def modality(self) -> str:
+        return "text" if isinstance(self.preprocessing, Tokenization) else "image"
+
+    @property
     def input_size(self) -> int:
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise TypeError(f"{self.source.uri} is a text model; it has no input size")
         return self.preprocessing.input_size
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """A decoded image -> the CHW float32 array this model takes."""
+        assert isinstance(self.preprocessing, Preprocessing), "preprocess is for image models"
         try:
             return preprocess_image(image, self.preprocessing)
         except Exception as error:  # noqa: BLE001 - e.g. a pixel mode that has no RGB conversion
             raise BadInputError("unsupported_image", f"a {image.mode} image cannot be converted to RGB: {error}") from None
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """NCHW float32 -> class probabilities, one row per image."""
-        logits = self.session.run(None, {self.input_name: batch})[0]
-        return softmax(logits.astype(np.float64))
+    def feeds(self, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
+        """One ONNX Runtime call's inputs: preprocessed images stacked (NCHW), or texts tokenized."""
+        if self.tokenizer is not None:
+            return encode(self.tokenizer, inputs)
+        return {self.input_name: np.stack(inputs)}
 
-    def predictions(self, batch: np.ndarray) -> list[Prediction]:
-        rows = self.probabilities(batch)
-        return [
-            Prediction(
-                label=self.labels[int(row.argmax())],
-                probabilities={label: float(p) for label, p in zip(self.labels, row, strict=True)},
-                model_version=self.source.version,
-            )
-            for row in rows
-        ]
+    def task_probabilities(self, inputs: Sequence[Any]) -> list[np.ndarray]:
+        """Each task's class probabilities, one row per input (outputs after the tasks', such as a prototype
+        head's `embedding`, are not run)."""
+        names = [output.name for output in self.session.get_outputs()][: len(self.tasks)]
+        return [softmax(logits.astype(np.float64)) for logits in self.session.run(names, self.feeds(inputs))]
+
+    def probabilities(self, inputs: Sequence[Any]) -> np.ndarray:
+        """The primary task's class probabilities, one row per input."""
+        return self.task_probabilities(inputs)[0]
+
+    def predictions(self, inputs: Sequence[Any]) -> list[Prediction]:
+        per_task = self.task_probabilities(inputs)
+        answers = []
+        for row in range(len(inputs)):
+            tasks = {task.name: TaskPrediction(task.labels[int(scores[row].argmax())],
+                                               {label: float(p) for label, p in zip(task.labels, scores[row], strict=True)})
+                     for task, scores in zip(self.tasks, per_task, strict=True)}
+            primary = tasks[self.tasks[0].name]
+            answers.append(Prediction(label=primary.label, probabilities=primary.probabilities,
+                                      model_version=self.source.version, tasks=tasks if len(self.tasks) > 1 else None))
+        return answers
+
+    def dummy_inputs(self, size: int) -> list[Any]:
+        """`size` inputs of the largest shape this model takes: blank images, or texts of max_length tokens."""
+        if self.tokenizer is not None:
+            return [WARM_UP_TEXT] * size
+        return list(np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32))
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run the shapes the batcher will send first, so the first client does not pay for them."""
         for size in sorted(set(batch_sizes)):
-            self.probabilities(np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32))
+            self.probabilities(self.dummy_inputs(size))
 
     def time_batches(self, max_batch: int, repeats: int = 5) -> dict[int, float]:
-        """Seconds per image at batch sizes 1, 2, 4, ... and `max_batch`, the best of `repeats` calls each.
+        """Seconds per input at batch sizes 1, 2, 4, ... and `max_batch`, the best of `repeats` calls each.
 
         The sizes take turns (one call each per round, after a round that warms every shape up), so
         a burst of other work on a shared machine slows all sizes alike instead of one of them.
         """
         sizes = sorted({*(2**i for i in range(max_batch.bit_length())), max_batch})
-        batches = {size: np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32) for size in sizes}
+        batches = {size: self.dummy_inputs(size) for size in sizes}
         best = dict.fromkeys(sizes, float("inf"))
         for round_ in range(repeats + 1):
             for size, batch in batches.items():
@@ -119,11 +181,13 @@ class LoadedModel:
             "alias": self.source.alias,
             "version": self.source.version,
             "sha256": self.sha256,
+            "modality": self.modality,
             "batch_limit": self.batch_limit,
             "ms_per_image_by_batch": {str(size): round(1000 * seconds, 3) for size, seconds in self.seconds_per_image.items()},
             "labels": list(self.labels),
+            "tasks": [task.describe() for task in self.tasks],
             "preprocessing": self.preprocessing.model_dump(mode="json"),
-            "metadata": self.metadata,
+            "metadata": {key: value for key, value in self.metadata.items() if key != TOKENIZER_KEY},  # not 466 KB of JSON
         }
 
 
@@ -144,11 +208,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def classify(model: LoadedModel, images: Sequence[Image.Image], batch_size: int = 32) -> list[Prediction]:
-    """Predictions for decoded images without the batcher (the pyfunc model's path)."""
+def classify(model: LoadedModel, inputs: Sequence[Image.Image] | Sequence[str], batch_size: int = 32) -> list[Prediction]:
+    """Predictions for decoded images or for texts without the batcher (the pyfunc model's path)."""
     out: list[Prediction] = []
-    for start in range(0, len(images), batch_size):
-        out += model.predictions(np.stack([model.preprocess(image) for image in images[start : start + batch_size]]))
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        out += model.predictions(chunk if model.modality == "text" else [model.preprocess(image) for image in chunk])
     return out
 
 
@@ -189,19 +254,31 @@ def open_model_session(path: Path, uri: str, num_threads: int) -> ort.InferenceS
 
 
 def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedModel:
-    """An ONNX file exported by tlops -> a ready session with its labels and preprocessing."""
+    """An ONNX file exported by tlops -> a ready session with its labels, tasks and preprocessing or tokenizer."""
     session = open_model_session(path, source.uri, num_threads)
-    # The one place that reads preprocessing: the model's metadata_props decide, nothing else.
+    # The one place that reads how inputs are prepared: the model's metadata_props decide, nothing else.
     metadata = dict(session.get_modelmeta().custom_metadata_map)
+    tokenizer = None
     try:
         labels = tuple(json.loads(metadata["labels"]))
-        preprocessing = Preprocessing.from_metadata(metadata)
+        tasks = tasks_from_metadata(metadata)
+        if is_text_metadata(metadata):
+            preprocessing: Preprocessing | Tokenization = Tokenization.from_metadata(metadata)
+            if TOKENIZER_KEY not in metadata:
+                raise TokenizationError(f"metadata lacks `{TOKENIZER_KEY}`")
+            tokenizer = load_tokenizer(metadata[TOKENIZER_KEY], preprocessing)
+        else:
+            preprocessing = Preprocessing.from_metadata(metadata)
     except KeyError:
         raise UserError(f"model_uri {source.uri!r}: its metadata_props lack `labels`; it was not exported by tlops. "
                         f"Re-export it with the export stage.") from None
-    except PreprocessingError as error:
+    except (PreprocessingError, TokenizationError) as error:
         raise UserError(f"model_uri {source.uri!r}: {error}; it was not exported by tlops (or was stripped). "
                         f"Re-export it with the export stage.") from None
+    outputs = len(session.get_outputs())
+    if outputs < len(tasks):
+        raise UserError(f"model_uri {source.uri!r}: its metadata_props name {len(tasks)} tasks, the graph has "
+                        f"{outputs} outputs; re-export it with the export stage.")
     return LoadedModel(
         source=source,
         session=session,
@@ -210,6 +287,8 @@ def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedMo
         metadata=metadata,
         sha256=sha256_of(path),
         input_name=session.get_inputs()[0].name,
+        tasks=tasks,
+        tokenizer=tokenizer,
     )
 
 

@@ -34,6 +34,7 @@ from components.serving.image_decoding import BadInputError, decode_image
 from components.serving.metrics import ServeMetrics
 from components.serving.micro_batcher import MicroBatcher, NotReadyError, Ticket
 from components.serving.served_model import LoadedModel, Prediction, fastest_batch, load_current
+from components.serving.text_input import check_texts
 
 log = logging.getLogger(__name__)
 
@@ -204,20 +205,32 @@ class ModelServer:
             if result.changed:
                 log.info("%s moved: version %s -> %s", self.cfg.model_uri, result.previous_version, result.version)
 
+    def modality(self) -> str:
+        """What the served model takes, `image` or `text`; `NotReadyError` while no model is loaded."""
+        model = self._model
+        if model is None:
+            raise NotReadyError(self.load_error or "the model is still loading")
+        return model.modality
+
     def admit(self, count: int, deadline: float) -> tuple[Ticket, LoadedModel]:
         """Room in the queue for `count` images due by `deadline` (time.monotonic()), before any is decoded."""
         model = self._model
         if model is None:
             raise NotReadyError(self.load_error or "the model is still loading")
+        what = f"{model.modality}s"
         if count == 0:
-            raise BadInputError("no_images", "the request holds no image.", 400)
+            raise BadInputError(f"no_{what}", f"the request holds no {model.modality}.", 400)
         if count > self.cfg.queue_size:
-            raise BadInputError("too_many_images", f"{count} images in one request; the limit is "
+            raise BadInputError(f"too_many_{what}", f"{count} {what} in one request; the limit is "
                                 f"queue_size={self.cfg.queue_size}. Split the request.", 413)
         return self.batcher.admit(count, deadline), model
 
-    def prepare(self, model: LoadedModel, payloads: Sequence[bytes]) -> list[np.ndarray]:
-        """Decode and preprocess every image for `model` (all or none); run it on `self.decoder`."""
+    def prepare(self, model: LoadedModel, payloads: Sequence[bytes] | Sequence[object]) -> list[np.ndarray] | list[str]:
+        """Decode and preprocess every image for `model` (all or none), or check every text; run it on `self.decoder`.
+
+        Texts are tokenized a batch at a time by the batcher (a batch is padded to its longest text)."""
+        if model.modality == "text":
+            return check_texts(payloads, self.cfg.max_text_chars)
         images = []
         for position, payload in enumerate(payloads):
             try:
@@ -228,8 +241,9 @@ class ModelServer:
                 raise
         return images
 
-    def predict(self, payloads: Sequence[bytes]) -> list[Prediction]:
-        """Admit, decode, queue and wait, within the request deadline (the HTTP path without HTTP)."""
+    def predict(self, payloads: Sequence[bytes] | Sequence[str]) -> list[Prediction]:
+        """Admit, decode, queue and wait, within the request deadline (the HTTP path without HTTP): image bytes,
+        or texts for a text model."""
         ticket, model = self.admit(len(payloads), time.monotonic() + self.cfg.request_timeout_s)
         try:
             images = self.decoder.submit(self.prepare, model, payloads).result()
