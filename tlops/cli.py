@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     # A tracking server that dies mid-run should cost seconds, not MLflow's default ~9 minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow draws a progress bar per artifact download (register, promote, serve's lookup): in a run's log
+    # that is a line of carriage returns per stage. The stages log what they fetched instead.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     configure_logging()
     from components.core.errors import UserError
     from tlops.config import ConfigError, load_params
