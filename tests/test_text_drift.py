@@ -21,6 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from components.core.result import StageResult
 from components.data.manifest import Dataset
 from components.features.config import SelectConfig
 from components.features.extract import run as features
@@ -80,7 +81,7 @@ def write_folder(folder: Path, texts: list[str]) -> Path:
     return folder
 
 
-def check(articles: Articles, new: Path, out: Path, cache_dir: Path | None = None, **cfg):  # noqa: ANN003, ANN201
+def check(articles: Articles, new: Path, out: Path, cache_dir: Path | None = None, **cfg) -> StageResult:
     return run(DriftConfig(backbone=ENCODER, **cfg), articles.train, new, out, features_cfg=TEXT_FEATURES,
                cache_dir=cache_dir or articles.cache_dir)
 
@@ -104,7 +105,7 @@ def test_held_out_articles_in_the_training_mix_are_not_flagged(articles: Article
 
 @pytest.mark.parametrize("shift", [pytest.param(lambda a: a.politics, id="politics-only"),
                                    pytest.param(lambda a: shuffled_words(a.in_mix), id="words-shuffled")])
-def test_shifted_texts_are_flagged(articles: Articles, tmp_path: Path, shift) -> None:  # noqa: ANN001
+def test_shifted_texts_are_flagged(articles: Articles, tmp_path: Path, shift) -> None:
     result = check(articles, write_csv(tmp_path / "news.csv", shift(articles)), tmp_path / "drift")
     assert result.info["flagged"]
     assert min(result.metrics["p_value"], result.metrics["auc_p_value"]) < 0.005
@@ -169,8 +170,8 @@ def refusals(articles: Articles, tmp: Path) -> list[tuple[Path, str]]:
          r"blank.csv: 2 of 13 texts are empty or whitespace only: row 11, row 12; remove them"),
         (latin1, r"latin1.csv: not UTF-8 text \(byte 0xa3 on line 3\)"),
         (folder, r"mixed: article_005.txt: not UTF-8 text \(byte 0xe9 on line 1\)"),
-        (png_folder(tmp / "cells", 12), r"cells: holds images \(cell_0.png, cell_1.png, cell_10.png and 9 more\), but "
-                                        r"drift.backbone 'all_minilm_l6_v2' is a text encoder"),
+        (png_folder(tmp / "cells", 12), (r"cells: holds images \(cell_0.png, cell_1.png, cell_10.png and 9 more\), "
+                                         r"but drift.backbone 'all_minilm_l6_v2' is a text encoder")),
         (tmp / "header_only.csv", "header_only.csv: holds no texts"),
         (tmp / "empty", "empty: holds no texts"),
         (write_csv(tmp / "few.csv", articles.in_mix[:4]), "4 new text\\(s\\); drift.min_new_texts is 10"),
