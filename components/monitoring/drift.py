@@ -70,7 +70,7 @@ CLASSIFIER_RIDGE = 1.0
 
 @dataclass(frozen=True)
 class Reference:
-    """Embeddings the new images are compared with, and the sha256 of the image behind each row."""
+    """Embeddings the new inputs are compared with, and the sha256 of the image or text behind each row."""
 
     sha256: np.ndarray
     embeddings: np.ndarray
