@@ -1,6 +1,6 @@
 """Drift checks as a Prefect flow, and the event that lets Prefect start a retraining run.
 
-`check_drift` embeds a batch of new images, compares it with the train split's features
+`check_drift` embeds a batch of new images or texts, compares it with the train split's features
 (`components.monitoring.drift`), draws the history, and, when the batch is flagged, emits the
 Prefect event `tlops.drift.detected` about the resource `tlops.model.<registered model>`.
 Retraining is not called from here: `tlops deploy` attaches a trigger on that event to the
@@ -26,7 +26,7 @@ from components.core.result import StageResult
 from components.monitoring import drift
 from tlops import tracking
 from tlops.config import load_params
-from tlops.stages import selected_backbone, validated_dataset
+from tlops.stages import drift_config, validated_dataset
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,12 @@ def emit_drift_event(result: StageResult, model_name: str) -> Event | None:
     if not result.info["flagged"]:
         return None
     info = result.info
+    keys = ("mmd2", "p_value", "auc", "auc_p_value", "n_new", "n_found", drift.inputs_noun(info), "backbone", "tap",
+            "batch")
     return emit_event(
         event=DRIFT_EVENT,
         resource={"prefect.resource.id": model_resource_id(model_name), "prefect.resource.name": model_name},
-        payload={key: info[key] for key in ("mmd2", "p_value", "auc", "auc_p_value", "n_new", "n_found", "images",
-                                            "backbone", "tap", "batch")},
+        payload={"modality": info.get("modality", "image"), **{key: info[key] for key in keys}},
     )
 
 
@@ -85,24 +86,23 @@ def event_listeners(event: Event) -> list[str]:
 
 @flow(name="tlops-drift")
 def check_drift(
-    images: str,
+    new_data: str,
     params_file: str = "params.yaml",
     overrides: list[str] | None = None,
     drift_cfg: drift.DriftConfig | None = None,
     out_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Compare the images in `images` with the train split's features; emit the drift event when flagged.
+    """Compare `new_data` (new images, or new texts for a text model) with the train split's features; emit the
+    drift event when flagged.
 
     Returns the check's record plus `plot`, `event_id` (None unless flagged) and `listeners` (what
     reacts to the event on a persistent server; None on a temporary one).
     """
     params = load_params(Path(params_file), overrides or [])
-    cfg = drift_cfg or params.drift
-    if cfg.backbone == "auto":
-        cfg = cfg.model_copy(update={"backbone": selected_backbone(params)})
+    cfg = drift_config(params, drift_cfg)
     # The reference is what the model was trained on: the train split's cached features, with their sha256.
     reference = drift.split_reference(validated_dataset(params), params.path("features"), cfg.backbone, cfg.tap)
-    result = drift.run(cfg, reference, Path(images), Path(out_dir) if out_dir else params.path("drift"),
+    result = drift.run(cfg, reference, Path(new_data), Path(out_dir) if out_dir else params.path("drift"),
                        features_cfg=params.features, cache_dir=params.path("feature_cache"))
     plot = drift.plot_history(result.artifacts["history"])
     tracking.log_drift(params, drift.tracking_record(result), plot)

@@ -58,8 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     deploy.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
     deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     deploy.add_argument("--serve", action="store_true", help="serve the deployment in this process instead of a work pool")
-    drift = sub.add_parser("drift", help="compare a folder of new images with the training features; flag drift")
-    drift.add_argument("--images", required=True, help="folder of new images (searched recursively)")
+    drift = sub.add_parser("drift", help="compare a batch of new images or texts with the training features; "
+                                         "flag drift")
+    drift.add_argument("new_data", nargs="?", metavar="NEW_DATA",
+                       help="an image model: a folder of new images (searched recursively); a text model: a CSV "
+                            "with a `text` column, or a folder of .txt files")
+    drift.add_argument("--images", metavar="FOLDER", help="a folder of new images (the same as NEW_DATA)")
     drift.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
     drift.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     tune = sub.add_parser("tune", help="search finetune hyperparameters with Optuna (params `tune`)")
@@ -258,11 +262,21 @@ def serve_model(args: argparse.Namespace) -> None:
 
 
 def check_drift(args: argparse.Namespace) -> None:
+    from components.core.errors import UserError
+    from components.models.registry import get_entry
     from components.monitoring.new_images import checked_images
+    from components.monitoring.new_texts import checked_texts
     from tlops.config import load_params
+    from tlops.stages import drift_config
 
+    if (args.new_data is None) == (args.images is None):
+        raise UserError("tlops drift takes the new data once: `tlops drift NEW_DATA` (or `--images FOLDER`).")
+    new_data = Path(args.new_data or args.images)
     params = load_params(args.params, args.overrides)  # fail on a bad key before Prefect starts
-    checked_images(Path(args.images), params.drift)  # and on an empty folder or a file that is not an image
+    cfg = drift_config(params)
+    # Every new input is read before Prefect starts: an empty batch, a file that is not an image (image model),
+    # a blank or non-UTF-8 text or a CSV without `text` (text model), or the other modality, each in one line.
+    (checked_texts if get_entry(cfg.backbone).modality == "text" else checked_images)(new_data, cfg)
     from flows.deploy import check_server
     from flows.drift import DRIFT_EVENT, persistent_api_url
     from flows.drift import check_drift as drift_flow
@@ -274,9 +288,10 @@ def check_drift(args: argparse.Namespace) -> None:
         check_server(api)  # one line now, rather than Prefect's traceback once the flow starts
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(HideUserErrorTracebacks())
-    s = drift_flow(images=args.images, params_file=str(args.params), overrides=args.overrides)
-    batch = f"{s['n_new']} images" if s["n_new"] == s["n_found"] else \
-        f"{s['n_new']} of {s['n_found']} images (drift.max_new_images)"
+    s = drift_flow(new_data=str(new_data), params_file=str(args.params), overrides=args.overrides)
+    noun = f"{s['modality']}s"
+    batch = f"{s['n_new']} {noun}" if s["n_new"] == s["n_found"] else \
+        f"{s['n_new']} of {s['n_found']} {noun} (drift.max_new_{noun})"
     print(f"drift: MMD p={s['p_value']:.3g}, classifier AUC {s['auc']:.3f} p={s['auc_p_value']:.3g} on {batch} -> "
           f"{'FLAGGED' if s['flagged'] else 'no drift'} (each p below {s['per_test_threshold']:g} flags); "
           f"plot {s['plot']}")

@@ -31,6 +31,7 @@ from tlops.fingerprints import code_hash, library_versions, project_modules
 
 if TYPE_CHECKING:
     from components.data.manifest import Dataset
+    from components.monitoring.config import DriftConfig
 
 METRICS_FILE = "metrics.json"
 OWNED_MARKER = ".tlops-stage"  # marks a folder as a stage's output, so tlops may replace it
@@ -115,6 +116,20 @@ def labelled_dataset(params: Params) -> Dataset:
 
 def selected_backbone(params: Params) -> str:
     return StageResult.load(params.path("select")).info["selected"]
+
+
+def drift_config(params: Params, cfg: DriftConfig | None = None) -> DriftConfig:
+    """`cfg` (default: params' `drift`) with its backbone resolved: `auto` is the select stage's choice. The
+    backbone's registry entry says whether a check reads images or texts."""
+    cfg = cfg or params.drift
+    if cfg.backbone != "auto":
+        return cfg
+    try:
+        backbone = selected_backbone(params)
+    except FileNotFoundError:
+        raise UserError(f"drift.backbone is 'auto', but {params.path('select')} holds no select stage result: run "
+                        f"the pipeline first (`tlops run`), or name the backbone (--set drift.backbone=NAME).") from None
+    return cfg.model_copy(update={"backbone": backbone})
 
 
 def _ingest(params: Params, ctx: StageContext, out: Path) -> StageResult:

@@ -18,6 +18,8 @@ class DriftConfig(StageConfig):
     max_reference: int = Field(1000, ge=10, le=20_000)  # reference rows used (a seeded subsample beyond this)
     max_new_images: int = Field(500, ge=10, le=20_000)  # new images used (a seeded subsample beyond this)
     min_new_images: int = Field(10, ge=5)  # fewer new images give a test with no power
+    max_new_texts: int = Field(500, ge=10, le=20_000)  # the same two bounds for a text model's new texts
+    min_new_texts: int = Field(10, ge=5)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -46,9 +48,10 @@ class DriftConfig(StageConfig):
 
     @model_validator(mode="after")
     def _batch_bounds(self) -> DriftConfig:
-        if self.max_new_images < self.min_new_images:
-            raise ValueError(f"drift.max_new_images={self.max_new_images} is below drift.min_new_images="
-                             f"{self.min_new_images}; raise it.")
+        for kind in ("images", "texts"):
+            most, least = getattr(self, f"max_new_{kind}"), getattr(self, f"min_new_{kind}")
+            if most < least:
+                raise ValueError(f"drift.max_new_{kind}={most} is below drift.min_new_{kind}={least}; raise it.")
         return self
 
     def per_test_threshold(self) -> float:

@@ -1,9 +1,11 @@
-"""Drift: do new images still look like the training data, as the frozen trunk sees them?
+"""Drift: do new images (or texts) still look like the training data, as the frozen trunk sees them?
 
-New images are embedded with the same frozen trunk, taps and preprocessing as the features stage
-(through `features.extract` with the features stage's own config, so they share its cache key:
-training images and images seen by an earlier check are read, not recomputed), then compared with
-the reference embeddings by two two-sample tests, each giving a permutation p-value:
+New inputs are embedded with the same frozen trunk, taps and preprocessing as the features stage:
+images through `features.extract`, texts through `features.text_embedding` with the same
+tokenization, each with the features stage's own config, so they share its cache key (training
+inputs and inputs seen by an earlier check are read, not recomputed). The drift backbone's registry
+entry says which modality a check reads. The embeddings are compared with the reference embeddings
+by two two-sample tests, each giving a permutation p-value:
 
 - MMD with an RBF kernel (Gretton et al., "A Kernel Two-Sample Test", JMLR 2012), bandwidth by
   the median heuristic on the pooled sample, p-value from a permutation test
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -45,12 +48,14 @@ from sklearn.model_selection import KFold
 from components.core.progress import Progress, no_progress
 from components.core.result import StageResult, atomic_path, sha256_file
 from components.data.manifest import Dataset
+from components.features import text_embedding
 from components.features.cache import load_features, rows_by_sha256
 from components.features.config import FeaturesConfig
-from components.features.extract import extract
+from components.features.extract import entry_preprocessing, extract
 from components.models.registry import get_entry
 from components.monitoring.config import DriftConfig
 from components.monitoring.new_images import DriftInputError, capped, checked_images
+from components.monitoring.new_texts import NewTexts, capped_texts, checked_texts
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ CLASSIFIER_RIDGE = 1.0
 
 @dataclass(frozen=True)
 class Reference:
-    """Embeddings the new images are compared with, and the sha256 of the image behind each row."""
+    """Embeddings the new inputs are compared with, and the sha256 of the image or text behind each row."""
 
     sha256: np.ndarray
     embeddings: np.ndarray
@@ -87,6 +92,11 @@ def features_reference(features_dir: Path, backbone: str, tap: str) -> Reference
 
 def split_reference(dataset: Dataset, features_dir: Path, backbone: str, tap: str, split: str = "train") -> Reference:
     """The features stage's rows of one split (what the model was trained on), with their sha256."""
+    modality = get_entry(backbone).modality
+    if modality != dataset.modality:
+        raise DriftInputError(f"drift.backbone={backbone!r} embeds {modality}s, but the validated dataset holds "
+                              f"{dataset.modality}s; set drift.backbone to auto (the select stage's choice) or to "
+                              f"one of the {dataset.modality} entries `tlops backbones` lists.")
     every = features_reference(features_dir, backbone, tap)
     wanted = dataset.split(split)["sha256"]
     return Reference(wanted.to_numpy(dtype=str), rows_by_sha256(every.sha256, every.embeddings, wanted, backbone, split))
@@ -119,11 +129,45 @@ def embed_images(
     manifest = pd.DataFrame({"path": [str(p) for p in absolute], "sha256": [sha256_file(p) for p in absolute]})
     # Absolute paths: `root / path` is the path itself, so any list of files forms a dataset.
     dataset = Dataset(manifest=manifest, root=Path(absolute[0].anchor), labels=())
+    check_tap_cached(tap, features_cfg)
+    features, stats = extract(get_entry(backbone), features_cfg, dataset, cache_dir, progress)
+    return features["sha256"], features[tap], int(stats["n_computed"])
+
+
+def embed_texts(
+    texts: NewTexts,
+    backbone: str,
+    tap: str,
+    features_cfg: FeaturesConfig,
+    cache_dir: Path,
+    progress: Progress = no_progress,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(sha256, embeddings, how many were computed rather than read) of `texts`, through the features cache.
+
+    The features stage's own call, with its config as it is: the same tokenization, taps and key.
+    """
+    check_tap_cached(tap, features_cfg)
+    entry = get_entry(backbone)
+    sha256 = texts.sha256
+    # The encoder reads texts from a dataset's files, as ingest stores them: one UTF-8 file per text, named by its
+    # sha256 here. Only the texts the cache lacks are read back.
+    with tempfile.TemporaryDirectory(prefix="tlops-drift-") as folder:
+        root = Path(folder)
+        for sha, text in dict(zip(sha256, texts.texts)).items():
+            (root / f"{sha}.txt").write_bytes(text.encode("utf-8"))
+        manifest = pd.DataFrame({"path": [f"{sha}.txt" for sha in sha256], "sha256": sha256,
+                                 "chars": [len(text) for text in texts.texts]})
+        features, stats = text_embedding.extract(
+            entry, entry_preprocessing(entry, features_cfg), features_cfg.taps, features_cfg.opset,
+            features_cfg.batch_size, features_cfg.num_threads, features_cfg.parity_images, features_cfg.parity_atol,
+            Dataset(manifest=manifest, root=root, labels=()), cache_dir, progress)
+    return features["sha256"], features[tap], int(stats["n_computed"])
+
+
+def check_tap_cached(tap: str, features_cfg: FeaturesConfig) -> None:
     if tap not in features_cfg.taps:
         raise DriftInputError(f"drift.tap={tap!r} is not in features.taps {list(features_cfg.taps)}: the features "
                               f"stage caches only those; pick one of them or add it there.")
-    features, stats = extract(get_entry(backbone), features_cfg, dataset, cache_dir, progress)
-    return features["sha256"], features[tap], int(stats["n_computed"])
 
 
 def median_bandwidth(pooled: np.ndarray) -> float:
@@ -222,50 +266,64 @@ def append_history(path: Path, record: dict[str, Any]) -> Path:
 
 def read_history(path: Path) -> list[dict[str, Any]]:
     if not Path(path).exists():
-        raise DriftInputError(f"{path}: no drift history yet; run a drift check first (`tlops drift --images FOLDER`).")
+        raise DriftInputError(f"{path}: no drift history yet; run a drift check first (`tlops drift NEW_DATA`).")
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def run(
     cfg: DriftConfig,
     reference: Reference | Path,
-    new_images: Path | Sequence[Path],
+    new_data: Path | Sequence[Path],
     out_dir: Path,
     *,
     features_cfg: FeaturesConfig | None = None,
     cache_dir: Path | None = None,
     progress: Progress = no_progress,
 ) -> StageResult:
-    """Compare `new_images` with `reference` (embeddings with their sha256, or a features stage folder).
+    """Compare `new_data` with `reference` (embeddings with their sha256, or a features stage folder).
 
-    `features_cfg` must be the features stage's config and `cache_dir` its feature cache (default:
-    a `cache/` folder in `out_dir`), so both sides are embedded identically and nothing the stage
-    stored is recomputed. `out_dir` keeps its earlier history: each call appends one line to `history.jsonl`.
+    `new_data` is what `cfg.backbone` embeds: for an image backbone, a folder of images or a list of
+    image paths; for a text encoder, a CSV with a `text` column or a folder of .txt files. It is
+    checked whole before anything is embedded. `features_cfg` must be the features stage's config
+    and `cache_dir` its feature cache (default: a `cache/` folder in `out_dir`), so both sides are
+    embedded identically and nothing the stage stored is recomputed. `out_dir` keeps its earlier
+    history: each call appends one line to `history.jsonl`.
     """
     if cfg.backbone == "auto":
         raise DriftInputError("drift.backbone is 'auto': pass the backbone the select stage chose (or name one).")
     features_cfg = features_cfg or FeaturesConfig()
-    found = checked_images(new_images, cfg)
-    paths = capped(found, cfg)
-    if len(paths) < len(found):
-        log.info("drift: %d images found, checking a seeded subsample of %d (drift.max_new_images)",
-                 len(found), len(paths))
+    cache_dir = cache_dir or out_dir / "cache"
+    modality = get_entry(cfg.backbone).modality
+    noun = f"{modality}s"
+    used: NewTexts | list[Path]
+    if modality == "text":
+        texts = checked_texts(new_data, cfg)
+        n_found, used = len(texts), capped_texts(texts, cfg)
+    else:
+        images = checked_images(new_data, cfg)
+        n_found, used = len(images), capped(images, cfg)
+    cap, least = getattr(cfg, f"max_new_{noun}"), getattr(cfg, f"min_new_{noun}")
+    if len(used) < n_found:
+        log.info("drift: %d %s found, checking a seeded subsample of %d (drift.max_new_%s)", n_found, noun,
+                 len(used), noun)
     if not isinstance(reference, Reference):
         reference = features_reference(Path(reference), cfg.backbone, cfg.tap)
-    new_sha, new, computed = embed_images(paths, cfg.backbone, cfg.tap, features_cfg, cache_dir or out_dir / "cache",
-                                          progress)
+    if isinstance(used, NewTexts):
+        new_sha, new, computed = embed_texts(used, cfg.backbone, cfg.tap, features_cfg, cache_dir, progress)
+    else:
+        new_sha, new, computed = embed_images(used, cfg.backbone, cfg.tap, features_cfg, cache_dir, progress)
     ref = reference.embeddings
     if ref.shape[1] != new.shape[1]:
         raise DriftInputError(
             f"reference embeddings have {ref.shape[1]} features, {cfg.backbone}/{cfg.tap} gives {new.shape[1]}: "
             f"the reference was made with another backbone or tap; set drift.backbone/drift.tap to match it."
         )
-    # An image that is already in the reference says nothing about whether new data differs.
+    # An input that is already in the reference says nothing about whether new data differs.
     ref = ref[~np.isin(reference.sha256, new_sha)]
     if len(ref) > cfg.max_reference:
         ref = ref[np.sort(np.random.default_rng(cfg.seed).choice(len(ref), cfg.max_reference, replace=False))]
-    if len(ref) < cfg.min_new_images:
-        raise DriftInputError(f"only {len(ref)} reference embeddings besides the new images; rerun the features "
+    if len(ref) < least:
+        raise DriftInputError(f"only {len(ref)} reference embeddings besides the new {noun}; rerun the features "
                               f"stage on the training data.")
 
     scores = compare(cfg, ref, new)
@@ -274,14 +332,14 @@ def run(
              "FLAGGED" if scores.flagged else "ok")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = str(new_images) if isinstance(new_images, (str, Path)) else f"{len(found)} paths"
+    source = str(new_data) if isinstance(new_data, (str, Path)) else f"{n_found} paths"
     record = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        "backbone": cfg.backbone, "tap": cfg.tap, "images": source,
-        "n_found": len(found), "n_new": len(new), "n_reference": len(ref), "n_computed": computed,
+        "backbone": cfg.backbone, "tap": cfg.tap, "modality": modality, noun: source,
+        "n_found": n_found, "n_new": len(new), "n_reference": len(ref), "n_computed": computed,
         **asdict(scores),
         "p_value_threshold": cfg.p_value_threshold, "per_test_threshold": cfg.per_test_threshold(),
-        "max_new_images": cfg.max_new_images, "seed": cfg.seed,
+        f"max_new_{noun}": cap, "seed": cfg.seed,
         "new_sha256": sha256_of_list(new_sha),
     }
     history = append_history(out_dir / HISTORY_FILE, record)
@@ -289,7 +347,7 @@ def run(
     result = StageResult(
         stage="drift", out_dir=out_dir,
         metrics={"mmd2": scores.mmd2, "p_value": scores.p_value, "auc": scores.auc, "auc_p_value": scores.auc_p_value,
-                 "flagged": float(scores.flagged), "n_found": float(len(found)), "n_new": float(len(new)),
+                 "flagged": float(scores.flagged), "n_found": float(n_found), "n_new": float(len(new)),
                  "n_reference": float(len(ref)), "n_computed": float(computed)},
         artifacts={"history": history},
         info={**record, "batch": batch},
@@ -299,7 +357,7 @@ def run(
 
 
 def sha256_of_list(values: np.ndarray) -> str:
-    """One hash naming the set of new images (order-free), to tell batches apart in the history."""
+    """One hash naming the set of new inputs (order-free), to tell batches apart in the history."""
     return hashlib.sha256("\n".join(sorted(map(str, values))).encode()).hexdigest()
 
 
@@ -310,15 +368,21 @@ def tracking_record(result: StageResult) -> dict[str, Any]:
     refuses a param whose value changes within a run.
     """
     info = result.info
+    noun = inputs_noun(info)
     return {
         "metrics": {f"drift_{k}": v for k, v in result.metrics.items()},
         "step": int(info["batch"]),
         "timestamp_ms": int(datetime.fromisoformat(info["time"]).timestamp() * 1000),
         "tags": {"tlops.stage": "drift", "tlops.drift.flagged": str(info["flagged"]).lower(),
-                 "tlops.drift.images": info["images"], "tlops.drift.backbone": info["backbone"],
+                 f"tlops.drift.{noun}": info[noun], "tlops.drift.backbone": info["backbone"],
                  "tlops.drift.tap": info["tap"], "tlops.drift.p_value_threshold": str(info["p_value_threshold"]),
-                 "tlops.drift.max_new_images": str(info["max_new_images"])},
+                 f"tlops.drift.max_new_{noun}": str(info[f"max_new_{noun}"])},
     }
+
+
+def inputs_noun(record: dict[str, Any]) -> str:
+    """`images` or `texts`: the key a check's record names its new inputs under (lines before text: images)."""
+    return f"{record.get('modality', 'image')}s"
 
 
 def plot_history(history: Path, out_path: Path | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""What a drift check is given: files that all decode as images, enough of them, at most `max_new_images`.
+"""What a drift check of an image model is given: files that all decode as images, enough of them, at most
+`max_new_images` (texts: `new_texts.py`).
 
 Light on purpose (PIL and numpy, no torch or scikit-learn), so `tlops drift` refuses an empty
 folder or a stray file in a second, before Prefect or any model is loaded.
@@ -13,7 +14,10 @@ import numpy as np
 
 from components.core.errors import UserError
 from components.data.ingest import examples, read_image
+from components.data.text_ingest import TEXT_SUFFIX
 from components.monitoring.config import DriftConfig
+
+TEXT_FILE_SUFFIXES = (TEXT_SUFFIX, ".csv")  # what a text model's drift check reads
 
 
 class DriftInputError(UserError):
@@ -52,13 +56,20 @@ def checked_images(new_images: Path | Sequence[Path], cfg: DriftConfig) -> list[
     Every file is decoded here, before any embedding, so a folder with one stray file fails in
     seconds and the message lists what to remove.
     """
+    source = Path(new_images) if isinstance(new_images, (str, Path)) else None
+    if source is not None and source.is_file() and source.suffix.lower() in TEXT_FILE_SUFFIXES:
+        raise DriftInputError(f"{source}: a file of texts, but drift.backbone {cfg.backbone!r} is an image backbone; "
+                              f"pass a folder of new images.")
     paths = image_paths(new_images)
     problems = [(p, why) for p in paths if (why := decode_problem(p))]
+    where = f"{source}: " if source is not None else ""
+    if len(problems) == len(paths) and all(p.suffix.lower() in TEXT_FILE_SUFFIXES for p in paths):
+        raise DriftInputError(f"{where}holds texts ({examples([p.name for p in paths])}), but drift.backbone "
+                              f"{cfg.backbone!r} is an image backbone; pass a folder of new images.")
     if problems:
-        where = f"{new_images}: " if isinstance(new_images, (str, Path)) else ""
         named = [f"{p.name} ({why})" for p, why in problems]
         raise DriftInputError(f"{where}{len(problems)} of {len(paths)} files are not images: {examples(named)}; "
-                              f"remove them or point --images at a folder of images only.")
+                              f"remove them or pass a folder of images only.")
     if len(paths) < cfg.min_new_images:
         raise DriftInputError(
             f"{len(paths)} new image(s); drift.min_new_images is {cfg.min_new_images}: check a larger batch."
