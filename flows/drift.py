@@ -19,13 +19,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from prefect.events import Event, emit_event
 
 from components.core.result import StageResult
+from components.models.registry import get_entry
 from components.monitoring import drift
 from tlops import tracking
-from tlops.config import load_params
+from tlops.config import Params, load_params
 from tlops.stages import drift_config, validated_dataset
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,62 @@ def event_listeners(event: Event) -> list[str]:
     return listeners
 
 
+DRIFT_PIECES = "flows/drift.py"  # with the modules below and flows/workers.py: the code each piece expects
+
+
+@task(name="drift-embed", cache_policy=NO_CACHE, persist_result=False, task_run_name="drift-{backbone}-{key}")
+def embed_piece(backbone: str, key: str, features_cfg: Any, paths: list[str], cache_dir: str, trunk: str | None,
+                expected: dict[str, Any]) -> str:
+    """On a worker: the backbone's trunk readied (`trunk` None; its sha256), or the feature cache entries of
+    `paths` computed with that trunk (the store's key). Paths in, fingerprints out."""
+    from components.features.shards import compute_chunk, prepare_trunk
+    from flows.workers import check_code
+
+    check_code(expected)
+    dataset = drift.images_dataset([Path(p) for p in paths])
+    if trunk is None:
+        return prepare_trunk(backbone, features_cfg, dataset, Path(cache_dir))
+    return compute_chunk(backbone, features_cfg, dataset, Path(cache_dir), list(dataset.manifest["sha256"]), trunk)
+
+
+def embed_on_workers(params: Params, cfg: drift.DriftConfig, new_data: Path) -> int:
+    """With `runner.kind: dask`, the new images the feature cache lacks embedded on the Dask workers, in chunks of
+    whole `features.batch_size` batches in the order one process embeds them, so the check that follows reads
+    every vector from the cache. Text encoders embed in the check itself (as the features stage does). Returns
+    the images computed on workers."""
+    if params.runner.kind != "dask" or get_entry(cfg.backbone).modality != "image":
+        return 0
+    from components.features.shards import store_for
+    from flows.workers import WIRING, expected_code, workers_for
+    from tlops.fingerprints import project_modules
+
+    _, used = drift.new_inputs(cfg, new_data)
+    dataset = drift.images_dataset(used)
+    cache_dir = params.path("feature_cache")
+    store = store_for(cfg.backbone, params.features, cache_dir)
+    rows = dataset.manifest.drop_duplicates("sha256").sort_values("sha256")
+    missing = [path for path, sha in zip(rows["path"], rows["sha256"], strict=True) if not store.has(sha)]
+    if not missing:
+        return 0
+    size = params.runner.shard_batches * params.features.batch_size
+    chunks = [missing[start:start + size] for start in range(0, len(missing), size)]
+    files = (*project_modules("components.features.shards", "components.monitoring.drift"), DRIFT_PIECES)
+    with workers_for(params) as workers:
+        assert workers is not None  # runner.kind: dask
+        expected = expected_code(tuple(sorted({*files, *WIRING})))
+        features_cfg = workers.piece_params(params).features
+        log.info("drift: %d new images in %d chunks on Dask workers", len(missing), len(chunks))
+        trunk = workers.runner.submit(embed_piece, {
+            "backbone": cfg.backbone, "key": "trunk", "features_cfg": features_cfg, "paths": missing[:features_cfg.parity_images],
+            "cache_dir": str(cache_dir), "trunk": None, "expected": expected}).result()
+        futures = [workers.runner.submit(embed_piece, {
+            "backbone": cfg.backbone, "key": str(index), "features_cfg": features_cfg, "paths": chunk,
+            "cache_dir": str(cache_dir), "trunk": trunk, "expected": expected}) for index, chunk in enumerate(chunks)]
+        for future in futures:
+            future.result()
+    return len(missing)
+
+
 @flow(name="tlops-drift")
 def check_drift(
     new_data: str,
@@ -102,8 +160,10 @@ def check_drift(
     cfg = drift_config(params, drift_cfg)
     # The reference is what the model was trained on: the train split's cached features, with their sha256.
     reference = drift.split_reference(validated_dataset(params), params.path("features"), cfg.backbone, cfg.tap)
+    on_workers = embed_on_workers(params, cfg, Path(new_data))
     result = drift.run(cfg, reference, Path(new_data), Path(out_dir) if out_dir else params.path("drift"),
                        features_cfg=params.features, cache_dir=params.path("feature_cache"))
+    result.info["n_computed_on_workers"] = on_workers
     plot = drift.plot_history(result.artifacts["history"])
     tracking.log_drift(params, drift.tracking_record(result), plot)
     event = emit_drift_event(result, params.register.model_name)

@@ -202,3 +202,28 @@ def test_tune_trials_run_on_workers_in_reproducible_rounds(local_run: Path, pref
                                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(nested) == 4
     assert yaml.safe_load((tmp_path / "second" / "best_params.yaml").read_text())["finetune"]["strategy"] == "linear"
+
+
+def test_drift_embeds_new_images_on_the_workers_as_one_process_does(local_run: Path, prefect_server, tmp_path: Path) -> None:
+    """`tlops drift` with runner.kind: dask: the new images the cache lacks are embedded on the workers, and the
+    check reads them from the cache, with the one-process check's vectors and p-values."""
+    from PIL import Image
+
+    from components.monitoring.drift import read_history
+
+    new = tmp_path / "new"
+    new.mkdir()
+    for index, cell in enumerate(sorted((local_run / "outputs/ingest/images").rglob("*.png"))[:40]):
+        Image.open(cell).rotate(90).save(new / f"{index:02d}.png")  # content the features cache has never seen
+    checks = {}
+    for kind, runner in (("local", []), ("dask", ["runner.kind=dask", "runner.workers=2", "runner.shard_batches=1"])):
+        cache = tmp_path / kind / "cache"
+        shutil.copytree(local_run / ".cache/features", cache)
+        overrides = [f"paths.feature_cache={cache}", f"paths.drift={tmp_path / kind / 'drift'}", *runner]
+        assert cli.main(["drift", "--params", str(local_run / "params.yaml"),
+                         *[arg for item in overrides for arg in ("--set", item)], str(new)]) == 0
+        checks[kind] = read_history(tmp_path / kind / "drift" / "history.jsonl")[-1]
+    assert (checks["local"]["n_new"], checks["local"]["n_computed"]) == (40, 40)
+    assert checks["dask"]["n_computed"] == 0  # every new vector came from the workers' pieces
+    for key in ("mmd2", "p_value", "auc", "auc_p_value", "flagged", "bandwidth"):
+        assert checks["dask"][key] == checks["local"][key], key

@@ -278,6 +278,10 @@ def check_drift(args: argparse.Namespace) -> None:
     # a blank or non-UTF-8 text or a CSV without `text` (text model), or the other modality, each in one line.
     (checked_texts if get_entry(cfg.backbone).modality == "text" else checked_images)(new_data, cfg)
     from flows.deploy import check_server
+    from flows.workers import check_scheduler
+
+    if params.runner.kind == "dask" and params.runner.address is not None:  # new images embed on its workers
+        check_scheduler(params.runner.address, params.runner.connect_seconds)  # one line, before any work
     from flows.drift import DRIFT_EVENT, persistent_api_url
     from flows.drift import check_drift as drift_flow
     from tlops import tracking

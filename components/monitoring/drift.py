@@ -125,13 +125,27 @@ def embed_images(
     `features_cfg` is used as it is, every tap included: narrowing it to `tap` would change the cache
     key and recompute what the features stage already stored.
     """
+    check_tap_cached(tap, features_cfg)
+    features, stats = extract(get_entry(backbone), features_cfg, images_dataset(paths), cache_dir, progress)
+    return features["sha256"], features[tap], int(stats["n_computed"])
+
+
+def images_dataset(paths: Sequence[Path]) -> Dataset:
+    """Any list of image files as an unlabelled dataset (the features stage's input), each with its sha256."""
     absolute = [Path(p).resolve() for p in paths]
     manifest = pd.DataFrame({"path": [str(p) for p in absolute], "sha256": [sha256_file(p) for p in absolute]})
     # Absolute paths: `root / path` is the path itself, so any list of files forms a dataset.
-    dataset = Dataset(manifest=manifest, root=Path(absolute[0].anchor), labels=())
-    check_tap_cached(tap, features_cfg)
-    features, stats = extract(get_entry(backbone), features_cfg, dataset, cache_dir, progress)
-    return features["sha256"], features[tap], int(stats["n_computed"])
+    return Dataset(manifest=manifest, root=Path(absolute[0].anchor), labels=())
+
+
+def new_inputs(cfg: DriftConfig, new_data: Path | Sequence[Path]) -> tuple[int, NewTexts | list[Path]]:
+    """(how many inputs `new_data` holds, the ones a check embeds: all, or a seeded subsample of
+    `drift.max_new_images` / `max_new_texts`), checked whole before anything is embedded."""
+    if get_entry(cfg.backbone).modality == "text":
+        texts = checked_texts(new_data, cfg)
+        return len(texts), capped_texts(texts, cfg)
+    images = checked_images(new_data, cfg)
+    return len(images), capped(images, cfg)
 
 
 def embed_texts(
@@ -295,13 +309,7 @@ def run(
     cache_dir = cache_dir or out_dir / "cache"
     modality = get_entry(cfg.backbone).modality
     noun = f"{modality}s"
-    used: NewTexts | list[Path]
-    if modality == "text":
-        texts = checked_texts(new_data, cfg)
-        n_found, used = len(texts), capped_texts(texts, cfg)
-    else:
-        images = checked_images(new_data, cfg)
-        n_found, used = len(images), capped(images, cfg)
+    n_found, used = new_inputs(cfg, new_data)
     cap, least = getattr(cfg, f"max_new_{noun}"), getattr(cfg, f"min_new_{noun}")
     if len(used) < n_found:
         log.info("drift: %d %s found, checking a seeded subsample of %d (drift.max_new_%s)", n_found, noun,
