@@ -6,9 +6,11 @@ For each input size (64 and 224 px by default), in one run:
   (pretrained EfficientNet-Lite0 + a seeded linear head, exported by the export stage, registered
   with `components.serving.pyfunc.log_model` in a temporary MLflow sqlite store) answer the same
   single-image requests (a real ELPV cell as base64 JSON, the format both accept) at each
-  concurrency. Every answer is checked against ONNX Runtime run directly on the file. The
-  baseline is ONNX Runtime in this process on the same preprocessed images with the same session
-  settings and threads, at batch 1 and at `max_batch` (the better is the ceiling). The three take
+  concurrency. Every answer is checked against ONNX Runtime run directly on the file. Two
+  baselines run in this process with the same session settings and threads, at batch 1 and at
+  `max_batch` (the better is the ceiling): ONNX Runtime on the same images already preprocessed,
+  and, like for like, the server's own work without HTTP: the base64 text and PNG decoded and
+  preprocessed by the server's functions on one thread per core, then ONNX Runtime. The three take
   turns in short rounds, order rotating, so a change in this shared machine's load hits all alike.
 - **memory**: resident set size (RSS) of each server idle after start-up and after the load, then
   of `tlops serve` across `--reloads` alias moves and `POST /admin/reload`s made under load, and
@@ -48,6 +50,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Self
@@ -64,7 +67,7 @@ from torch import nn
 from components.data.config import IngestConfig
 from components.data.ingest import run as ingest
 from components.data.manifest import Dataset, read_manifest
-from components.data.preprocess import load_batch
+from components.data.preprocess import Preprocessing, load_batch, preprocess_image
 from components.features import extract as features
 from components.features.config import FeaturesConfig
 from components.models.classifier import save_checkpoint
@@ -72,6 +75,7 @@ from components.models.onnx_io import model_labels, model_preprocessing, open_se
 from components.models.registry import get_entry
 from components.packaging.config import ExportConfig
 from components.packaging.export import run as export_run
+from components.serving.image_decoding import decode_base64, decode_image
 from components.serving.pyfunc import log_model
 from components.serving.served_model import session_options
 
@@ -273,6 +277,23 @@ def in_process(session: ort.InferenceSession, batch: np.ndarray, batch_size: int
     return (time.perf_counter() - started) * total / (calls * batch_size)
 
 
+def in_process_decoding(session: ort.InferenceSession, refs: list[Reference], preprocessing: Preprocessing,
+                        batch_size: int, total: int, pool: ThreadPoolExecutor) -> float:
+    """Seconds this process takes for `total` requests' own work, like for like with the server's: each image's
+    base64 text decoded, its PNG decoded and preprocessed by the server's functions on a pool of one thread per
+    core, then ONNX Runtime on batches of `batch_size`. What it leaves out is HTTP, JSON and the queue."""
+    texts = [base64.b64encode(ref.payload).decode() for ref in itertools.islice(itertools.cycle(refs), total)]
+    input_name = session.get_inputs()[0].name
+
+    def prepare(text: str) -> np.ndarray:
+        return preprocess_image(decode_image(decode_base64(text, 0), 16_000_000), preprocessing)
+
+    started = time.perf_counter()
+    for start in range(0, total, batch_size):
+        session.run(None, {input_name: np.stack(list(pool.map(prepare, texts[start : start + batch_size])))})
+    return time.perf_counter() - started
+
+
 def summarize(answers: list[Answer], wall: float) -> dict[str, float]:
     latencies = sorted(a.seconds for a in answers)
     return {
@@ -285,10 +306,14 @@ def summarize(answers: list[Answer], wall: float) -> dict[str, float]:
 
 
 def compare(targets: dict[str, Target], refs: list[Reference], batch: np.ndarray, session: ort.InferenceSession,
-            max_batch: int, concurrency: int, requests: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Rounds in rotating order of every server and the in-process ceilings at one concurrency."""
+            max_batch: int, concurrency: int, requests: int, rounds: int,
+            preprocessing: Preprocessing) -> dict[str, dict[str, float]]:
+    """Rounds in rotating order of every server and the in-process ceilings at one concurrency: ONNX Runtime on
+    tensors already preprocessed, and ONNX Runtime with the server's decoding and preprocessing in this process."""
     answers: dict[str, list[Answer]] = {name: [] for name in targets}
-    walls = dict.fromkeys([*targets, "onnxruntime_batch1", f"onnxruntime_batch{max_batch}"], 0.0)
+    walls = dict.fromkeys([*targets, "onnxruntime_batch1", f"onnxruntime_batch{max_batch}", "decoding_batch1",
+                           f"decoding_batch{max_batch}"], 0.0)
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)  # the server decodes on one thread per core (serve.decode_threads 0)
     per_round = max(concurrency, requests // rounds)
     for round_ in range(rounds):
         order = list(walls)
@@ -297,8 +322,12 @@ def compare(targets: dict[str, Target], refs: list[Reference], batch: np.ndarray
                 got, wall = asyncio.run(drive(targets[name], refs, concurrency, per_round))
                 answers[name] += got
                 walls[name] += wall
+            elif name.startswith("decoding_batch"):
+                walls[name] += in_process_decoding(session, refs, preprocessing,
+                                                   int(name.removeprefix("decoding_batch")), per_round, pool)
             else:
                 walls[name] += in_process(session, batch, int(name.removeprefix("onnxruntime_batch")), per_round)
+    pool.shutdown()
     row: dict[str, dict[str, float]] = {name: summarize(answers[name], walls[name]) for name in targets}
     for name in walls:
         if name not in targets:
@@ -510,6 +539,7 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
         targets[name] = replace(tlops_target(ports[name]), name=name)
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     session = ort.InferenceSession(str(model_path), session_options(args.num_threads), providers=["CPUExecutionProvider"])
+    preprocessing = model_preprocessing(model_path, read_metadata(model_path))
     processes: dict[str, subprocess.Popen] = {}
     report: dict[str, object] = {"size": size}
     try:
@@ -524,7 +554,7 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
         table = {}
         for concurrency in args.concurrency:
             table[str(concurrency)] = row = compare(targets, refs, batch, session, args.max_batch, concurrency,
-                                                     args.requests, args.rounds)
+                                                     args.requests, args.rounds, preprocessing)
             print(size, concurrency, json.dumps(row), flush=True)
         memory |= {"tlops_after_load_mb": rss_mb(processes["tlops"].pid),
                    "mlflow_after_load_mb": rss_mb(processes["mlflow"].pid, tree=True)}
@@ -555,6 +585,11 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
                 row["onnxruntime_batch1"]["images_per_s"], row[f"onnxruntime_batch{args.max_batch}"]["images_per_s"]), 2),
             "mlflow_vs_onnxruntime_in_process": round(row["mlflow"]["requests_per_s"] / max(
                 row["onnxruntime_batch1"]["images_per_s"], row[f"onnxruntime_batch{args.max_batch}"]["images_per_s"]), 2),
+            # Like for like: the same decoding and preprocessing, in this process, without HTTP.
+            "tlops_vs_in_process_with_decoding": round(row["tlops"]["requests_per_s"] / max(
+                row["decoding_batch1"]["images_per_s"], row[f"decoding_batch{args.max_batch}"]["images_per_s"]), 2),
+            "mlflow_vs_in_process_with_decoding": round(row["mlflow"]["requests_per_s"] / max(
+                row["decoding_batch1"]["images_per_s"], row[f"decoding_batch{args.max_batch}"]["images_per_s"]), 2),
         }
         for concurrency, row in report["results"].items()
     }

@@ -122,7 +122,7 @@ class LoadedModel:
         """One ONNX Runtime call's inputs: preprocessed images stacked (NCHW), or texts tokenized."""
         if self.tokenizer is not None:
             return encode(self.tokenizer, inputs)
-        return {self.input_name: np.stack(inputs)}
+        return {self.input_name: inputs if isinstance(inputs, np.ndarray) else np.stack(inputs)}
 
     def task_probabilities(self, inputs: Sequence[Any]) -> list[np.ndarray]:
         """Each task's class probabilities, one row per input (outputs after the tasks', such as a prototype
@@ -146,11 +146,12 @@ class LoadedModel:
                                       model_version=self.source.version, tasks=tasks if len(self.tasks) > 1 else None))
         return answers
 
-    def dummy_inputs(self, size: int) -> list[Any]:
-        """`size` inputs of the largest shape this model takes: blank images, or texts of max_length tokens."""
+    def dummy_inputs(self, size: int) -> Sequence[Any]:
+        """`size` inputs of the largest shape this model takes: blank images (one array, so timing does not
+        allocate a batch per call), or texts of max_length tokens."""
         if self.tokenizer is not None:
             return [WARM_UP_TEXT] * size
-        return list(np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32))
+        return np.zeros((size, 3, self.input_size, self.input_size), dtype=np.float32)
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run the shapes the batcher will send first, so the first client does not pay for them."""
