@@ -21,6 +21,9 @@ For each input size (64 and 224 px by default), in one run:
 - **robustness** (last size only): `--robustness` requests, 10% malformed in every way the service
   refuses, to `tlops serve`: the run counts 5xx answers and wrong answers to valid requests (both must be 0).
 
+The same comparison for a text model, on BBC News articles: `benchmarks/text_serving.py`, which imports
+the load generator, the server harness and the checks from here.
+
 The load comes from one asyncio task per connection speaking plain HTTP/1.1 over keep-alive
 sockets: a Python HTTP client library costs about a millisecond of CPU per request, which on a
 2-core machine is taken from the server being measured.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import itertools
 import json
@@ -49,8 +53,9 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Self
@@ -86,11 +91,13 @@ BACKBONE = "efficientnet_lite0"
 
 @dataclass(frozen=True)
 class Reference:
-    """One benchmark image and what ONNX Runtime, run directly, says about it."""
+    """One benchmark input and what ONNX Runtime, run directly, says about it."""
 
-    payload: bytes
+    payload: bytes  # the input as a file: a PNG, or a text in UTF-8
+    value: str  # the input as a JSON request carries it: the image in base64, or the text itself
     label: str
     probabilities: dict[str, float]
+    tolerance: float = 1e-4  # how far a served probability may be from these and still be the same answer
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,8 @@ def references(model_path: Path, dataset: Dataset) -> tuple[list[Reference], np.
     session = open_session(model_path)
     batch = load_batch(paths, model_preprocessing(model_path, metadata))
     rows = softmax(session.run(None, {session.get_inputs()[0].name: batch})[0])
-    refs = [Reference(path.read_bytes(), labels[int(row.argmax())], dict(zip(labels, map(float, row), strict=True)))
+    refs = [Reference(path.read_bytes(), base64.b64encode(path.read_bytes()).decode(), labels[int(row.argmax())],
+                      dict(zip(labels, map(float, row), strict=True)))
             for path, row in zip(paths, rows, strict=True)]
     return refs, batch
 
@@ -210,19 +218,19 @@ def rss_mb(pid: int, tree: bool = False) -> float:
 def matches(reference: Reference, prediction: dict) -> bool:
     probabilities = prediction.get("probabilities", {})
     return prediction.get("label") == reference.label and probabilities.keys() == reference.probabilities.keys() and \
-        all(abs(probabilities[k] - v) <= 1e-4 for k, v in reference.probabilities.items())
+        all(abs(probabilities[k] - v) <= reference.tolerance for k, v in reference.probabilities.items())
 
 
-def tlops_target(port: int) -> Target:
-    return Target("tlops", port, "/predict",
-                  lambda ref: json.dumps({"images": [base64.b64encode(ref.payload).decode()]}).encode(),
+def tlops_target(port: int, key: str = "images") -> Target:
+    """`tlops serve`'s /predict with one input under `key` (`images` or `texts`)."""
+    return Target("tlops", port, "/predict", lambda ref: json.dumps({key: [ref.value]}).encode(),
                   lambda answer: answer["predictions"][0])
 
 
-def mlflow_target(port: int) -> Target:
+def mlflow_target(port: int, column: str = "image") -> Target:
+    """`mlflow models serve`'s /invocations with one input in the pyfunc's `column` (`image` or `text`)."""
     return Target("mlflow", port, "/invocations",
-                  lambda ref: json.dumps({"dataframe_split": {"columns": ["image"],
-                                                              "data": [[base64.b64encode(ref.payload).decode()]]}}).encode(),
+                  lambda ref: json.dumps({"dataframe_split": {"columns": [column], "data": [[ref.value]]}}).encode(),
                   lambda answer: answer["predictions"][0])
 
 
@@ -277,8 +285,23 @@ def in_process(session: ort.InferenceSession, batch: np.ndarray, batch_size: int
     return (time.perf_counter() - started) * total / (calls * batch_size)
 
 
+def summarize(answers: list[Answer], wall: float) -> dict[str, float]:
+    latencies = sorted(a.seconds for a in answers)
+    return {
+        "p50_ms": round(1000 * statistics.median(latencies), 2),
+        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
+        "requests_per_s": round(len(answers) / wall, 1),
+        "non_200": sum(a.status != 200 for a in answers),
+        "wrong": sum(a.status == 200 and not a.correct for a in answers),
+    }
+
+
+# An in-process baseline: seconds it takes for `total` inputs.
+Baseline = Callable[[int], float]
+
+
 def in_process_decoding(session: ort.InferenceSession, refs: list[Reference], preprocessing: Preprocessing,
-                        batch_size: int, total: int, pool: ThreadPoolExecutor) -> float:
+                        pool: ThreadPoolExecutor, batch_size: int, total: int) -> float:
     """Seconds this process takes for `total` requests' own work, like for like with the server's: each image's
     base64 text decoded, its PNG decoded and preprocessed by the server's functions on a pool of one thread per
     core, then ONNX Runtime on batches of `batch_size`. What it leaves out is HTTP, JSON and the queue."""
@@ -294,26 +317,22 @@ def in_process_decoding(session: ort.InferenceSession, refs: list[Reference], pr
     return time.perf_counter() - started
 
 
-def summarize(answers: list[Answer], wall: float) -> dict[str, float]:
-    latencies = sorted(a.seconds for a in answers)
-    return {
-        "p50_ms": round(1000 * statistics.median(latencies), 2),
-        "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 2),
-        "requests_per_s": round(len(answers) / wall, 1),
-        "non_200": sum(a.status != 200 for a in answers),
-        "wrong": sum(a.status == 200 and not a.correct for a in answers),
-    }
+def in_process_baselines(session: ort.InferenceSession, batch: np.ndarray, max_batch: int) -> dict[str, Baseline]:
+    return {f"onnxruntime_batch{size}": functools.partial(in_process, session, batch, size) for size in (1, max_batch)}
 
 
-def compare(targets: dict[str, Target], refs: list[Reference], batch: np.ndarray, session: ort.InferenceSession,
-            max_batch: int, concurrency: int, requests: int, rounds: int,
-            preprocessing: Preprocessing) -> dict[str, dict[str, float]]:
-    """Rounds in rotating order of every server and the in-process ceilings at one concurrency: ONNX Runtime on
-    tensors already preprocessed, and ONNX Runtime with the server's decoding and preprocessing in this process."""
+def decoding_baselines(session: ort.InferenceSession, refs: list[Reference], preprocessing: Preprocessing,
+                       pool: ThreadPoolExecutor, max_batch: int) -> dict[str, Baseline]:
+    """The like-for-like ceilings of an image server: its decoding and preprocessing, then ONNX Runtime, in-process."""
+    return {f"decoding_batch{size}": functools.partial(in_process_decoding, session, refs, preprocessing, pool, size)
+            for size in (1, max_batch)}
+
+
+def compare(targets: dict[str, Target], refs: list[Reference], baselines: dict[str, Baseline], concurrency: int,
+            requests: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Rounds in rotating order of every server and the in-process ceilings at one concurrency."""
     answers: dict[str, list[Answer]] = {name: [] for name in targets}
-    walls = dict.fromkeys([*targets, "onnxruntime_batch1", f"onnxruntime_batch{max_batch}", "decoding_batch1",
-                           f"decoding_batch{max_batch}"], 0.0)
-    pool = ThreadPoolExecutor(os.cpu_count() or 1)  # the server decodes on one thread per core (serve.decode_threads 0)
+    walls = dict.fromkeys([*targets, *baselines], 0.0)
     per_round = max(concurrency, requests // rounds)
     for round_ in range(rounds):
         order = list(walls)
@@ -322,16 +341,11 @@ def compare(targets: dict[str, Target], refs: list[Reference], batch: np.ndarray
                 got, wall = asyncio.run(drive(targets[name], refs, concurrency, per_round))
                 answers[name] += got
                 walls[name] += wall
-            elif name.startswith("decoding_batch"):
-                walls[name] += in_process_decoding(session, refs, preprocessing,
-                                                   int(name.removeprefix("decoding_batch")), per_round, pool)
             else:
-                walls[name] += in_process(session, batch, int(name.removeprefix("onnxruntime_batch")), per_round)
-    pool.shutdown()
+                walls[name] += baselines[name](per_round)
     row: dict[str, dict[str, float]] = {name: summarize(answers[name], walls[name]) for name in targets}
-    for name in walls:
-        if name not in targets:
-            row[name] = {"images_per_s": round(per_round * rounds / walls[name], 1)}
+    for name in baselines:
+        row[name] = {"inputs_per_s": round(per_round * rounds / walls[name], 1)}
     return row
 
 
@@ -464,7 +478,7 @@ def robustness(url: str, refs: list[Reference], total: int, malformed_share: flo
         with httpx.Client(base_url=url, timeout=120) as client:
             for kind, index in chunk:
                 if kind == "good":
-                    response = client.post("/predict", json={"images": [base64.b64encode(refs[index].payload).decode()]})
+                    response = client.post("/predict", json={"images": [refs[index].value]})
                     status = response.status_code
                     ok = status == 200 and matches(refs[index], response.json()["predictions"][0])
                     outcome = ("good_ok" if ok else "good_wrong") if status == 200 else f"good_status_{status}"
@@ -509,18 +523,31 @@ def mean_batch_size(metrics_text: str) -> float:
     return round(values["tlops_serve_batch_size_sum"] / max(1.0, values["tlops_serve_batch_size_count"]), 2)
 
 
-def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int, env: dict[str, str],
-               last: bool) -> dict[str, object]:
-    folder = work / f"{size}px"
-    model_path = build_model(folder, dataset, size)
-    refs, batch = references(model_path, dataset)
-    model_name = f"tlops-bench-{size}"
-    for _ in range(2):  # two versions of the same file, so an alias move is a real reload
+def register(model_path: Path, model_name: str, versions: int = 1) -> str:
+    """`model_path` registered `versions` times as `model_name`, with version 1 as @champion; that URI."""
+    for _ in range(versions):
         with mlflow.start_run():
             log_model(model_path, model_name)
     MlflowClient().set_registered_model_alias(model_name, "champion", "1")
-    uri = f"models:/{model_name}@champion"
-    max_body_mb = 1.0  # images are ~100 kB; a small limit keeps the oversized-body requests cheap
+    return f"models:/{model_name}@champion"
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The services one comparison runs: the command that starts each, the path that says it is ready, its load."""
+
+    commands: dict[str, list[str]]
+    probes: dict[str, str]
+    targets: dict[str, Target]
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {name: f"http://127.0.0.1:{target.port}" for name, target in self.targets.items()}
+
+
+def servers(args: argparse.Namespace, uri: str, max_body_mb: float, modality: str) -> Servers:
+    """`tlops serve` (and each `--variant` of it) and `mlflow models serve` of `uri`, each on a free port."""
+    key, column = ("texts", "text") if modality == "text" else ("images", "image")
     ports = {"tlops": free_port(), "mlflow": free_port()}
     settings = [f"serve.max_batch={args.max_batch}", f"serve.max_wait_ms={args.max_wait_ms}",
                 f"serve.max_body_mb={max_body_mb}", f"serve.num_threads={args.num_threads}",
@@ -531,85 +558,108 @@ def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int
                    "-h", "127.0.0.1", "-p", str(ports["mlflow"])],
     }
     probes = {"tlops": "/readyz", "mlflow": "/ping"}
-    targets = {"tlops": tlops_target(ports["tlops"]), "mlflow": mlflow_target(ports["mlflow"])}
+    targets = {"tlops": tlops_target(ports["tlops"], key), "mlflow": mlflow_target(ports["mlflow"], column)}
     for variant in args.variant:  # tlops with other settings, in the same rotation
         name, _, changes = variant.partition("=")
-        ports[name], probes[name] = free_port(), "/readyz"
-        commands[name] = [*commands["tlops"][:5], str(ports[name]), *settings, *changes.split(",")]
-        targets[name] = replace(tlops_target(ports[name]), name=name)
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    session = ort.InferenceSession(str(model_path), session_options(args.num_threads), providers=["CPUExecutionProvider"])
-    preprocessing = model_preprocessing(model_path, read_metadata(model_path))
+        port, probes[name] = free_port(), "/readyz"
+        commands[name] = [*commands["tlops"][:5], str(port), *settings, *changes.split(",")]
+        targets[name] = replace(tlops_target(port, key), name=name)
+    return Servers(commands, probes, targets)
+
+
+@contextmanager
+def started(setup: Servers, env: dict[str, str], work: Path, tag: str) -> Iterator[dict[str, subprocess.Popen]]:
+    """Every service of `setup` started and ready; those still in the dict are stopped on the way out."""
     processes: dict[str, subprocess.Popen] = {}
-    report: dict[str, object] = {"size": size}
     try:
-        for name, command in commands.items():
-            processes[name] = start_server(command, urls[name] + probes[name], env, work / f"{name}-{size}.log", work)
-        described = httpx.get(urls["tlops"] + "/model").json()
-        report["tlops_batching"] = {k: described[k] for k in ("batch_limit", "ms_per_image_by_batch")}
-        print(size, "tlops batching", report["tlops_batching"], flush=True)
-        time.sleep(2)
-        memory: dict[str, float] = {"tlops_idle_mb": rss_mb(processes["tlops"].pid),
-                                    "mlflow_idle_mb": rss_mb(processes["mlflow"].pid, tree=True)}
-        table = {}
-        for concurrency in args.concurrency:
-            table[str(concurrency)] = row = compare(targets, refs, batch, session, args.max_batch, concurrency,
-                                                     args.requests, args.rounds, preprocessing)
-            print(size, concurrency, json.dumps(row), flush=True)
-        memory |= {"tlops_after_load_mb": rss_mb(processes["tlops"].pid),
-                   "mlflow_after_load_mb": rss_mb(processes["mlflow"].pid, tree=True)}
-        memory["idle_ratio_tlops_vs_mlflow"] = round(memory["tlops_idle_mb"] / memory["mlflow_idle_mb"], 2)
-        for name in ["mlflow", *(variant.partition("=")[0] for variant in args.variant)]:
-            stop_server(processes.pop(name))
-        report |= {"results": table, "memory": memory,
-                   "mean_batch_size": mean_batch_size(httpx.get(f"{urls['tlops']}/metrics").text)}
-        if args.reloads:
-            report["reloads"] = reload_churn(urls["tlops"], processes["tlops"].pid, targets["tlops"], refs, model_name,
-                                             args.reloads)
-            print(size, "reloads", json.dumps(report["reloads"]), flush=True)
-        if last:
-            report["registry_memory"] = registry_memory(uri, env, folder, memory["tlops_idle_mb"])
-            print(size, "registry", json.dumps(report["registry_memory"]), flush=True)
-        if last and args.robustness:
-            report["robustness"] = robustness(urls["tlops"], refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
-            print(size, "robustness", json.dumps(report["robustness"]), flush=True)
+        for name, command in setup.commands.items():
+            processes[name] = start_server(command, setup.urls[name] + setup.probes[name], env,
+                                           work / f"{name}-{tag}.log", work)
+        yield processes
     finally:
         for process in processes.values():
             stop_server(process)
-    report["ratios"] = {
-        concurrency: {
+
+
+def ratios(table: dict[str, dict[str, dict[str, float]]], variants: list[str]) -> dict[str, dict[str, float]]:
+    """tlops against mlflow, both against the better in-process baseline, tlops against each variant."""
+    out = {}
+    for concurrency, row in table.items():
+        ceiling = max(value["inputs_per_s"] for name, value in row.items() if name.startswith("onnxruntime_batch"))
+        out[concurrency] = {
             "tlops_vs_mlflow_throughput": round(row["tlops"]["requests_per_s"] / row["mlflow"]["requests_per_s"], 2),
             "tlops_vs_mlflow_p50": round(row["tlops"]["p50_ms"] / row["mlflow"]["p50_ms"], 2),
             "tlops_vs_mlflow_p99": round(row["tlops"]["p99_ms"] / row["mlflow"]["p99_ms"], 2),
-            "tlops_vs_onnxruntime_in_process": round(row["tlops"]["requests_per_s"] / max(
-                row["onnxruntime_batch1"]["images_per_s"], row[f"onnxruntime_batch{args.max_batch}"]["images_per_s"]), 2),
-            "mlflow_vs_onnxruntime_in_process": round(row["mlflow"]["requests_per_s"] / max(
-                row["onnxruntime_batch1"]["images_per_s"], row[f"onnxruntime_batch{args.max_batch}"]["images_per_s"]), 2),
-            # Like for like: the same decoding and preprocessing, in this process, without HTTP.
-            "tlops_vs_in_process_with_decoding": round(row["tlops"]["requests_per_s"] / max(
-                row["decoding_batch1"]["images_per_s"], row[f"decoding_batch{args.max_batch}"]["images_per_s"]), 2),
-            "mlflow_vs_in_process_with_decoding": round(row["mlflow"]["requests_per_s"] / max(
-                row["decoding_batch1"]["images_per_s"], row[f"decoding_batch{args.max_batch}"]["images_per_s"]), 2),
-        }
-        for concurrency, row in report["results"].items()
-    }
-    for variant in args.variant:
-        name = variant.partition("=")[0]
-        for concurrency, row in report["results"].items():
-            report["ratios"][concurrency][f"tlops_vs_{name}_throughput"] = round(
-                row["tlops"]["requests_per_s"] / row[name]["requests_per_s"], 2)
+            "tlops_vs_onnxruntime_in_process": round(row["tlops"]["requests_per_s"] / ceiling, 2),
+            "mlflow_vs_onnxruntime_in_process": round(row["mlflow"]["requests_per_s"] / ceiling, 2),
+        } | {f"tlops_vs_{name}_throughput": round(row["tlops"]["requests_per_s"] / row[name]["requests_per_s"], 2)
+             for name in variants}
+        decoding = [value["inputs_per_s"] for name, value in row.items() if name.startswith("decoding_batch")]
+        if decoding:  # like for like: the same decoding and preprocessing, in-process, without HTTP
+            out[concurrency] |= {f"{server}_vs_in_process_with_decoding": round(
+                row[server]["requests_per_s"] / max(decoding), 2) for server in ("tlops", "mlflow")}
+    return out
+
+
+def measure(args: argparse.Namespace, setup: Servers, processes: dict[str, subprocess.Popen], refs: list[Reference],
+            baselines: dict[str, Baseline], tag: str) -> dict[str, object]:
+    """The batch size tlops chose, each server's idle RSS, a comparison at each concurrency, RSS after the load."""
+    urls = setup.urls
+    described = httpx.get(urls["tlops"] + "/model").json()
+    report: dict[str, object] = {"tlops_batching": {k: described[k] for k in ("batch_limit", "ms_per_image_by_batch")}}
+    print(tag, "tlops batching", report["tlops_batching"], flush=True)
+    time.sleep(2)
+    memory: dict[str, float] = {"tlops_idle_mb": rss_mb(processes["tlops"].pid),
+                                "mlflow_idle_mb": rss_mb(processes["mlflow"].pid, tree=True)}
+    table = {}
+    for concurrency in args.concurrency:
+        table[str(concurrency)] = row = compare(setup.targets, refs, baselines, concurrency, args.requests, args.rounds)
+        print(tag, concurrency, json.dumps(row), flush=True)
+    memory |= {"tlops_after_load_mb": rss_mb(processes["tlops"].pid),
+               "mlflow_after_load_mb": rss_mb(processes["mlflow"].pid, tree=True)}
+    memory["idle_ratio_tlops_vs_mlflow"] = round(memory["tlops_idle_mb"] / memory["mlflow_idle_mb"], 2)
+    return report | {"results": table, "memory": memory,
+                     "mean_batch_size": mean_batch_size(httpx.get(f"{urls['tlops']}/metrics").text),
+                     "ratios": ratios(table, [variant.partition("=")[0] for variant in args.variant])}
+
+
+def bench_size(args: argparse.Namespace, work: Path, dataset: Dataset, size: int, env: dict[str, str],
+               last: bool) -> dict[str, object]:
+    folder = work / f"{size}px"
+    model_path = build_model(folder, dataset, size)
+    refs, batch = references(model_path, dataset)
+    model_name = f"tlops-bench-{size}"
+    uri = register(model_path, model_name, versions=2)  # two versions of one file: an alias move is a real reload
+    max_body_mb = 1.0  # images are ~100 kB; a small limit keeps the oversized-body requests cheap
+    setup = servers(args, uri, max_body_mb, "image")
+    session = ort.InferenceSession(str(model_path), session_options(args.num_threads), providers=["CPUExecutionProvider"])
+    preprocessing = model_preprocessing(model_path, read_metadata(model_path))
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)  # the server decodes on one thread per core (serve.decode_threads 0)
+    baselines = in_process_baselines(session, batch, args.max_batch) | decoding_baselines(
+        session, refs, preprocessing, pool, args.max_batch)
+    with pool, started(setup, env, work, str(size)) as processes:
+        report = {"size": size} | measure(args, setup, processes, refs, baselines, str(size))
+        for name in [name for name in processes if name != "tlops"]:
+            stop_server(processes.pop(name))
+        url = setup.urls["tlops"]
+        if args.reloads:
+            report["reloads"] = reload_churn(url, processes["tlops"].pid, setup.targets["tlops"], refs, model_name,
+                                             args.reloads)
+            print(size, "reloads", json.dumps(report["reloads"]), flush=True)
+        if last:
+            report["registry_memory"] = registry_memory(uri, env, folder, report["memory"]["tlops_idle_mb"])
+            print(size, "registry", json.dumps(report["registry_memory"]), flush=True)
+        if last and args.robustness:
+            report["robustness"] = robustness(url, refs, args.robustness, 0.10, int(max_body_mb * 2**20), 8)
+            print(size, "robustness", json.dumps(report["robustness"]), flush=True)
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 224], help="model input sizes")
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load and the `tlops serve` settings, shared by the image and text benchmarks."""
     parser.add_argument("--requests", type=int, default=320, help="requests per server and concurrency level")
     parser.add_argument("--rounds", type=int, default=4, help="turns each server takes per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--reloads", type=int, default=10, help="alias moves + reloads under load (0 = skip)")
-    parser.add_argument("--robustness", type=int, default=2000, help="requests in the malformed-input run")
-    parser.add_argument("--images", type=int, default=48, help="ELPV cells used as requests")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--num-threads", type=int, default=0, help="serve.num_threads (0 = all cores)")
@@ -618,41 +668,69 @@ def main() -> None:
                              "nice0=serve.decode_nice=0 (repeatable)")
     parser.add_argument("--no-measure-batch", dest="measure_batch", action="store_false",
                         help="serve.measure_batch=false: batch up to --max-batch whatever it costs")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started below are stopped too
 
-    started = time.perf_counter()
-    load_before = load_average()
-    with tempfile.TemporaryDirectory(prefix="tlops-bench-serving-") as tmp:
-        work = Path(tmp)
-        os.chdir(work)  # MLflow writes ./mlruns
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        ingest(IngestConfig(limit=args.images, seed=3), work / "data")
-        dataset = read_manifest(work / "data" / "manifest.csv")
-        mlflow.set_experiment("serving-benchmark")
-        sizes = [bench_size(args, work, dataset, size, env, size == args.image_sizes[-1]) for size in args.image_sizes]
 
-    report = {
-        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
-        "cpu": cpu_description(),
-        "load_average_before_after": [load_before, load_average()],
-        "minutes": round((time.perf_counter() - started) / 60, 1),
-        "model": f"{BACKBONE} + linear head, FP32 ONNX, ELPV cells (300x300 PNG) as base64 JSON, one per request",
+def settings_report(args: argparse.Namespace) -> dict[str, object]:
+    return {
         "requests_per_level": args.requests,
         "rounds": args.rounds,
         "tlops_settings": {"max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                            "num_threads": args.num_threads, "measure_batch": args.measure_batch},
         "variants": args.variant,
         "mlflow_settings": {"workers": 1, "env_manager": "local"},
-        "sizes": {str(report["size"]): report for report in sizes},
     }
+
+
+@contextmanager
+def mlflow_workdir(prefix: str) -> Iterator[tuple[Path, dict[str, str]]]:
+    """A temporary folder holding a sqlite MLflow store, made the working directory; (it, the servers' environment)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers started inside are stopped too
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        os.chdir(work)  # MLflow writes ./mlruns
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+        # This repository first on the path; this interpreter's scripts first on PATH (`mlflow models serve` runs
+        # `uvicorn` by name), as an activated virtual environment would have them.
+        yield work, {**os.environ,
+                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+                     "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))}
+
+
+def write_results(report: dict[str, object], name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "serving.json"
+    out = RESULTS / name
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=2) + "\n")
     tmp_out.replace(out)
     print(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[64, 224], help="model input sizes")
+    parser.add_argument("--reloads", type=int, default=10, help="alias moves + reloads under load (0 = skip)")
+    parser.add_argument("--robustness", type=int, default=2000, help="requests in the malformed-input run")
+    parser.add_argument("--images", type=int, default=48, help="ELPV cells used as requests")
+    add_load_arguments(parser)
+    args = parser.parse_args()
+
+    began = time.perf_counter()
+    load_before = load_average()
+    with mlflow_workdir("tlops-bench-serving-") as (work, env):
+        ingest(IngestConfig(limit=args.images, seed=3), work / "data")
+        dataset = read_manifest(work / "data" / "manifest.csv")
+        mlflow.set_experiment("serving-benchmark")
+        sizes = [bench_size(args, work, dataset, size, env, size == args.image_sizes[-1]) for size in args.image_sizes]
+
+    write_results({
+        "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+        "cpu": cpu_description(),
+        "load_average_before_after": [load_before, load_average()],
+        "minutes": round((time.perf_counter() - began) / 60, 1),
+        "model": f"{BACKBONE} + linear head, FP32 ONNX, ELPV cells (300x300 PNG) as base64 JSON, one per request",
+        **settings_report(args),
+        "sizes": {str(report["size"]): report for report in sizes},
+    }, "serving.json")
 
 
 if __name__ == "__main__":
