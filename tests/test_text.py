@@ -20,13 +20,13 @@ from components.data.config import IngestConfig, ValidateConfig
 from components.data.ingest import IngestError
 from components.data.ingest import run as ingest
 from components.data.manifest import Dataset, read_manifest
-from components.data.tokenization import TOKENIZER_KEY, is_text_metadata
+from components.data.tokenization import TOKENIZER_KEY, encode, is_text_metadata
 from components.data.validate import DataValidationError
 from components.data.validate import run as validate
 from components.features.config import FeaturesConfig
 from components.features.extract import ModalityMismatchError
 from components.features.extract import run as features
-from components.models.onnx_io import predict_frame, read_metadata
+from components.models.onnx_io import predict_frame, read_metadata, softmax
 from components.models.registry import get_entry
 from components.packaging.compress import run as compress
 from components.packaging.config import CompressConfig, ExportConfig
@@ -224,7 +224,6 @@ def test_the_service_and_the_pyfunc_answer_texts_as_the_pipeline_scores_them(bbc
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from components.models.onnx_io import softmax
     from components.serving.pyfunc import log_model
     from tests.test_serve import metric, service
 
@@ -277,3 +276,33 @@ def test_the_service_and_the_pyfunc_answer_texts_as_the_pipeline_scores_them(bbc
                                atol=1e-5)
     with pytest.raises(MlflowException, match="empty_text"):
         model.predict(pd.DataFrame({"text": ["  "]}))
+
+
+def test_a_dynamic_int8_model_is_scored_and_served_one_text_per_call(bbc: Dataset, pipeline: dict[str, Path]) -> None:
+    """Dynamic INT8 scales activations over the whole call, so a text's answer would depend on its batch: the model
+    says so, and the pipeline's scoring and the server both run it one text per call (the answers promote measured
+    are the ones served)."""
+    from components.models.onnx_io import model_tokenizer, open_session
+    from components.serving.config import ServeConfig
+    from components.serving.server import ModelServer
+
+    path = pipeline["compress"] / "model_int8.onnx"
+    metadata = read_metadata(path)
+    assert metadata["batch_independent"] == "false"
+    assert "batch_independent" not in read_metadata(pipeline["export"] / "model_fp32.onnx")
+    test = bbc.split("test")
+    texts = [bbc.image_path(p).read_text(encoding="utf-8") for p in test["path"]]
+    session, tokenizer = open_session(path), model_tokenizer(path, metadata)
+    alone = np.concatenate([session.run(None, encode(tokenizer, [text]))[0] for text in texts])
+    batched = np.concatenate([session.run(None, encode(tokenizer, texts[i : i + 16]))[0] for i in range(0, len(texts), 16)])
+    assert np.abs(batched - alone).max() > 1e-3  # the effect is real on these texts
+    np.testing.assert_array_equal(predict_frame(path, bbc, test, batch_size=16), alone)
+    server = ModelServer(ServeConfig(model_uri=str(path), max_batch=16))
+    server.start(raise_on_error=True)
+    try:
+        assert server.model is not None and server.model.batch_limit == 1
+        answers = server.predict(texts[:4])
+        np.testing.assert_allclose([[a.probabilities[label] for label in bbc.labels] for a in answers],
+                                   softmax(alone[:4].astype(np.float64)), atol=1e-9)
+    finally:
+        server.stop()

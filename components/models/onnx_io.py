@@ -31,7 +31,7 @@ from components.data.tokenization import (
     load_tokenizer,
     read_texts,
 )
-from components.models.task_metadata import ModelTask, tasks_from_metadata
+from components.models.task_metadata import ModelTask, inputs_per_call, tasks_from_metadata
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def predict_outputs(
     says (images or texts, `model_feeds`) `batch_size` at a time. Outputs after the tasks' (a prototype head's
     `embedding`) are not task scores."""
     names = [output.name for output in session.get_outputs()][:count]
+    batch_size = inputs_per_call(metadata, batch_size)
     if is_text_metadata(metadata):
         tokenizer = model_tokenizer(model_path, metadata)
         texts = read_texts(paths)
@@ -184,6 +185,7 @@ def predict_frame(model_path: Path, dataset: Dataset, frame: pd.DataFrame, batch
         return np.zeros((0, len(labels)), dtype=np.float32)
     session = open_session(model_path)
     paths = [dataset.image_path(p) for p in frame["path"]]
+    batch_size = inputs_per_call(metadata, batch_size)
     log.debug("scoring %d inputs with %s", len(paths), model_path)
     if is_text_metadata(metadata):
         tokenizer = model_tokenizer(model_path, metadata)

@@ -62,6 +62,7 @@ from components.models.onnx_io import (
     read_metadata,
     stamp_metadata,
 )
+from components.models.task_metadata import BATCH_INDEPENDENT_KEY
 from components.packaging.config import SHIPPED_FILE, CompressConfig
 
 if TYPE_CHECKING:
@@ -363,7 +364,8 @@ def dynamic_int8(cfg: CompressConfig, source: Path, dataset: Dataset,
                          reduce_range=cfg.reduce_range)
     recipe = (f"dynamic INT8: int8 weights{' (7-bit range)' if cfg.reduce_range else ''}, "
               f"{'per-channel' if cfg.per_channel else 'per-tensor'}, activations quantized per batch at run time")
-    stamp_metadata(partial, metadata | {"quantization": recipe, "fp32_nodes": ""})
+    # Its activations are scaled over the whole call: scored and served one text per call (task_metadata.py).
+    stamp_metadata(partial, metadata | {"quantization": recipe, "fp32_nodes": "", BATCH_INDEPENDENT_KEY: "false"})
     onnx.checker.check_model(str(partial), full_check=True)
     os.replace(partial, target)
     log.info("quantized -> %s (%s)", target.name, recipe)

@@ -33,7 +33,7 @@ from components.data.tokenization import (
     is_text_metadata,
     load_tokenizer,
 )
-from components.models.task_metadata import ModelTask, tasks_from_metadata
+from components.models.task_metadata import ModelTask, batch_independent, inputs_per_call, tasks_from_metadata
 from components.serving import registry_client
 from components.serving.config import check_model_uri, parse_registry_uri
 from components.serving.image_decoding import BadInputError
@@ -103,6 +103,11 @@ class LoadedModel:
     @property
     def modality(self) -> str:
         return "text" if isinstance(self.preprocessing, Tokenization) else "image"
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether an input's answer is the same in any batch (not so for a dynamically quantized model)."""
+        return batch_independent(self.metadata)
 
     @property
     def input_size(self) -> int:
@@ -212,6 +217,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def classify(model: LoadedModel, inputs: Sequence[Image.Image] | Sequence[str], batch_size: int = 32) -> list[Prediction]:
     """Predictions for decoded images or for texts without the batcher (the pyfunc model's path)."""
     out: list[Prediction] = []
+    batch_size = inputs_per_call(model.metadata, batch_size)
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start : start + batch_size]
         out += model.predictions(chunk if model.modality == "text" else [model.preprocess(image) for image in chunk])

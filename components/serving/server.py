@@ -188,7 +188,13 @@ class ModelServer:
 
     def _batch_for(self, model: LoadedModel) -> LoadedModel:
         """`model`, warmed up, with the batch size it is served at: `max_batch`, or (with `measure_batch`)
-        the size up to it that is fastest per image on this machine at this model's input size."""
+        the size up to it that is fastest per image on this machine at this model's input size; 1 for a model
+        whose answers depend on their batch (dynamic INT8), so an input's answer never depends on its company."""
+        if not model.batch_independent:
+            model.warm_up([1])
+            log.info("%s answers an input differently in other batches (%s): served one input per call",
+                     self.cfg.model_uri, model.metadata.get("quantization", "batch_independent: false"))
+            return replace(model, batch_limit=1)
         if not self.cfg.measure_batch:
             model.warm_up([1, self.cfg.max_batch])
             return replace(model, batch_limit=self.cfg.max_batch)
