@@ -236,8 +236,8 @@ def run(cfg: EvaluateConfig, model_path: Path, dataset: Dataset, out_dir: Path) 
         artifacts |= {f"{task.name}.{kind}": path for kind, path in task_files.items()}
         log.info("task %s: test accuracy %.4f, macro F1 %.4f, ECE %.4f", task.name, task_metrics["accuracy"],
                  task_metrics["macro_f1"], task_metrics["ece"])
-    log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d images with %s",
-             metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(test), model_path.name)
+    log.info("test accuracy %.4f, macro F1 %.4f, ECE %.4f on %d %s with %s", metrics["accuracy"], metrics["macro_f1"],
+             metrics["ece"], len(test), "texts" if metadata.get("modality") == "text" else "images", model_path.name)
 
     described = {k: metadata[k] for k in ("compression", "sparsity", "backbone", "checkpoint_sha256") if k in metadata}
     result = StageResult(
