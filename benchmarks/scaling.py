@@ -10,7 +10,8 @@ ddp       `full` fine-tuning in 1 and in 2 processes at the same global batch: s
           the final val accuracy and loss curves.
 partial   whether DDP would pay for `partial`: one training step of its trained tail (forward and backward
           on cached activations) on the whole batch with 2 threads, against half the batch with 1 thread plus
-          an all-reduce of the tail's gradients between two gloo processes.
+          an all-reduce of the tail's gradients between two gloo processes; and the whole batch on 1 thread, which
+          shows what the second thread gains (on a machine other work keeps busy, it can lose).
 
     python benchmarks/scaling.py features [--images N] [--candidates a,b,c] [--shard-batches B]
     python benchmarks/scaling.py ddp [--images N] [--image-size S] [--epochs E] [--batch-size B]
@@ -41,7 +42,7 @@ RESULTS = REPO / "benchmarks" / "results"
 def cpu() -> dict[str, object]:
     from components.core.cpu import describe_cpu
 
-    return {**describe_cpu(), "cores": len(os.sched_getaffinity(0)), "load_average_at_start": os.getloadavg()[0]}
+    return {**describe_cpu(), "cores": len(os.sched_getaffinity(0))}
 
 
 def params_file(root: Path, images: int | None, candidates: list[str], **blocks: dict[str, Any]) -> Path:
@@ -78,15 +79,16 @@ def features(args: argparse.Namespace) -> dict[str, Any]:
                      *(f"runner.{k}={v}" for k, v in runner.items())]
         return load_params(base, overrides)
 
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     execute(stage, fresh("local"))
-    runs["local"] = {"seconds": time.perf_counter() - started}
+    runs["local"] = {"seconds": time.perf_counter() - started, "load_average_at_start": load}
     print(f"one process: {runs['local']['seconds']:.1f} s", flush=True)
 
     @flow(name="scaling-benchmark")
     def on_workers(workers: int) -> dict[str, float]:
         p = fresh(f"dask{workers}", kind="dask", workers=workers, shard_batches=args.shard_batches)
-        times: dict[str, float] = {}
+        times: dict[str, float] = {"load_average_at_start": os.getloadavg()[0]}
         began = time.perf_counter()
         with workers_for(p) as pool:
             assert pool is not None
@@ -95,6 +97,8 @@ def features(args: argparse.Namespace) -> dict[str, Any]:
             mark = time.perf_counter()
             pool.run_pieces(stage, p)
             times["pieces"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+        times["cluster_stop"] = time.perf_counter() - mark  # the workers' shutdown, timed on its own too
         mark = time.perf_counter()
         execute(stage, p)  # the merge: every entry is cached by now
         times["merge"] = time.perf_counter() - mark
@@ -134,18 +138,21 @@ def piece_durations(flow_marker: str) -> dict[str, list[float]]:
 
 
 def amdahl(one_worker: dict[str, Any]) -> dict[str, Any]:
-    """T(N) = serial + parallel / N from one worker's run: the chunk pieces spread over N machines; the cluster
-    start, the trunk pieces (one per backbone: parallel only up to the number of backbones) and the merge do not."""
+    """T(N) = serial + parallel / N from one worker's run (one worker holds all the cores: a piece's time is one
+    machine's): the chunk pieces spread over N machines; the trunk pieces (one per backbone) only up to the number
+    of backbones. Serial: the cluster's start and stop, the merge, and the dispatch (the pieces' wall time beyond
+    their own run times: Prefect's task states, Dask's scheduling), counted serial although part of it overlaps."""
     chunks = sum(one_worker["piece_seconds"].get("chunks", []))
     trunks = one_worker["piece_seconds"].get("trunks", [])
-    serial = one_worker["cluster_start"] + one_worker["merge"]
+    dispatch = max(0.0, one_worker["pieces"] - sum(trunks) - chunks)
+    serial = one_worker["cluster_start"] + one_worker["cluster_stop"] + one_worker["merge"] + dispatch
     total_1 = serial + sum(trunks) + chunks
     rows = []
     for machines in (1, 2, 4, 8, 16, 32, 64):
         trunk_time = sum(trunks) / min(machines, max(len(trunks), 1)) if trunks else 0.0
         seconds = serial + trunk_time + chunks / machines
         rows.append({"machines": machines, "seconds": seconds, "speedup": total_1 / seconds})
-    return {"serial_seconds": serial, "trunk_seconds": sum(trunks), "chunk_seconds": chunks,
+    return {"serial_seconds": serial, "dispatch_seconds": dispatch, "trunk_seconds": sum(trunks), "chunk_seconds": chunks,
             "parallel_fraction": (sum(trunks) + chunks) / total_1, "rows": rows}
 
 
@@ -161,26 +168,35 @@ def ddp(args: argparse.Namespace) -> dict[str, Any]:
     params = load_params(base)
     for name in ("ingest", "validate", "features", "select"):
         execute(get_stage(name), params)
-    runs = {}
-    for processes in (1, 2):
+    import torch
+
+    runs: dict[Any, Any] = {}
+    # 1 process on all cores (as `tlops` trains), 2 processes of one thread each, then 1 process on one thread:
+    # the last says how much of a difference is the second thread's (on a busy machine it can cost, not gain).
+    for run, processes, threads in ((1, 1, torch.get_num_threads()), (2, 2, 1), ("1x1thread", 1, 1)):
         p = load_params(base, [f"finetune.full={json.dumps({**full, 'processes': processes})}",
-                               f"paths.finetune={work / f'finetune{processes}'}",
-                               f"paths.train_state={work / f'state{processes}'}"])
+                               f"paths.finetune={work / f'finetune{run}'}", f"paths.train_state={work / f'state{run}'}"])
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads if processes == 1 else before)  # the 2 processes set their own (1 each)
+        load = os.getloadavg()[0]
         began = time.perf_counter()
         execute(get_stage("finetune"), p)
         wall = time.perf_counter() - began
-        history = json.loads((work / f"finetune{processes}" / "history.json").read_text())
+        torch.set_num_threads(before)
+        history = json.loads((work / f"finetune{run}" / "history.json").read_text())
         epochs = [b["seconds"] - a["seconds"] for a, b in zip([{"seconds": 0.0}, *history], history)]
-        runs[processes] = {"wall_seconds": wall, "epoch_seconds": epochs, "median_epoch_seconds": statistics.median(epochs),
-                           "final_val_accuracy": history[-1]["val_accuracy"], "best_val_accuracy":
-                           max(h["val_accuracy"] for h in history), "history": history}
-        print(f"{processes} process(es): {statistics.median(epochs):.1f} s/epoch, final val accuracy "
-              f"{history[-1]['val_accuracy']:.4f}", flush=True)
+        runs[run] = {"processes": processes, "threads_per_process": threads, "load_average_at_start": load,
+                     "wall_seconds": wall, "epoch_seconds": epochs, "median_epoch_seconds": statistics.median(epochs),
+                     "final_val_accuracy": history[-1]["val_accuracy"], "best_val_accuracy":
+                     max(h["val_accuracy"] for h in history), "history": history}
+        print(f"{processes} process(es) x {threads} thread(s): {statistics.median(epochs):.1f} s/epoch, final val "
+              f"accuracy {history[-1]['val_accuracy']:.4f} (load {load:.1f})", flush=True)
     one, two = runs[1]["history"], runs[2]["history"]
     curve = {key: max(abs(a[key] - b[key]) for a, b in zip(one, two)) for key in ("train_loss", "val_loss", "val_accuracy")}
     plot_curves(one, two, RESULTS / "scaling-ddp.png")
     return {"images": args.images, "image_size": args.image_size, "global_batch": args.batch_size,
             "runs": runs, "epoch_speedup": runs[1]["median_epoch_seconds"] / runs[2]["median_epoch_seconds"],
+            "epoch_speedup_vs_one_thread": runs["1x1thread"]["median_epoch_seconds"] / runs[2]["median_epoch_seconds"],
             "max_curve_difference": curve, "cpu": cpu(), "command": " ".join(sys.argv)}
 
 
@@ -237,6 +253,8 @@ def partial(args: argparse.Namespace) -> dict[str, Any]:
     """A training step of partial's tail (Lite0, 5 blocks, 224 px): one process with 2 threads vs 2 gloo processes."""
     import torch
 
+    torch.set_num_threads(1)  # the same batch on one thread: what two threads gain (or lose, on a loaded machine)
+    one_thread = tail_step_seconds(args.batch_size)
     torch.set_num_threads(2)
     one = tail_step_seconds(args.batch_size)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -244,9 +262,10 @@ def partial(args: argparse.Namespace) -> dict[str, Any]:
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, check=True)
     two = float(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("STEP")))
     print(f"partial tail step, batch {args.batch_size}: 1 process x 2 threads {one * 1000:.0f} ms, "
-          f"2 processes x 1 thread (DDP) {two * 1000:.0f} ms -> {one / two:.2f}x", flush=True)
+          f"2 processes x 1 thread (DDP) {two * 1000:.0f} ms -> {one / two:.2f}x; "
+          f"1 process x 1 thread {one_thread * 1000:.0f} ms", flush=True)
     return {"batch": args.batch_size, "one_process_ms": one * 1000, "two_processes_ms": two * 1000,
-            "speedup": one / two, "cpu": cpu(), "command": " ".join(sys.argv)}
+            "one_process_one_thread_ms": one_thread * 1000, "speedup": one / two, "cpu": cpu(), "command": " ".join(sys.argv)}
 
 
 def main() -> None:
@@ -268,7 +287,9 @@ def main() -> None:
     # Prefect's state stays under benchmarks/results, and its server does not phone home (offline: an error).
     os.environ.setdefault("PREFECT_HOME", str(RESULTS / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    load = os.getloadavg()  # other work on the machine: the figures are only as quiet as it was
     result = {"features": features, "ddp": ddp, "partial": partial}[args.part](args)
+    result["load_average"] = {"start": load, "end": os.getloadavg()}
     out = RESULTS / f"scaling-{args.part}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"written {out}")
