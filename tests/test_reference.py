@@ -98,6 +98,9 @@ def test_the_message_names_the_model_both_accuracies_and_the_margin() -> None:
     assert not passed.fired and "efficientnet_lite2/partial" in passed.message and "0.900" in passed.message
     assert "0.744 + margin 0.05" in passed.message and "\n" not in fired.message + passed.message
     assert judge(float("nan"), reference, 0.02, "m").fired  # a model with no score has not shown it helps
+    texts = ReferenceResult(val_accuracy=0.982, val_macro_f1=0.98, val_log_loss=0.1, regularization=100.0, image_size=0,
+                            n_train=100, n_val=40, seconds=1.0, kind="tfidf 1-2 grams, 900 terms")
+    assert "not above the TF-IDF reference's 0.982" in judge(0.968, texts, 0.02, "all_minilm_l6_v2/linear").message
 
 
 @pytest.mark.parametrize(

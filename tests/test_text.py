@@ -119,7 +119,7 @@ def test_validation_names_each_bad_text(tmp_path: Path) -> None:
     assert set(named) == {"text_not_blank", "utf8", "length_in_range", "label_consistent", "min_per_class_split"}
     assert len(named["text_not_blank"]) == 2 and named["utf8"] == {"texts/a/latin1.txt"}
     assert len(named["length_in_range"]) == 1 and len(named["label_consistent"]) == 2
-    assert "label 'c'" in str(error.value)
+    assert "1 text(s) of label 'c' in split 'train'" in str(error.value)  # a text dataset counts texts
 
 
 def test_identical_texts_with_one_label_are_allowed_and_counted(tmp_path: Path) -> None:
@@ -205,6 +205,33 @@ def test_a_tokenizer_of_another_length_breaks_train_serve_parity(bbc: Dataset, p
     with pytest.raises(UserError, match="max_length"):
         export(ExportConfig(parity_images=4), 0.0, pipeline["finetune"] / "model.pt", bbc, tmp_path / "export",
                features_dir=tmp_path / "features")
+
+
+@pytest.mark.parametrize("strategy", ["partial", "full"])
+def test_a_deeper_strategy_starts_its_head_as_the_linear_probe(bbc: Dataset, pipeline: dict[str, Path], strategy: str,
+                                                               tmp_path: Path) -> None:
+    """LP-FT: with `head_init: probe` and a learning rate too small to move anything, partial (from cached hidden
+    states) and full (from tokens) score val exactly as the linear probe does; a random head does not, and the
+    trained model exports with parity on raw strings."""
+    probe = json.loads((pipeline["finetune"] / "result.json").read_text())["metrics"]["val_accuracy"]
+    block = {"epochs": 1, "lr": 1e-9, "batch_size": 16, **({"blocks": 1} if strategy == "partial" else {})}
+    accuracy = {}
+    for init in ("probe", "random"):
+        cfg = FinetuneConfig(strategy=strategy, **{strategy: {**block, "head_init": init}})
+        result = finetune(cfg, ENCODER, pipeline["features"], bbc, bbc.root / "manifest.csv", tmp_path / init / "finetune",
+                          pipeline["cache"], tmp_path / init / "state")
+        accuracy[init] = result.metrics["val_accuracy"]
+    assert accuracy["probe"] == pytest.approx(probe, abs=1e-6) and accuracy["random"] < probe - 0.2
+    export(ExportConfig(parity_images=4), 0.0, tmp_path / "probe" / "finetune" / "model.pt", bbc, tmp_path / "export",
+           features_dir=pipeline["features"])  # raises unless the served path matches the trained model
+
+
+def test_only_a_text_encoder_starts_its_head_as_the_probe() -> None:
+    from components.training.finetune import check_modality
+
+    with pytest.raises(UserError, match=r"^finetune.partial.head_init=probe: .* set it to random for an image encoder.$"):
+        check_modality(FinetuneConfig(strategy="partial", partial={"head_init": "probe"}), "image", True, {})
+    check_modality(FinetuneConfig(strategy="linear", partial={"head_init": "probe"}), "image", True, {})  # not trained
 
 
 def test_dynamic_int8_ships_within_the_accuracy_budget(pipeline: dict[str, Path]) -> None:

@@ -236,7 +236,7 @@ def check_images(context: AbstractDataContext, table: pd.DataFrame, cfg: Validat
     return Outcome(bool(result.success), rules)
 
 
-def check_counts(context: AbstractDataContext, counts: pd.DataFrame, cfg: ValidateConfig) -> Outcome:
+def check_counts(context: AbstractDataContext, counts: pd.DataFrame, cfg: ValidateConfig, items: str = "image") -> Outcome:
     minimum = gxe.ExpectColumnValuesToBeBetween(
         column="n_images", min_value=cfg.min_per_class_split, meta={"rule": "min_per_class_split"}
     )
@@ -246,13 +246,13 @@ def check_counts(context: AbstractDataContext, counts: pd.DataFrame, cfg: Valida
     failing = failing_ids(result)
     need = f"need at least {cfg.min_per_class_split}"
     too_few = [
-        Failure("min_per_class_split", f"{i['n_images']} image(s) of label {i['label']!r} in split {i['split']!r}; "
+        Failure("min_per_class_split", f"{i['n_images']} {items}(s) of label {i['label']!r} in split {i['split']!r}; "
                 f"{need}")
         for i in failing["min_per_class_split"]
     ]
     found = sorted(counts["label"].unique())
     one_class = [
-        Failure("two_labels", f"{len(found)} label(s) {found}; a classifier needs at least two: add images of "
+        Failure("two_labels", f"{len(found)} label(s) {found}; a classifier needs at least two: add {items}s of "
                 "another class, or check the source's labels")
     ] if failing["two_labels"] else []
     return Outcome(bool(result.success), {"min_per_class_split": too_few, "two_labels": one_class})
@@ -381,12 +381,13 @@ def run(cfg: ValidateConfig, manifest_csv: Path, dataset_root: Path, out_dir: Pa
     excluded = [f for f in images.failures if f.path in set(table.loc[drop, "path"])]
     labels = cfg.labels or tuple(sorted(label for label in kept["label"].dropna().unique() if label.strip()))
     counts = count_table(kept, labels, [s for s in SPLITS if s in set(manifest["split"])])
-    class_counts = check_counts(context, counts, cfg)
+    items = "text" if texts else "image"
+    class_counts = check_counts(context, counts, cfg, items)
     context.build_data_docs(site_names=[DOCS_SITE])
 
     success = images.success and class_counts.success
     broken = class_counts.failures if exclude else images.failures + class_counts.failures
-    headline = "passed" if success else "FAILED" if broken else f"passed after excluding {int(drop.sum())} image(s)"
+    headline = "passed" if success else "FAILED" if broken else f"passed after excluding {int(drop.sum())} {items}(s)"
     text = readable_report(headline, broken, excluded)
     balance = class_balance(counts)
     artifacts = write_reports(out_dir, cfg, len(manifest), [images, class_counts], balance, excluded, text)

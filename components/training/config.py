@@ -72,6 +72,9 @@ class TrainConfig(StageConfig):
     patience: int = Field(4, ge=1)  # epochs without a better val accuracy before early stopping
     dropout: float = Field(0.2, ge=0, lt=1)
     ema: float = Field(0.0, ge=0, lt=1)  # per-step decay of a moving average of the weights, which is kept; 0 = off
+    # The new head's starting weights: random, or the linear probe fitted on the cached pooled features (LP-FT,
+    # Kumar et al. 2022: fine-tuning then starts from a head that already separates the classes). Text encoders only.
+    head_init: Literal["random", "probe"] = "random"
 
     def loop(self, seed: int) -> LoopConfig:
         return LoopConfig(self.epochs, self.lr, self.layer_decay, self.weight_decay, min(self.warmup_epochs, self.epochs - 1),

@@ -120,10 +120,14 @@ def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> 
 
 def check_modality(cfg: FinetuneConfig, modality: str, single_task: bool, strategies: Mapping[str, Any]) -> None:
     """One line, before any work, for what the encoder's modality cannot train: text models train one classify
-    task, by linear, partial or full, without domain adaptation."""
+    task, by linear, partial or full, without domain adaptation; image models start their heads at random."""
     from components.core.errors import UserError
 
     if modality == "image":
+        for block in ("partial", "full"):
+            if getattr(cfg, block).head_init != "random" and cfg.strategy in (block, "auto"):
+                raise UserError(f"finetune.{block}.head_init={getattr(cfg, block).head_init}: starting the head from the "
+                                f"linear probe is built for text encoders; set it to random for an image encoder.")
         return
     if cfg.strategy != "auto" and cfg.strategy not in strategies:
         raise UserError(f"finetune.strategy={cfg.strategy} trains image encoders only; for a {modality} encoder use one "

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ from components.data.manifest import Dataset
 from components.data.preprocess import model_mode
 from components.data.tokenization import read_texts
 from components.training.config import ReferenceConfig
+
+if TYPE_CHECKING:
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +100,25 @@ def labelled_pixels(dataset: Dataset, split: str, image_size: int) -> tuple[np.n
     return pixel_matrix(paths, image_size), np.asarray(dataset.label_index(frame))
 
 
+def fit_classifier(x_train: np.ndarray, y_train: np.ndarray, c: float, max_iter: int) -> LogisticRegression:
+    """The reference's classifier: class-balanced logistic regression with L2 strength 1/c, fitted on train."""
+    model = LogisticRegression(C=c, class_weight="balanced", solver="lbfgs", max_iter=max_iter)
+    # One BLAS thread: the matrices are small, and on a busy 2-core machine a full BLAS pool made
+    # the full-ELPV fit 20x slower (10 s instead of 0.5 s at C=1) from threads waiting on each other.
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        # An unconverged fit at a weak penalty is still a candidate; val decides, not the solver.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x_train, y_train)
+    return model
+
+
 def choose_regularization(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                           grid: Sequence[float], max_iter: int, n_classes: int) -> tuple[float, float, float, np.ndarray]:
     """(val accuracy, -val log loss, C, val predictions) of the class-balanced logistic regression whose C wins on val."""
     classes = np.arange(n_classes)
     best: tuple[float, float, float, np.ndarray] | None = None  # (accuracy, -log loss, C, predictions)
     for c in grid:
-        model = LogisticRegression(C=c, class_weight="balanced", solver="lbfgs", max_iter=max_iter)
-        # One BLAS thread: the matrices are small, and on a busy 2-core machine a full BLAS pool made
-        # the full-ELPV fit 20x slower (10 s instead of 0.5 s at C=1) from threads waiting on each other.
-        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-            # An unconverged fit at a weak penalty is still a candidate; val decides, not the solver.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(x_train, y_train)
+        model = fit_classifier(x_train, y_train, c, max_iter)
         probabilities = np.zeros((x_val.shape[0], len(classes)))
         probabilities[:, model.classes_] = model.predict_proba(x_val)
         predictions = probabilities.argmax(axis=1)
@@ -159,19 +169,24 @@ def labelled_texts(dataset: Dataset, split: str) -> tuple[list[str], np.ndarray]
     return read_texts([dataset.image_path(p) for p in frame["path"]]), np.asarray(dataset.label_index(frame))
 
 
+def text_vectorizer(cfg: ReferenceConfig, n_train: int) -> TfidfVectorizer:
+    """The text reference's features: TF-IDF of 1..text_ngrams word n-grams (sublinear tf), fitted on train."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(ngram_range=(1, cfg.text_ngrams), min_df=min(cfg.text_min_df, n_train), sublinear_tf=True,
+                           dtype=np.float64)
+
+
 def fit_text_reference(cfg: ReferenceConfig, dataset: Dataset) -> ReferenceResult:
     """The text reference, which knows nothing of pretraining: TF-IDF of word n-grams (sublinear tf, fitted on
     train) and a class-balanced logistic regression with C chosen on val. On BBC News such models are published
     at 0.96-0.98 accuracy, so transfer must at least match it."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
     started = time.perf_counter()
     train_texts, y_train = labelled_texts(dataset, "train")
     val_texts, y_val = labelled_texts(dataset, "val")
     if len(np.unique(y_train)) < 2:
         raise ReferenceError(f"the train split holds one class only ({dataset.labels[y_train[0]]!r}); a classifier needs two.")
-    vectorizer = TfidfVectorizer(ngram_range=(1, cfg.text_ngrams), min_df=min(cfg.text_min_df, len(train_texts)),
-                                 sublinear_tf=True, dtype=np.float64)
+    vectorizer = text_vectorizer(cfg, len(train_texts))
     x_train, x_val = vectorizer.fit_transform(train_texts), vectorizer.transform(val_texts)
     classes = np.arange(len(dataset.labels))
     accuracy, negative_loss, c, predictions = choose_regularization(x_train, y_train, x_val, y_val,
@@ -201,7 +216,8 @@ def judge(transferred_val_accuracy: float, reference: ReferenceResult, margin: f
     """
     fired = not transferred_val_accuracy > reference.val_accuracy + margin  # NaN fires too
     figures = (f"{model} reaches val accuracy {transferred_val_accuracy:.3f}, "
-               f"{'not above' if fired else 'above'} the pixel reference's {reference.val_accuracy:.3f} + margin {margin:g}")
+               f"{'not above' if fired else 'above'} the {'pixel' if reference.kind == 'pixels' else 'TF-IDF'} reference's "
+               f"{reference.val_accuracy:.3f} + margin {margin:g}")
     if fired:
         message = f"negative transfer: {figures}; the pretrained features do not help here — {next_step}"
     else:

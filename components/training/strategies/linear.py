@@ -120,6 +120,17 @@ def tap_features(ctx: Context, split: str, taps: tuple[str, ...]) -> np.ndarray:
                           axis=1)
 
 
+def probe_head(ctx: Context) -> nn.Linear:
+    """The classify head a deeper strategy starts from (`head_init: probe`): the linear probe on the cached pooled
+    features of train, its C chosen on val, folded onto the raw features the trained layers' pooling produces."""
+    x = {s: tap_features(ctx, s, ("pooled",)) for s in ("train", "val")}
+    y = {s: np.asarray(ctx.dataset.label_index(ctx.dataset.split(s))) for s in ("train", "val")}
+    probe = fit_probe((x["train"], y["train"]), (x["val"], y["val"]), len(ctx.dataset.labels),
+                      ctx.cfg.linear.regularization, ctx.cfg.class_weights, ctx.cfg.seed)
+    log.info("the head starts as the linear probe (C=%g, val accuracy %.4f)", probe.best["C"], probe.best["val_accuracy"])
+    return probe.head.train()
+
+
 def train_adapted(ctx: Context) -> Trained:
     """The bottleneck head on cached source and target features, with `adapt.method`'s alignment loss."""
     began = time.perf_counter()

@@ -1,7 +1,10 @@
 """The text `full` strategy: the whole encoder and a new head, trained end to end on tokenized texts.
 
 No augmentation: a text is its tokens. Every epoch runs every layer forward and backward, so on
-2 CPU cores it is the strategy `auto` can least often afford (`finetune.budget_minutes`).
+2 CPU cores it is the strategy `auto` can least often afford (`finetune.budget_minutes`). With
+`full.head_init: probe` the head starts as the linear probe on the cached pooled features (LP-FT): at a
+learning rate a pretrained encoder can take (5e-5), a random head was still at train loss 1.25 of 1.61
+after 2 epochs on BBC News.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from components.models.text_encoders import build_encoder, embed, pool, run_laye
 from components.training.context import Context, Strategy
 from components.training.cost import Cost, forward_flops, training_seconds
 from components.training.loop import Trained, class_weight_vector, fit, scores
+from components.training.strategies.linear import probe_head
 from components.training.strategies.text_partial import _Pair, mean_tokens
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ def train(ctx: Context) -> Trained:
     labels = {s: torch.as_tensor(dataset.label_index(dataset.split(s))) for s in ("train", "val")}
     n_classes = len(dataset.labels)
     torch.manual_seed(common.seed)
-    head = nn.Linear(ctx.entry.feature_dim, n_classes)
+    head = probe_head(ctx) if cfg.head_init == "probe" else nn.Linear(ctx.entry.feature_dim, n_classes)
     encoder, model = network(ctx, head, cfg.dropout)
     for parameter in model.parameters():
         parameter.requires_grad_(True)

@@ -4,6 +4,9 @@ The text twin of `partial`: the embeddings and the layers below the cut run once
 Runtime and their hidden states are cached by content (`components/training/text_activations.py`),
 so every epoch, seed and later run trains the top `finetune.partial.blocks` layers on stored tensors.
 A text has one view (`partial.views` and `int8_views` are image settings): its tokens as they are.
+With `partial.head_init: probe` the head starts as the linear probe on the cached pooled features (LP-FT):
+a random head on MiniLM's unit-length mean vectors, at a learning rate the layers below can take, was still
+far from fitted after 4 epochs on BBC News (train loss 0.61 with val accuracy 0.965).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from components.models.text_encoders import FrozenLayers, TrainedLayers, build_e
 from components.training.context import Context, Strategy
 from components.training.cost import REFERENCE, Cost, forward_flops, training_seconds
 from components.training.loop import Trained, class_weight_vector, fit, scores
+from components.training.strategies.linear import probe_head
 from components.training.text_activations import cache_hidden_states, padded
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,7 @@ def train(ctx: Context) -> Trained:
     n_classes = len(dataset.labels)
     torch.manual_seed(common.seed)
     encoder = build_encoder(entry)
-    head = nn.Linear(entry.feature_dim, n_classes)
+    head = probe_head(ctx) if cfg.head_init == "probe" else nn.Linear(entry.feature_dim, n_classes)
     tail = TrainedLayers(encoder, entry, cfg.blocks, head, cfg.dropout)
     for parameter in tail.parameters():
         parameter.requires_grad_(True)
