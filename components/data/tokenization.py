@@ -107,6 +107,14 @@ def load_tokenizer(tokenizer_json: str, tokenization: Tokenization) -> Tokenizer
     return tokenizer
 
 
+def tokenizer_from_metadata(metadata: Mapping[str, str]) -> tuple[Tokenization, Tokenizer]:
+    """The tokenization a text model's metadata_props declare, and the tokenizer file they carry, set to it."""
+    tokenization = Tokenization.from_metadata(metadata)
+    if TOKENIZER_KEY not in metadata:
+        raise TokenizationError(f"metadata lacks `{TOKENIZER_KEY}`")
+    return tokenization, load_tokenizer(metadata[TOKENIZER_KEY], tokenization)
+
+
 def encode(tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
     """`input_ids` and `attention_mask`, int64 (batch, longest text in tokens)."""
     encodings = tokenizer.encode_batch(list(texts))

@@ -23,13 +23,11 @@ from components.core.errors import UserError
 from components.data.manifest import Dataset
 from components.data.preprocess import Preprocessing, PreprocessingError, load_batch
 from components.data.tokenization import (
-    TOKENIZER_KEY,
-    Tokenization,
     TokenizationError,
     encode,
     is_text_metadata,
-    load_tokenizer,
     read_texts,
+    tokenizer_from_metadata,
 )
 from components.models.task_metadata import ModelTask, inputs_per_call, tasks_from_metadata
 
@@ -69,9 +67,7 @@ def model_preprocessing(model_path: Path, metadata: Mapping[str, str]) -> Prepro
 def model_tokenizer(model_path: Path, metadata: Mapping[str, str]):  # noqa: ANN201 - a tokenizers.Tokenizer
     """The tokenizer a text model carries in its metadata_props, set as it was trained; the error names the file."""
     try:
-        if TOKENIZER_KEY not in metadata:
-            raise TokenizationError(f"metadata lacks `{TOKENIZER_KEY}`")
-        return load_tokenizer(metadata[TOKENIZER_KEY], Tokenization.from_metadata(metadata))
+        return tokenizer_from_metadata(metadata)[1]
     except TokenizationError as error:
         raise TokenizationError(f"{model_path}: {error}; it was not exported by tlops (or was stripped). "
                                 f"Re-export it with the export stage.") from None

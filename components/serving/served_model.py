@@ -31,7 +31,7 @@ from components.data.tokenization import (
     TokenizationError,
     encode,
     is_text_metadata,
-    load_tokenizer,
+    tokenizer_from_metadata,
 )
 from components.models.task_metadata import ModelTask, batch_independent, inputs_per_call, tasks_from_metadata
 from components.serving import registry_client
@@ -270,10 +270,8 @@ def load_onnx(path: Path, source: ModelSource, num_threads: int = 0) -> LoadedMo
         labels = tuple(json.loads(metadata["labels"]))
         tasks = tasks_from_metadata(metadata)
         if is_text_metadata(metadata):
-            preprocessing: Preprocessing | Tokenization = Tokenization.from_metadata(metadata)
-            if TOKENIZER_KEY not in metadata:
-                raise TokenizationError(f"metadata lacks `{TOKENIZER_KEY}`")
-            tokenizer = load_tokenizer(metadata[TOKENIZER_KEY], preprocessing)
+            preprocessing: Preprocessing | Tokenization
+            preprocessing, tokenizer = tokenizer_from_metadata(metadata)
         else:
             preprocessing = Preprocessing.from_metadata(metadata)
     except KeyError:

@@ -277,8 +277,7 @@ def train(ctx: Context) -> Trained:
         return train_adapted(ctx)
     began = time.perf_counter()
     tasks = ctx.tasks
-    features = {s: np.concatenate([split_features(ctx.dataset, ctx.features_dir, ctx.entry.name, tap, s)
-                                   for tap in ctx.cfg.linear.taps], axis=1) for s in ("train", "val")}
+    features = {s: tap_features(ctx, s, ctx.cfg.linear.taps) for s in ("train", "val")}
     targets = {s: tasks.targets(s) for s in ("train", "val")}
     probes: dict[str, ProbeResult] = {}
     for i, task in enumerate(tasks.tasks):  # a probe per task: on frozen features, the tasks share nothing to train
