@@ -14,12 +14,16 @@ Needs four-class outputs up to `features` (`tlops stage ingest|validate|features
     python -m benchmarks.multitask --params four_class.yaml --name classify --head classify [--cell-type] \
         --seeds 0 1 2 [--backbone efficientnet_lite1] [--set finetune.class_weights=none ...]
     python -m benchmarks.multitask --table NAME [NAME ...]   # one table from earlier runs' rows
+
+A name's seeds accumulate: a rerun of the same configuration keeps the seeds it already measured (and measures
+again only those it is given), so a stopped benchmark resumes and seeds can be added one run at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -134,14 +138,29 @@ def main() -> None:
     backbone = args.backbone or selected_backbone(params)
     config = {"head": args.head, "tasks": tasks, "backbone": backbone, "overrides": overrides,
               "strategy": params.finetune.strategy}
+    # A run of the same name and configuration keeps its measured seeds: a stopped benchmark resumes, and seeds
+    # can be added one at a time (`--seeds 1`, later `--seeds 2`); another configuration under the name is refused.
+    earlier = RESULTS / f"{args.name}.json"
     rows: list[dict[str, object]] = []
+    if earlier.exists():
+        document = json.loads(earlier.read_text())
+        if document["config"] != config:
+            raise SystemExit(f"benchmarks.multitask: {earlier} holds another configuration ({document['config']}); "
+                             "choose another --name or remove it")
+        rows = [row for row in document["rows"] if row["seed"] not in args.seeds]
+    first = min([*args.seeds, *(int(row["seed"]) for row in rows)])
+    table = summary(args.name, config, rows) if rows else None
     for seed in args.seeds:
-        rows.append(one(params, backbone, seed, RESULTS / args.name / str(seed), seed == min(args.seeds)))
+        rows.append(one(params, backbone, seed, RESULTS / args.name / str(seed), seed == first))
         print(json.dumps(rows[-1]), flush=True)
+        rows.sort(key=lambda row: int(row["seed"]))
         table = summary(args.name, config, rows)  # after every seed: a stopped benchmark keeps what it measured
-        (RESULTS / f"{args.name}.json").write_text(json.dumps({"cpu": cpu_description(), "config": config,
-                                                               "rows": rows, "summary": table}, indent=2))
-    print(markdown([table]))
+        partial = earlier.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"cpu": cpu_description(), "config": config, "rows": rows, "summary": table},
+                                      indent=2))
+        os.replace(partial, earlier)
+    if table is not None:
+        print(markdown([table]))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from torch import nn
 
 from components.core.errors import UserError
 from components.core.result import sha256_file
+from components.features import extract as features
+from components.features.config import FeaturesConfig
 from components.models.classifier import load_checkpoint
 from components.models.onnx_io import predict_frame, read_metadata
 from components.models.quantization import shape_arithmetic_nodes
@@ -24,7 +26,7 @@ from components.packaging.compress import ExportChangedError, choose, compressio
 from components.packaging.config import CompressConfig
 from components.packaging.pruning import prune_model
 from tests.tiny_features import make_features
-from tests.tiny_model import make_checkpoint, make_dataset
+from tests.tiny_model import IMAGE_SIZE, make_checkpoint, make_dataset
 from tlops.config import ConfigError, load_params
 
 
@@ -175,6 +177,30 @@ def test_shape_arithmetic_is_left_in_float(exported) -> None:
     pads = [node for node in int8.node if node.op_type == "Pad"]
     assert pads and all(node.input[1] not in dequantized for node in pads)
     assert any(node.input[0] in dequantized for node in pads)  # the feature maps themselves are quantized
+
+
+def test_a_head_on_joined_taps_stays_fp32_and_a_head_on_one_tap_is_quantized(exported, tmp_path: Path) -> None:
+    """`linear` joins standardised taps; one uint8 scale over them rounded Lite1's probe from 0.86 to 0.41 val."""
+    root, dataset = exported
+    checkpoint = make_checkpoint(tmp_path / "joined.pt", dataset, taps=("pooled", "stage5", "stage3"))
+    features.run(FeaturesConfig(image_size=IMAGE_SIZE, batch_size=16, taps=("pooled", "stage5", "stage3")),
+                 ("efficientnet_lite0",), dataset, root / "feature_cache", tmp_path / "features")
+    export.run(export.ExportConfig(), 0.0, checkpoint, dataset, tmp_path / "export", features_dir=tmp_path / "features")
+    run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1), tmp_path / "export", dataset,
+        tmp_path / "compress")
+
+    def quantized_inputs(path: Path, op_type: str) -> list[list[bool]]:  # per node: which inputs are dequantized
+        graph = onnx.load(str(path)).graph
+        dequantized = {o for node in graph.node if node.op_type == "DequantizeLinear" for o in node.output}
+        return [[name in dequantized for name in node.input[:3]] for node in graph.node if node.op_type == op_type
+                and (op_type != "Concat" or node.output[0] in {n.input[0] for n in graph.node if n.op_type == "Gemm"})]
+
+    joined = tmp_path / "compress" / "model_int8.onnx"
+    assert quantized_inputs(joined, "Gemm") == [[False, False, False]]  # the joined taps, the head's weights: FP32
+    # No scale spans the joined taps: the pooled tap keeps its own (as a one-tap head's input), the stage means none.
+    assert quantized_inputs(joined, "Concat") == [[True, False, False]]
+    assert all(inputs[:2] == [True, True] for inputs in quantized_inputs(joined, "Conv"))  # the trunk is INT8
+    assert quantized_inputs(root / "lenient" / "model_int8.onnx", "Gemm")[0][:2] == [True, True]  # one tap: quantized
 
 
 def near_boundary_checkpoint(root: Path, dataset, source: Path) -> Path:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from components.core.errors import UserError
 from components.evaluation.config import FewshotConfig
 from components.evaluation.fewshot import draw_support, run
+from components.features.cache import split_features
 from tests.tiny_features import make_features
 from tests.tiny_model import make_dataset
 
@@ -31,7 +33,23 @@ def test_the_same_seed_gives_the_same_episodes_and_numbers_another_seed_other_on
     assert first.metrics == again.metrics
     report = json.loads((tmp_path / "a" / "fewshot.json").read_text())
     assert set(report) == {"1", "2"} and set(report["1"]) == {"prototypes", "linear"}
-    assert all(0 <= report[k][m]["mean"] <= 1 and report[k][m]["ci95"] >= 0 for k in report for m in report[k])
+    # The 1-shot figures, replayed here: the seeded support draws, cosine to each class's mean, a probe per episode.
+    x = {s: split_features(dataset, features, "efficientnet_lite0", "pooled", s) for s in ("train", "test")}
+    y = {s: np.asarray(dataset.label_index(dataset.split(s))) for s in ("train", "test")}
+    centre = x["train"].mean(0)
+    rng, found = np.random.default_rng([3, 1]), {"prototypes": [], "linear": []}
+    for _ in range(6):
+        rows = draw_support(y["train"], 2, 1, rng)
+        means = np.stack([(x["train"][rows][y["train"][rows] == c] - centre).mean(0) for c in (0, 1)])
+        test = x["test"] - centre
+        cosine = (test @ means.T) / np.linalg.norm(test, axis=1, keepdims=True) / np.linalg.norm(means, axis=1)
+        found["prototypes"].append((cosine.argmax(1) == y["test"]).mean())
+        unit = (x["train"][rows] - centre) / np.linalg.norm(x["train"][rows] - centre, axis=1, keepdims=True)
+        probe = LogisticRegression(C=1.0, max_iter=1000).fit(unit, y["train"][rows])
+        found["linear"].append((probe.predict(test / np.linalg.norm(test, axis=1, keepdims=True)) == y["test"]).mean())
+    for method, accuracies in found.items():
+        assert report["1"][method]["mean"] == pytest.approx(np.mean(accuracies))
+        assert report["1"][method]["ci95"] == pytest.approx(1.96 * np.std(accuracies, ddof=1) / np.sqrt(6))
     assert first.metrics["fewshot.1.prototypes.mean"] == report["1"]["prototypes"]["mean"]  # the run logs what it writes
     assert (tmp_path / "a" / "fewshot.png").read_bytes()[:4] == b"\x89PNG"
     # Different seeds draw different support sets.

@@ -17,6 +17,7 @@ from torch import nn
 from components.core.lineage import data_version
 from components.core.result import sha256_file
 from components.data.manifest import Dataset, read_manifest, write_manifest
+from components.models.backbones import build_trunk
 from components.models.classifier import save_checkpoint
 from components.models.registry import get_entry
 
@@ -51,15 +52,18 @@ def make_dataset(root: Path) -> Dataset:
     return read_manifest(write_manifest(pd.DataFrame(rows), root / "manifest.csv"))
 
 
-def make_checkpoint(path: Path, dataset: Dataset) -> Path:
+def make_checkpoint(path: Path, dataset: Dataset, taps: tuple[str, ...] = ("pooled",)) -> Path:
+    """A random linear head on Lite0's `taps` (joined, as `linear` joins them)."""
     entry = get_entry("efficientnet_lite0")
+    with torch.no_grad():
+        width = sum(t.shape[1] for t in build_trunk(entry, taps)(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)))
     torch.manual_seed(0)
     return save_checkpoint(
         path,
-        nn.Linear(entry.feature_dim, len(dataset.labels)),
+        nn.Linear(width, len(dataset.labels)),
         None,
         backbone=entry.describe(),
-        taps=["pooled"],
+        taps=list(taps),
         labels=list(dataset.labels),
         preprocessing=entry.preprocessing(IMAGE_SIZE).model_dump(mode="json"),  # checkpoints hold plain JSON
         config={"strategy": "linear", "epochs": 0},
