@@ -155,6 +155,17 @@ def test_every_strategy_trains_a_head_per_task(cells: FourClassCells, tmp_path: 
     assert {f"val_accuracy.{t}" for t in ("label", "cell_type", "defect_probability")} <= set(trained.metrics)
 
 
+@pytest.mark.parametrize("strategy", ["partial", "full"])
+def test_a_regress_head_is_kept_by_its_val_accuracy_at_thresholds_chosen_on_val(cells: FourClassCells, tmp_path: Path,
+                                                                               strategy: str) -> None:
+    # Early stopping reads each epoch's accuracy at the thresholds the kept model will have, not at the targets'
+    # midpoints; so the kept epoch's figure is the final model's calibrated val accuracy (fp32: the same values).
+    trained = cells.train(tmp_path, strategy=strategy, head="regress", precision="fp32",
+                          partial={**FAST["partial"], "epochs": 3}, full={**FAST["full"], "epochs": 2})
+    calibration = json.loads(trained.artifacts["report"].read_text())["info"]["calibration"]["label"]
+    assert trained.metrics["val_accuracy"] == pytest.approx(calibration["val_accuracy"], abs=1e-6)
+
+
 def test_one_classify_task_is_todays_model(cells: FourClassCells, tmp_path: Path) -> None:
     trained = cells.train(tmp_path, strategy="linear")
     checkpoint = load_checkpoint(trained.artifacts["checkpoint"])

@@ -59,7 +59,7 @@ def train(ctx: Context) -> Trained:
         return concat([to_cpu(net(x.to(placement.device))) for x, _ in val_loader])
 
     def evaluate(net: nn.Module) -> dict[str, float]:
-        return tasks.scores(val_outputs(net), val.labels)
+        return tasks.val_scores(net, val_outputs, val.labels)
 
     loss = tasks.loss(train.labels, head, placement.device)
     steps = len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1

@@ -110,7 +110,7 @@ def train(ctx: Context) -> Trained:
 
     def evaluate(network: nn.Module) -> dict[str, float]:
         tail_only = network.model if adapt is not None else network
-        result = tasks.scores(val_outputs(tail_only), labels["val"])
+        result = tasks.val_scores(tail_only, val_outputs, labels["val"])
         if adapt is not None:  # label-free: how far apart held-out source and target features still are
             result["val_coral_distance"] = adaptation.coral_loss(
                 pooled(tail_only, val_x), pooled(tail_only, torch.from_numpy(activations[UNLABELLED_VAL]))).item()
