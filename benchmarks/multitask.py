@@ -106,7 +106,7 @@ def markdown(table: list[dict[str, object]]) -> str:
         return "—" if value is None else f"{value:.3f}"
 
     header = ("| head | tasks | four-class test acc | macro-F1 | binary acc (same model) | cell-type acc | seeds | "
-              "train s | shipped (seed 0) | shipped four-class / binary |")
+              "train s | shipped (first seed) | shipped four-class / binary |")
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['head']} | {', '.join(r['tasks'])} | {pm(r['accuracy'])} | {pm(r['macro_f1'])} | "

@@ -183,7 +183,8 @@ class ModelServer:
             self.metrics.model.info({"uri": self.cfg.model_uri, "version": version, "sha256": model.sha256})
             log.info("serving %s version %s (%s), loaded in %.2f s; batches of at most %d (ms per image by batch "
                      "size: %s)", self.cfg.model_uri, version, model.sha256[:12], time.perf_counter() - started,
-                     model.batch_limit, model.describe()["ms_per_image_by_batch"] or "not measured")
+                     model.batch_limit, {size: round(1000 * seconds, 3) for size, seconds in model.seconds_per_image.items()}
+                     or "not measured")
             return ReloadResult(changed=True, previous_version=previous, version=version)
 
     def _batch_for(self, model: LoadedModel) -> LoadedModel:
