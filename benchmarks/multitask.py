@@ -149,8 +149,7 @@ def main() -> None:
                              "choose another --name or remove it")
         rows = [row for row in document["rows"] if row["seed"] not in args.seeds]
     first = min([*args.seeds, *(int(row["seed"]) for row in rows)])
-    table = summary(args.name, config, rows) if rows else None
-    for seed in args.seeds:
+    for seed in args.seeds:  # at least one: --seeds takes one or more
         rows.append(one(params, backbone, seed, RESULTS / args.name / str(seed), seed == first))
         print(json.dumps(rows[-1]), flush=True)
         rows.sort(key=lambda row: int(row["seed"]))
@@ -159,8 +158,7 @@ def main() -> None:
         partial.write_text(json.dumps({"cpu": cpu_description(), "config": config, "rows": rows, "summary": table},
                                       indent=2))
         os.replace(partial, earlier)
-    if table is not None:
-        print(markdown([table]))
+    print(markdown([table]))
 
 
 if __name__ == "__main__":
