@@ -176,9 +176,12 @@ class RegressHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         value = self.linear(features)
-        if self.training:
-            return value
-        return self.scale * torch.minimum(value - self.lower, self.upper - value)
+        return value if self.training else self.classes(value)
+
+    def classes(self, value: torch.Tensor) -> torch.Tensor:
+        """The class scores of values (N, 1) this head returned in training mode, with its current bounds."""
+        lower, upper, scale = (buffer.to(value.device) for buffer in (self.lower, self.upper, self.scale))
+        return scale * torch.minimum(value - lower, upper - value)
 
     def spec(self) -> Spec:
         return {"kind": "regress", "in_features": self.linear.in_features, "targets": self.targets,
