@@ -57,7 +57,7 @@ def test_prune_model_reaches_the_requested_sparsity_on_a_copy(sparsity: float) -
     pruned = prune_model(model, sparsity)
     zeros, total = weight_zeros(pruned)
     assert zeros == round(sparsity * total)
-    assert not any(name.endswith("_orig") or name.endswith("_mask") for name, _ in pruned.named_parameters())
+    assert not any(name.endswith(("_orig", "_mask")) for name, _ in pruned.named_parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the input is untouched
     assert weight_zeros(model)[0] == 0
 
@@ -74,6 +74,11 @@ def test_choose_ships_the_most_compressed_candidate_within_budget() -> None:
     assert "int8 0.8500" in reason
     assert choose({"fp32": 0.90, "int8": 0.89}, max_drop=0.01)[0] == "int8"  # exactly at the floor
     assert choose({"fp32": 0.90}, max_drop=0.01)[0] == "fp32"
+    # Within the accuracy budget, but changing too many answers: over budget, and the reason says why.
+    agreeing = {"fp32": 1.0, "int8": 0.92}
+    shipped, reason, within = choose({"fp32": 0.90, "int8": 0.91}, 0.01, agreement=agreeing, min_agreement=0.95)
+    assert shipped == "fp32" and not within["int8"] and reason.endswith("over budget: int8 92.0% agreement")
+    assert choose({"fp32": 0.90, "int8": 0.91}, 0.01, agreement=agreeing, min_agreement=0.92)[0] == "int8"
 
 
 def test_choose_prefers_fewer_fp32_nodes_and_says_when_nothing_fits() -> None:
@@ -126,9 +131,9 @@ def test_an_export_whose_files_changed_is_refused(exported, tmp_path: Path) -> N
 
 def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> None:
     root, dataset = exported
-    # A budget of 1.0 admits any accuracy, so the decision cannot depend on a random head; nor on timing (the
-    # default objective, size, decides by accuracy and size alone).
-    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1),
+    # A budget of 1.0 and no agreement floor admit any answers, so the decision cannot depend on a random head; nor
+    # on timing (the default objective, size, decides by accuracy and size alone).
+    result = run(CompressConfig(max_accuracy_drop=1.0, min_agreement=0.0, calibration_images=4, latency_runs=1),
                  root / "export", dataset, root / "lenient")
     report = json.loads((root / "lenient" / "compress.json").read_text())
     assert set(report["candidates"]) == {"fp32", "int8"}
@@ -156,7 +161,8 @@ def test_compress_quantizes_to_a_smaller_int8_model_and_ships_it(exported) -> No
 def test_compress_ships_fp32_when_no_candidate_is_fast_enough(exported) -> None:
     root, dataset = exported
     # No INT8 model runs in a millionth of FP32's time: with objective=latency, the speed rule alone decides.
-    result = run(CompressConfig(max_accuracy_drop=1.0, calibration_images=4, latency_runs=1, objective="latency",
+    result = run(CompressConfig(max_accuracy_drop=1.0, min_agreement=0.0, calibration_images=4, latency_runs=1,
+                                objective="latency",
                                 max_latency_ratio=1e-6), root / "export", dataset, root / "too_slow")
     report = json.loads((root / "too_slow" / "compress.json").read_text())
     assert report["candidates"]["int8"]["within_budget"] is True
@@ -275,6 +281,28 @@ def test_a_tight_budget_keeps_the_most_sensitive_nodes_in_fp32(exported) -> None
     assert report["shipped"] == result.info["shipped"] == mixed
     assert read_metadata(result.artifacts["model"])["compression"] == mixed
     assert "more compressed but over budget: int8 " in report["reason"]
+
+
+def test_a_candidate_that_changes_too_many_answers_is_over_budget_whatever_its_accuracy(exported) -> None:
+    root, dataset = exported
+    checkpoint = near_boundary_checkpoint(root, dataset, root / "model.pt")
+    export.run(export.ExportConfig(), 0.0, checkpoint, dataset, root / "export_flips", features_dir=root / "features")
+    # Accuracy admits anything and no mixed-precision search runs: agreement with FP32 alone decides.
+    cfg = CompressConfig(max_accuracy_drop=1.0, calibration_images=4, max_fp32_nodes=0, latency_runs=1)
+    strict = run(cfg.model_copy(update={"min_agreement": 1.0}), root / "export_flips", dataset, root / "flips_strict")
+    frame = dataset.split("val")
+    fp32, int8 = (predict_frame(path, dataset, frame).argmax(axis=1) for path in
+                  (root / "export_flips" / "model_fp32.onnx", root / "flips_strict" / "model_int8.onnx"))
+    agreement = float(np.mean(fp32 == int8))
+    assert agreement < 1.0  # the moved bias puts a val image where INT8 noise flips it
+    report = json.loads((root / "flips_strict" / "compress.json").read_text())
+    assert report["candidates"]["int8"]["val_agreement_fp32"] == pytest.approx(agreement)
+    assert report["candidates"]["fp32"]["val_agreement_fp32"] == 1.0 and report["min_agreement"] == 1.0
+    assert strict.info["shipped"] == "fp32" and not report["candidates"]["int8"]["within_budget"]
+    assert report["reason"].endswith(f"over budget: int8 {agreement:.1%} agreement")
+    assert strict.metrics["val_agreement_fp32_int8"] == pytest.approx(agreement)
+    lenient = run(cfg.model_copy(update={"min_agreement": agreement}), root / "export_flips", dataset, root / "flips_ok")
+    assert lenient.info["shipped"] == "int8"
 
 
 def test_compress_ships_the_same_model_twice_from_the_same_inputs(exported) -> None:

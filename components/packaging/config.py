@@ -60,6 +60,9 @@ class CompressConfig(StageConfig):
     recovery_patience: int = Field(2, ge=1)  # structured: epochs without a better val accuracy before stopping
     quantize: bool = True  # post-training static INT8 (onnxruntime.quantization)
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)  # absolute val accuracy the shipped model may lose vs FP32
+    # Each task's val answers must match FP32's on at least this share: accuracy alone misses flips that cancel out
+    # (ELPV four-class INT8 changed 8% of answers, gained on val and lost 2.2 points on test; binary changes 2%).
+    min_agreement: float = Field(0.95, ge=0.0, le=1.0)
     calibration_images: int = Field(256, ge=1)  # training images (stratified by label) used to calibrate activations
     calibration_method: Literal["minmax", "percentile", "entropy"] = "minmax"
     per_channel: bool = True  # per-output-channel weight scales (depthwise convs need them)
