@@ -237,28 +237,31 @@ def secondary(accuracies: dict[str, float]) -> dict[str, float]:
     return dict(list(accuracies.items())[1:])
 
 
-def latencies_ms(models: dict[str, Path], inputs: dict[str, np.ndarray], threads: int, runs: int) -> dict[str, dict[int, float]]:
+def latencies_ms(models: dict[str, Path], inputs: dict[str, np.ndarray], threads: int, runs: int,
+                 baseline: str = "fp32") -> dict[str, dict[int, float]]:
     """Median wall time (ms) of one session.run of each model at each batch size in LATENCY_BATCHES.
 
-    Like for like: the same inputs and threads, each session warmed up, and the models alternating
-    round by round, so a burst of load on a shared machine falls on all of them rather than on one.
+    Like for like: each model is timed against `baseline` with the same inputs and threads, both sessions warmed
+    up and alternating round by round, so a burst of load on a shared machine falls on both rather than on one.
+    Only that pair is open at a time: a session holds its largest run's memory (2.1 GB for a four-view Lite0 at
+    batch 32), and seven candidates' sessions open together were killed for memory on a 24 GB machine. The
+    baseline's figure is the median of its samples over every pair.
     """
-    sessions = {name: open_session(path, threads) for name, path in models.items()}
-    timings: dict[str, dict[int, float]] = {name: {} for name in models}
-    for batch_size in LATENCY_BATCHES:
-        batch = {key: np.ascontiguousarray(np.resize(value, (batch_size, *value.shape[1:]))) for key, value in inputs.items()}
-        feeds = {name: batch for name in sessions}
-        for name, session in sessions.items():
-            session.run(None, feeds[name])
-        samples: dict[str, list[float]] = {name: [] for name in models}
-        for _ in range(runs):
-            for name, session in sessions.items():
-                start = time.perf_counter()
-                session.run(None, feeds[name])
-                samples[name].append((time.perf_counter() - start) * 1e3)
-        for name in models:
-            timings[name][batch_size] = statistics.median(samples[name])
-    return timings
+    samples: dict[str, dict[int, list[float]]] = {name: {batch: [] for batch in LATENCY_BATCHES} for name in models}
+    others = [name for name in models if name != baseline] or [baseline]
+    for other in others:
+        pair = {name: open_session(models[name], threads) for name in dict.fromkeys([baseline, other])}
+        for batch_size in LATENCY_BATCHES:
+            batch = {key: np.ascontiguousarray(np.resize(value, (batch_size, *value.shape[1:]))) for key, value in inputs.items()}
+            for session in pair.values():
+                session.run(None, batch)
+            for _ in range(runs):
+                for name, session in pair.items():
+                    start = time.perf_counter()
+                    session.run(None, batch)
+                    samples[name][batch_size].append((time.perf_counter() - start) * 1e3)
+        del pair
+    return {name: {batch: statistics.median(values) for batch, values in by_batch.items()} for name, by_batch in samples.items()}
 
 
 def zipped_mb(path: Path) -> float:
