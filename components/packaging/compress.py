@@ -8,7 +8,7 @@ most (lowest SQNR, measured with onnxruntime.quantization.qdq_loss_debug) in FP3
 number at a time, up to `max_fp32_nodes`; each step is a candidate. The search is skipped when full
 INT8 loses more than `max_search_drop`, where no number of FP32 nodes has ever recovered it. Every
 candidate is scored on the val split and timed at batch 1 and 32 in ONNX Runtime in the same run,
-with the same threads, the candidates alternating round by round.
+with the same threads, each alternating round by round with FP32.
 
 A model of several tasks (one output each) counts every task in the budget: a candidate is within it
 only if each task keeps its val accuracy within `max_accuracy_drop` of FP32's.
