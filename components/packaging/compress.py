@@ -260,7 +260,7 @@ def latencies_ms(models: dict[str, Path], inputs: dict[str, np.ndarray], threads
                     start = time.perf_counter()
                     session.run(None, batch)
                     samples[name][batch_size].append((time.perf_counter() - start) * 1e3)
-        del pair
+        del pair  # released before the next pair opens: rebinding would hold both pairs while the new one loads
     return {name: {batch: statistics.median(values) for batch, values in by_batch.items()} for name, by_batch in samples.items()}
 
 
