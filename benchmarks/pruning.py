@@ -26,7 +26,8 @@ from components.features import extract as features
 from components.features.config import FeaturesConfig
 from components.models.classifier import build_model, load_checkpoint
 from components.models.onnx_export import export_onnx
-from components.packaging.compress import onnx_accuracy, zipped_mb
+from components.packaging.budget import onnx_accuracy
+from components.packaging.compress import zipped_mb
 from components.packaging.config import ChannelPruning
 from components.packaging.export import check_parity, model_metadata, parity_images
 from components.packaging.pruning import macs_and_params, prune_and_recover, prune_model

@@ -144,7 +144,7 @@ def test_target_labels_are_never_used_scrambling_them_gives_the_same_model(tmp_p
     from tlops.config import load_params
     from tlops.stages import execute, get_stage
 
-    overrides = [f"finetune.adapt.target_domain=poly", f"finetune.adapt.method={method}", "finetune.adapt.epochs=4",
+    overrides = ["finetune.adapt.target_domain=poly", f"finetune.adapt.method={method}", "finetune.adapt.epochs=4",
                  "finetune.adapt.bottleneck=32"]
     params = load_params(small_params(tmp_path, ingest={"limit": 120}), overrides)
     for name in ("ingest", "validate", "features"):

@@ -22,8 +22,10 @@ from components.models.classifier import load_checkpoint
 from components.models.onnx_io import predict_frame, read_metadata
 from components.models.quantization import shape_arithmetic_nodes
 from components.packaging import export
-from components.packaging.compress import ExportChangedError, choose, compression_order, exclusion_steps, run
+from components.packaging.budget import Budget
+from components.packaging.compress import ExportChangedError, choose, compression_order, run
 from components.packaging.config import CompressConfig
+from components.packaging.int8_search import exclusion_steps
 from components.packaging.pruning import prune_model
 from tests.tiny_features import make_features
 from tests.tiny_model import IMAGE_SIZE, make_checkpoint, make_dataset
@@ -68,25 +70,34 @@ def test_prune_model_rejects_sparsity_outside_unit_interval(sparsity: float) -> 
         prune_model(small_net(), sparsity)
 
 
+
+def choose_by_accuracy(accuracy: dict[str, float], max_drop: float, latency_ratio: dict[str, float] | None = None,
+                       max_latency_ratio: float | None = None, agreement: dict[str, float] | None = None,
+                       min_agreement: float = 0.0) -> tuple[str, str, dict[str, bool]]:
+    """`choose` for a model of one task, `label`."""
+    per_task = {name: {"label": value} for name, value in accuracy.items()}
+    return choose(per_task, Budget(per_task["fp32"], max_drop, min_agreement), agreement, latency_ratio, max_latency_ratio)
+
+
 def test_choose_ships_the_most_compressed_candidate_within_budget() -> None:
-    shipped, reason, within = choose({"fp32": 0.90, "pruned": 0.895, "int8": 0.85}, max_drop=0.01)
+    shipped, reason, within = choose_by_accuracy({"fp32": 0.90, "pruned": 0.895, "int8": 0.85}, max_drop=0.01)
     assert shipped == "pruned" and within == {"fp32": True, "pruned": True, "int8": False}
     assert "int8 0.8500" in reason
-    assert choose({"fp32": 0.90, "int8": 0.89}, max_drop=0.01)[0] == "int8"  # exactly at the floor
-    assert choose({"fp32": 0.90}, max_drop=0.01)[0] == "fp32"
+    assert choose_by_accuracy({"fp32": 0.90, "int8": 0.89}, max_drop=0.01)[0] == "int8"  # exactly at the floor
+    assert choose_by_accuracy({"fp32": 0.90}, max_drop=0.01)[0] == "fp32"
     # Within the accuracy budget, but changing too many answers: over budget, and the reason says why.
     agreeing = {"fp32": 1.0, "int8": 0.92}
-    shipped, reason, within = choose({"fp32": 0.90, "int8": 0.91}, 0.01, agreement=agreeing, min_agreement=0.95)
+    shipped, reason, within = choose_by_accuracy({"fp32": 0.90, "int8": 0.91}, 0.01, agreement=agreeing, min_agreement=0.95)
     assert shipped == "fp32" and not within["int8"] and reason.endswith("over budget: int8 92.0% agreement")
-    assert choose({"fp32": 0.90, "int8": 0.91}, 0.01, agreement=agreeing, min_agreement=0.92)[0] == "int8"
+    assert choose_by_accuracy({"fp32": 0.90, "int8": 0.91}, 0.01, agreement=agreeing, min_agreement=0.92)[0] == "int8"
 
 
 def test_choose_prefers_fewer_fp32_nodes_and_says_when_nothing_fits() -> None:
     assert compression_order(["fp32", "int8_fp32x4", "pruned", "int8_fp32x1", "int8"]) == [
         "int8", "int8_fp32x1", "int8_fp32x4", "pruned", "fp32"]
-    shipped, reason, _ = choose({"fp32": 0.90, "int8": 0.80, "int8_fp32x1": 0.88, "int8_fp32x2": 0.895}, 0.01)
+    shipped, reason, _ = choose_by_accuracy({"fp32": 0.90, "int8": 0.80, "int8_fp32x1": 0.88, "int8_fp32x2": 0.895}, 0.01)
     assert shipped == "int8_fp32x2" and "int8 0.8000, int8_fp32x1 0.8800" in reason
-    shipped, reason, within = choose({"fp32": 0.90, "int8": 0.80}, 0.0)
+    shipped, reason, within = choose_by_accuracy({"fp32": 0.90, "int8": 0.80}, 0.0)
     assert shipped == "fp32" and within == {"fp32": True, "int8": False}
     assert reason.startswith("fp32 is the most compressed candidate with val accuracy >= 0.9000")
     assert reason.endswith("more compressed but over budget: int8 0.8000")
@@ -96,14 +107,14 @@ def test_choose_prefers_fewer_fp32_nodes_and_says_when_nothing_fits() -> None:
 def test_choose_passes_over_a_candidate_slower_than_fp32() -> None:
     accuracy = {"fp32": 0.90, "int8": 0.80, "int8_fp32x32": 0.895}
     # Within the accuracy budget, but 1.14x FP32's latency at its worst batch size: FP32 ships.
-    shipped, reason, within = choose(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.14}, 1.05)
+    shipped, reason, within = choose_by_accuracy(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.14}, 1.05)
     assert shipped == "fp32" and within["int8_fp32x32"]
     assert reason.endswith("over budget: int8 0.8000, int8_fp32x32 1.14x fp32's latency")
     assert "latency <= 1.05x fp32's (compress.max_latency_ratio)" in reason
     # Just as fast is fast enough, and null judges by size alone.
-    assert choose(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.05}, 1.05)[0] == "int8_fp32x32"
-    assert choose(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.14}, None)[0] == "int8_fp32x32"
-    both = choose({"fp32": 0.90, "int8": 0.80}, 0.01, {"fp32": 1.0, "int8": 1.3}, 1.05)[1]
+    assert choose_by_accuracy(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.05}, 1.05)[0] == "int8_fp32x32"
+    assert choose_by_accuracy(accuracy, 0.01, {"fp32": 1.0, "int8": 0.6, "int8_fp32x32": 1.14}, None)[0] == "int8_fp32x32"
+    both = choose_by_accuracy({"fp32": 0.90, "int8": 0.80}, 0.01, {"fp32": 1.0, "int8": 1.3}, 1.05)[1]
     assert both.endswith("over budget: int8 0.8000 and 1.30x fp32's latency")
 
 

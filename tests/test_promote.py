@@ -36,7 +36,8 @@ from components.models.onnx_io import predict_frame
 from components.models.registry import get_entry
 from components.packaging import export
 from components.registry.config import PromoteConfig
-from components.registry.promote import MIN_DISCORDANT_FOR_BOOTSTRAP, paired_test, run
+from components.registry.promote import run
+from components.registry.significance import MIN_DISCORDANT_FOR_BOOTSTRAP, paired_test
 from components.training import finetune
 from components.training.config import FinetuneConfig
 from tests.conftest import small_params, venv_env, write_imagefolder

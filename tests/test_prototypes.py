@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from components.data.preprocess import load_batch
 from components.features.cache import split_features
 from components.models.onnx_io import model_labels, open_session, read_metadata
-from components.packaging import compress, export
+from components.packaging import compress, export, int8_search
 from components.packaging.add_class import AddClassError, add_class
 from components.packaging.config import CompressConfig
 from components.training.config import FinetuneConfig
 from components.training.finetune import run
 from components.training.strategies.prototypes import support
-from components.data.preprocess import load_batch
 from tests.tiny_features import make_features
 from tests.tiny_model import make_checkpoint, make_dataset
 
@@ -137,7 +136,7 @@ def test_compress_keeps_the_prototype_head_in_fp32_so_a_class_can_still_be_added
     export_dir = root / "export"
     cfg = CompressConfig(calibration_images=4, max_accuracy_drop=1.0, latency_runs=1, max_fp32_nodes=0)
     shipped = compress.run(cfg, export_dir, dataset, tmp_path / "compress")
-    int8 = tmp_path / "compress" / compress.INT8_FILE
+    int8 = tmp_path / "compress" / int8_search.INT8_FILE
     graph = onnx.load(str(int8)).graph
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the trunk is INT8
     head = [n for n in graph.node if n.op_type == "MatMul" and n.input[0] == "embedding"]

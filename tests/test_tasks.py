@@ -29,6 +29,7 @@ from components.models.classifier import ViewAverage, build_model, load_checkpoi
 from components.models.heads import CornHead, RegressHead, TaskHeads, build_head, head_spec
 from components.models.onnx_io import model_tasks, open_session, predict_tasks, read_metadata, softmax
 from components.packaging import compress, export
+from components.packaging.budget import Budget
 from components.packaging.config import CompressConfig, ExportConfig
 from components.serving.pyfunc import log_model
 from components.training.config import FinetuneConfig
@@ -298,10 +299,11 @@ def test_bad_task_params_fail_in_one_line_before_any_work(override: str, message
 
 
 def test_compress_ships_a_candidate_only_if_every_task_keeps_its_accuracy() -> None:
-    primary = {"fp32": 0.80, "int8": 0.80}
-    kept = compress.choose(primary, 0.01, others={"fp32": {"cell_type": 0.99}, "int8": {"cell_type": 0.985}})
+    fp32 = {"label": 0.80, "cell_type": 0.99}
+    budget = Budget(fp32, 0.01)
+    kept = compress.choose({"fp32": fp32, "int8": {"label": 0.80, "cell_type": 0.985}}, budget)
     assert kept[0] == "int8"
-    lost = compress.choose(primary, 0.01, others={"fp32": {"cell_type": 0.99}, "int8": {"cell_type": 0.95}})
+    lost = compress.choose({"fp32": fp32, "int8": {"label": 0.80, "cell_type": 0.95}}, budget)
     assert lost[0] == "fp32" and not lost[2]["int8"]
     assert "more compressed but over budget: int8 cell_type 0.9500" in lost[1]
 

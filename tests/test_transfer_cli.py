@@ -10,9 +10,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from components.models.onnx_io import open_session, read_metadata
 from components.data.preprocess import load_batch
-from components.models.onnx_io import model_preprocessing
+from components.models.onnx_io import model_preprocessing, open_session, read_metadata
 from tests.conftest import small_params
 from tlops.cli import main
 from tlops.config import load_params

@@ -465,7 +465,7 @@ def run(cfg: IngestConfig, out_dir: Path) -> StageResult:
         metrics={
             "n_images": len(manifest),
             "n_converted": n_converted,
-            **{f"n_{s}_{l}": int(n) for (s, l), n in counts.items()},
+            **{f"n_{split}_{label}": int(n) for (split, label), n in counts.items()},
         },
         artifacts={"manifest": manifest_path},
         info={"source": cfg.source, "labels": sorted(manifest["label"].dropna().unique()), "strata": strata},

@@ -31,7 +31,7 @@ class PromoteConfig(StageConfig):
     # How far the challenger's recall on any one class may fall below the champion's (0.05 = five points):
     # a better accuracy must not be bought with missed defects. 1 turns the guard off.
     max_recall_drop: float = Field(0.05, ge=0.0, le=1.0)
-    # bootstrap is used only from promote.MIN_DISCORDANT_FOR_BOOTSTRAP (25) discordant pairs; below, the exact test.
+    # bootstrap is used only from significance.MIN_DISCORDANT_FOR_BOOTSTRAP (25) discordant pairs; below, the exact test.
     test: Literal["mcnemar", "bootstrap"] = "mcnemar"
     bootstrap_samples: int = Field(10_000, ge=100)
     seed: int = 0
