@@ -12,7 +12,7 @@ Needs four-class outputs up to `features` (`tlops stage ingest|validate|features
 `--set ingest.label_mode=four_class` and its own `paths.*`, or a `--params` file that says so).
 
     python -m benchmarks.multitask --params four_class.yaml --name classify --head classify [--cell-type] \
-        --seeds 0 1 2 [--backbone efficientnet_lite1] [--set finetune.class_weights=none ...]
+        --seeds 0 1 2 [--ship-every-seed] [--backbone efficientnet_lite1] [--set finetune.class_weights=none ...]
     python -m benchmarks.multitask --table NAME [NAME ...]   # one table from earlier runs' rows
 
 A name's seeds accumulate: a rerun of the same configuration keeps the seeds it already measured (and measures
@@ -94,6 +94,9 @@ def summary(name: str, config: dict[str, object], rows: list[dict[str, object]])
     first = min(rows, key=lambda r: r["seed"])
     return {"name": name, **config, "seeds": [r["seed"] for r in rows],
             **{key: spread(f"test_{key}") for key in ("accuracy", "macro_f1", "binary_accuracy", "cell_type_accuracy")},
+            # every seed that went through compress: the shipped model's mean and sd
+            **{f"shipped_{key}_seeds": spread(f"shipped_{key}") for key in ("accuracy", "binary_accuracy")},
+            "seeds_compressed": sum("shipped" in r for r in rows),
             "train_s": statistics.mean(float(r["train_s"]) for r in rows),
             **{key: first.get(key) for key in ("shipped", "shipped_accuracy", "shipped_binary_accuracy")}}
 
@@ -106,12 +109,14 @@ def markdown(table: list[dict[str, object]]) -> str:
         return "—" if value is None else f"{value:.3f}"
 
     header = ("| head | tasks | four-class test acc | macro-F1 | binary acc (same model) | cell-type acc | seeds | "
-              "train s | shipped (first seed) | shipped four-class / binary |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
+              "train s | shipped (first seed) | shipped four-class / binary | seeds compressed |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
+        shipped = (f"{pm(r['shipped_accuracy_seeds'])} / {pm(r['shipped_binary_accuracy_seeds'])}"
+                   if r.get("shipped_accuracy_seeds") else f"{f(r['shipped_accuracy'])} / {f(r['shipped_binary_accuracy'])}")
         lines.append(f"| {r['head']} | {', '.join(r['tasks'])} | {pm(r['accuracy'])} | {pm(r['macro_f1'])} | "
                      f"{pm(r['binary_accuracy'])} | {pm(r['cell_type_accuracy'])} | {len(r['seeds'])} | {r['train_s']:.0f} | "
-                     f"{r['shipped'] or '—'} | {f(r['shipped_accuracy'])} / {f(r['shipped_binary_accuracy'])} |")
+                     f"{r['shipped'] or '—'} | {shipped} | {r.get('seeds_compressed', 1)} |")
     return "\n".join(lines)
 
 
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument("--backbone", help="default: the one the select stage chose")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--name", default="multitask")
+    parser.add_argument("--ship-every-seed", action="store_true",
+                        help="compress every seed, not only the first: the shipped model's mean over seeds")
     parser.add_argument("--table", nargs="+", metavar="NAME", help="train nothing: one table of these earlier runs")
     args = parser.parse_args()
     configure_logging()
@@ -150,7 +157,7 @@ def main() -> None:
         rows = [row for row in document["rows"] if row["seed"] not in args.seeds]
     first = min([*args.seeds, *(int(row["seed"]) for row in rows)])
     for seed in args.seeds:  # at least one: --seeds takes one or more
-        rows.append(one(params, backbone, seed, RESULTS / args.name / str(seed), seed == first))
+        rows.append(one(params, backbone, seed, RESULTS / args.name / str(seed), args.ship_every_seed or seed == first))
         print(json.dumps(rows[-1]), flush=True)
         rows.sort(key=lambda row: int(row["seed"]))
         table = summary(args.name, config, rows)  # after every seed: a stopped benchmark keeps what it measured
