@@ -169,27 +169,26 @@ def search_int8(
     with. Returns the candidate files, their val answers per task and what the search did.
     """
 
-    def over(answers: dict[str, np.ndarray]) -> list[str]:
-        return budget.shortfalls(accuracies(answers, dataset, "val"), agreement(answers, fp32_answers))
-
-    def describe(answers: dict[str, np.ndarray]) -> str:
-        scores = accuracies(answers, dataset, "val")
-        return (", ".join(f"{task} {value:.4f} (floor {budget.floor(task):.4f})" for task, value in scores.items())
-                + f"; agrees with fp32 on {agreement(answers, fp32_answers):.1%} (min {budget.min_agreement:.1%})")
+    def judged(name: str, given: dict[str, np.ndarray]) -> tuple[dict[str, float], list[str]]:
+        """The candidate's val accuracy per task and why it is over the budget (empty: within), logged."""
+        scores, agrees = accuracies(given, dataset, "val"), agreement(given, fp32_answers)
+        log.info("%s: val accuracy %s; agrees with fp32 on %.1f%% (min %.1f%%)", name,
+                 ", ".join(f"{task} {value:.4f} (floor {budget.floor(task):.4f})" for task, value in scores.items()),
+                 100 * agrees, 100 * budget.min_agreement)
+        return scores, budget.shortfalls(scores, agrees)
 
     models, answers = {}, {}
     with tempfile.TemporaryDirectory() as scratch:
         quantizer = Quantizer(cfg, source, dataset, Path(scratch))
         models["int8"] = quantizer.quantize(out_dir / INT8_FILE)
         answers["int8"] = task_answers(models["int8"], dataset, "val")
-        log.info("int8: val accuracy %s", describe(answers["int8"]))
+        int8_accuracy, over_budget = judged("int8", answers["int8"])
         search: dict[str, object] = {"recipe": quantizer.recipe(()), "calibration_images": len(quantizer.images),
                                      "shape_nodes_not_quantized": len(quantizer.shape_nodes), "fp32_nodes": [],
                                      **({"head_nodes_not_quantized": len(quantizer.head_nodes)} if quantizer.head_nodes else {})}
-        if not over(answers["int8"]):
+        if not over_budget:
             search["stopped"] = "full int8 within budget"
             return models, answers, search
-        int8_accuracy = accuracies(answers["int8"], dataset, "val")
         lost = max(budget.fp32[task] - int8_accuracy[task] for task in budget.fp32)
         if cfg.max_fp32_nodes == 0 or lost > cfg.max_search_drop:
             search["stopped"] = ("compress.max_fp32_nodes is 0" if cfg.max_fp32_nodes == 0 else
@@ -206,8 +205,7 @@ def search_int8(
             name = f"{MIXED_PREFIX}{count}"
             models[name] = quantizer.quantize(out_dir / f"model_{name}.onnx", excluded)
             answers[name] = task_answers(models[name], dataset, "val")
-            log.info("%s: val accuracy %s", name, describe(answers[name]))
-            if not over(answers[name]):
+            if not judged(name, answers[name])[1]:
                 search["stopped"] = f"{name} within budget"
                 break
         kept = set(excluded)
