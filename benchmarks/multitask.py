@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.feature_extraction import cpu_description
+from components.core.result import atomic_path
 from components.data.ingest import ELPV_BINARY, ELPV_FOUR_CLASS, declared_orders
 from components.evaluation import evaluate
 from components.models.onnx_io import predict_tasks
@@ -161,10 +161,9 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         rows.sort(key=lambda row: int(row["seed"]))
         table = summary(args.name, config, rows)  # after every seed: a stopped benchmark keeps what it measured
-        partial = earlier.with_suffix(".json.partial")
-        partial.write_text(json.dumps({"cpu": cpu_description(), "config": config, "rows": rows, "summary": table},
-                                      indent=2))
-        os.replace(partial, earlier)
+        with atomic_path(earlier) as partial:
+            partial.write_text(json.dumps({"cpu": cpu_description(), "config": config, "rows": rows, "summary": table},
+                                          indent=2))
     print(markdown([table]))
 
 

@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,7 +56,7 @@ import pandas as pd
 from PIL import Image
 
 from components.core.errors import UserError
-from components.core.result import StageResult, sha256_file, sha256_json
+from components.core.result import StageResult, atomic_path, sha256_file, sha256_json
 from components.data import text_ingest
 from components.data.config import IngestConfig
 from components.data.manifest import SPLITS, assign_split, stratified_subset, write_manifest
@@ -332,12 +331,6 @@ class Destinations:
         return relative
 
 
-def write_atomic(target: Path, write: Callable[[Path], object]) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    write(partial)
-    os.replace(partial, target)
-
-
 def store_image(source_root: Path, record: dict, out_dir: Path, places: Destinations) -> dict[str, object]:
     """Copy or convert the image of one source row into `out_dir`; its manifest columns."""
     label, source_path, source_sha256 = record["label"], record["source_path"], record["source_sha256"]
@@ -361,13 +354,14 @@ def store_image(source_root: Path, record: dict, out_dir: Path, places: Destinat
     target = out_dir / relative
     if not target.resolve().is_relative_to((out_dir / "images").resolve()):  # Destinations makes this impossible
         raise RuntimeError(f"ingest would write {target} outside {out_dir / 'images'}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     if converted is None:
-        write_atomic(target, lambda partial: shutil.copyfile(source, partial))
+        with atomic_path(target) as partial:
+            shutil.copyfile(source, partial)
         mode = facts.mode if not facts.error else None
         width, height = facts.width, facts.height
     else:
-        write_atomic(target, lambda partial: converted.save(partial, format="PNG"))
+        with atomic_path(target) as partial:
+            converted.save(partial, format="PNG")
         mode, (width, height) = converted.mode, converted.size
     return {
         "path": relative,

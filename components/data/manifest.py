@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from components.core.errors import UserError
+from components.core.result import atomic_path
 
 REQUIRED_COLUMNS = ("path", "label", "split", "sha256", "width", "height", "mode")
 # A text dataset's manifest: `chars` (the text's length in characters) where an image's has its size and mode.
@@ -109,15 +109,12 @@ def write_manifest(frame: pd.DataFrame, csv_path: Path) -> Path:
     """Write atomically (a temporary name, then a rename), sorted by path, required columns first."""
     required = required_columns(manifest_modality(frame.columns))
     ordered = list(required) + [c for c in frame.columns if c not in required]
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = csv_path.with_name(f".{csv_path.name}.partial")
-    # Quoting every text field keeps a carriage return inside a label from ending the row.
-    frame[ordered].sort_values("path").to_csv(
-        partial, index=False, encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
-    )
-    os.replace(partial, csv_path)
-    return csv_path
+    with atomic_path(csv_path) as partial:
+        # Quoting every text field keeps a carriage return inside a label from ending the row.
+        frame[ordered].sort_values("path").to_csv(
+            partial, index=False, encoding="utf-8", quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n"
+        )
+    return Path(csv_path)
 
 
 def unit_hash(*parts: object) -> float:

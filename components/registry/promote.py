@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,7 +54,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components.core.result import StageResult, sha256_json
+from components.core.result import StageResult, atomic_path, sha256_json
 from components.registry.config import PromoteConfig
 from components.registry.significance import MIN_DISCORDANT_FOR_BOOTSTRAP, paired_test
 
@@ -275,20 +274,8 @@ def plot(record: dict[str, Any], path: Path) -> Path:
     latency_ax.legend(loc="upper right")
     figure.suptitle(f"{record['decision']}: {record['reason']}"[:140], fontsize=9)
     figure.tight_layout()
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-
-
-def atomic_write(path: Path, write) -> Path:  # noqa: ANN001 - a callable taking the temporary path
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=110, format="png")
     return path
 
 
@@ -414,7 +401,9 @@ def finish(record: dict[str, Any], out_dir: Path, tags: dict[str, str] | None, c
     record["summary"] = summary_line(record)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-    artifacts = {"promotion": atomic_write(out_dir / DECISION_FILE, lambda tmp: Path(tmp).write_text(text))}
+    with atomic_path(out_dir / DECISION_FILE) as partial:
+        partial.write_text(text)
+    artifacts = {"promotion": out_dir / DECISION_FILE}
     if tags:  # a real comparison happened: draw it
         artifacts["chart"] = plot(record, out_dir / CHART_FILE)
     candidate, champion, test = record["candidate"], record["champion"] or {}, record["test"] or {}
