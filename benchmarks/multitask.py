@@ -113,7 +113,7 @@ def markdown(table: list[dict[str, object]]) -> str:
     lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         shipped = (f"{pm(r['shipped_accuracy_seeds'])} / {pm(r['shipped_binary_accuracy_seeds'])}"
-                   if r.get("shipped_accuracy_seeds") else f"{f(r['shipped_accuracy'])} / {f(r['shipped_binary_accuracy'])}")
+                   if r.get("seeds_compressed", 1) > 1 else f"{f(r['shipped_accuracy'])} / {f(r['shipped_binary_accuracy'])}")
         lines.append(f"| {r['head']} | {', '.join(r['tasks'])} | {pm(r['accuracy'])} | {pm(r['macro_f1'])} | "
                      f"{pm(r['binary_accuracy'])} | {pm(r['cell_type_accuracy'])} | {len(r['seeds'])} | {r['train_s']:.0f} | "
                      f"{r['shipped'] or '—'} | {shipped} | {r.get('seeds_compressed', 1)} |")
