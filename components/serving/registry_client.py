@@ -10,7 +10,7 @@ of its life once one lazy in-process lookup has imported MLflow. A child costs i
 `poll_seconds` of minutes too; it must not be polled every second.
 
 The child is `python -m components.serving.registry_fetch` with this interpreter and this
-process's environment (MLFLOW_TRACKING_URI and friends); it answers one JSON line.
+process's environment (MLFLOW_TRACKING_URI and friends); it writes its answer to a JSON file named here.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from components.core.errors import UserError
@@ -31,17 +32,18 @@ TIMEOUT_S = 300  # MLflow retries an unreachable server for a while; past this t
 
 def _ask(uri: str, *flags: str) -> dict[str, str | None]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(CODE_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "components.serving.registry_fetch", uri, *flags]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"model_uri {uri!r}: the registry did not answer within {TIMEOUT_S} s; "
-                        f"check that MLFLOW_TRACKING_URI points to a running server.") from None
-    lines = done.stdout.strip().splitlines()
-    try:
-        answer = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):  # the child crashed: a bug, shown with the child's own traceback
-        raise RuntimeError(f"registry lookup for {uri!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    with tempfile.TemporaryDirectory(prefix="tlops-registry-") as scratch:
+        answer_file = Path(scratch) / "answer.json"
+        command = [sys.executable, "-m", "components.serving.registry_fetch", uri, "--answer", str(answer_file), *flags]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"model_uri {uri!r}: the registry did not answer within {TIMEOUT_S} s; "
+                            f"check that MLFLOW_TRACKING_URI points to a running server.") from None
+        try:
+            answer = json.loads(answer_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # the child crashed: a bug, shown with its own traceback
+            raise RuntimeError(f"registry lookup for {uri!r} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     if "error" in answer:
         raise UserError(answer["error"])
     return answer

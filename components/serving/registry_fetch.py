@@ -1,16 +1,16 @@
 """The MLflow side of a `models:/` URI, run as a short-lived child process by components/serving/registry_client.py.
 
-    python -m components.serving.registry_fetch models:/<name>@<alias> [--unless-version V] [--into DIR]
+    python -m components.serving.registry_fetch models:/<name>@<alias> --answer FILE [--unless-version V] [--into DIR]
 
-prints one JSON line on stdout: `{"version": "3", "onnx": "DIR/.../model.onnx"}` (`onnx` is null
+writes its answer to FILE as JSON: `{"version": "3", "onnx": "DIR/.../model.onnx"}` (`onnx` is null
 without `--into`, or when the version is `V`), or `{"error": "..."}` with exit status 1 when the
-registry does not resolve the URI. Nothing else is written to stdout.
+registry does not resolve the URI. A file rather than stdout, so nothing MLflow or its
+dependencies print can be taken for the answer.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from components.core.errors import UserError
+from components.core.result import write_json
 from components.serving.config import parse_registry_uri
 
 
@@ -55,6 +56,7 @@ def download_onnx(uri: str, name: str, version: str, into: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("uri")
+    parser.add_argument("--answer", type=Path, required=True, help="write the answer here, as JSON")
     parser.add_argument("--unless-version", help="do not download when the URI still names this version")
     parser.add_argument("--into", type=Path, help="download the version's ONNX file under this folder")
     args = parser.parse_args(argv)
@@ -65,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             name = parse_registry_uri(args.uri)[0]
             onnx = str(download_onnx(args.uri, name, version, args.into))
     except UserError as error:
-        print(json.dumps({"error": str(error)}), flush=True)
+        write_json(args.answer, {"error": str(error)})
         return 1
-    print(json.dumps({"version": version, "onnx": onnx}), flush=True)
+    write_json(args.answer, {"version": version, "onnx": onnx})
     return 0
 
 
