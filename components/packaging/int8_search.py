@@ -205,7 +205,8 @@ def search_int8(
             name = f"{MIXED_PREFIX}{count}"
             models[name] = quantizer.quantize(out_dir / f"model_{name}.onnx", excluded)
             answers[name] = task_answers(models[name], dataset, "val")
-            if not judged(name, answers[name])[1]:
+            _, over_budget = judged(name, answers[name])
+            if not over_budget:
                 search["stopped"] = f"{name} within budget"
                 break
         kept = set(excluded)
