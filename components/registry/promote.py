@@ -54,7 +54,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components.core.result import StageResult, atomic_path, sha256_json
+from components.core.result import StageResult, atomic_path, sha256_json, write_json
 from components.registry.config import PromoteConfig
 from components.registry.significance import MIN_DISCORDANT_FOR_BOOTSTRAP, paired_test
 
@@ -399,11 +399,7 @@ def finish(record: dict[str, Any], out_dir: Path, tags: dict[str, str] | None, c
         for key, value in tags.items():
             client.set_model_version_tag(record["model_name"], record["candidate"]["version"], key, value)
     record["summary"] = summary_line(record)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-    with atomic_path(out_dir / DECISION_FILE) as partial:
-        partial.write_text(text)
-    artifacts = {"promotion": out_dir / DECISION_FILE}
+    artifacts = {"promotion": write_json(out_dir / DECISION_FILE, record)}
     if tags:  # a real comparison happened: draw it
         artifacts["chart"] = plot(record, out_dir / CHART_FILE)
     candidate, champion, test = record["candidate"], record["champion"] or {}, record["test"] or {}
