@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.feature_extraction import cpu_description
 from components.core.result import atomic_path
-from components.data.ingest import ELPV_BINARY, ELPV_FOUR_CLASS, declared_orders
+from components.data.ingest import ELPV_BINARY, ELPV_FOUR_CLASS, declared_orders, declared_values
 from components.evaluation import evaluate
 from components.models.onnx_io import predict_tasks
 from components.packaging import compress, export
@@ -69,7 +69,8 @@ def one(params: Any, backbone: str, seed: int, out: Path, shipped: bool) -> dict
     trained = finetune.run(cfg, backbone, params.path("features"), dataset, params.path("validate") / "manifest.csv",
                            out / "finetune", params.path("feature_cache"), out / "state", params.features.opset,
                            params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)),
-                           orders=declared_orders(params.ingest))
+                           orders=declared_orders(params.ingest),
+                           values=declared_values(params.ingest))
     wall = time.perf_counter() - began
     exported = export.run(params.export, 0.0, trained.artifacts["checkpoint"], dataset, out / "export",
                           features_dir=params.path("features"))

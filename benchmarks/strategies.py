@@ -2,7 +2,7 @@
 
 Each (backbone, strategy, seed) trains with the repo's params (plus `--set` overrides) through the
 same `finetune.run` the pipeline uses, exports FP32 ONNX and scores the test split in ONNX
-Runtime. Seed 0 of each pair also goes through compress (the INT8 search), which gives the
+Runtime. Seed 0 of each pair (every seed with `--ship-every-seed`) also goes through compress (the INT8 search), which gives the
 shipped candidate, its size and the INT8 / FP32 latency ratios at batch 1 and 32, measured in
 the same run with the same threads. Where several seeds ran, their FP32 models are also scored
 together (softmax averaged): what a seed ensemble would buy, at n times the inference. Caches
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.feature_extraction import cpu_description
+from components.data.ingest import declared_orders, declared_values
 from components.evaluation import evaluate
 from components.models.onnx_io import predict_frame, softmax
 from components.packaging import compress, export
@@ -44,7 +45,9 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
     began = time.perf_counter()
     trained = finetune.run(cfg, backbone, params.path("features"), dataset, params.path("validate") / "manifest.csv",
                            out / "finetune", params.path("feature_cache"), out / "state", params.features.opset,
-                           params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)))
+                           params.features.parity_atol, int8_recipe=params.compress.planned_recipe(served_views(params)),
+                           orders=declared_orders(params.ingest),
+                           values=declared_values(params.ingest))
     wall = time.perf_counter() - began
     exported = export.run(params.export, 0.0, trained.artifacts["checkpoint"], dataset, out / "export",
                           features_dir=params.path("features"))
@@ -53,20 +56,23 @@ def one(params, backbone: str, strategy: str, seed: int, out: Path, shipped: boo
            "train_s": trained.metrics["train_seconds"], "val_accuracy": trained.metrics["val_accuracy"],
            "test_accuracy": scored.metrics["accuracy"], "test_macro_f1": scored.metrics["macro_f1"],
            "fp32_mb": exported.metrics["size_mb_fp32"], "fp32_model": str(exported.artifacts["fp32"])}
-    if shipped:
-        compressed = compress.run(params.compress, out / "export", dataset, out / "compress")
-        report = json.loads((out / "compress" / compress.REPORT_FILE).read_text())
-        name = compressed.info["shipped"]
-        latency = {n: {1: c["latency_ms_batch1"], 32: c["latency_ms_batch32"]} for n, c in report["candidates"].items()}
-        int8 = next((n for n in report["candidates"] if n.startswith("int8")), None)
-        ship_scored = evaluate.run(params.evaluate, out / "compress" / compress.SHIPPED_FILE, dataset, out / "evaluate_shipped")
-        row |= {"shipped": name, "shipped_mb": report["candidates"][name]["size_mb"],
-                "shipped_test_accuracy": ship_scored.metrics["accuracy"],
-                "int8_fp32_latency_b1": latency[int8][1] / latency["fp32"][1] if int8 else None,
-                "int8_fp32_latency_b32": latency[int8][32] / latency["fp32"][32] if int8 else None,
-                "shipped_fp32_latency_b1": latency[name][1] / latency["fp32"][1],
-                "shipped_fp32_latency_b32": latency[name][32] / latency["fp32"][32]}
-    return row
+    return row | (ship(params, dataset, out) if shipped else {})
+
+
+def ship(params, dataset, out: Path) -> dict[str, object]:
+    """`out/export` through compress (the INT8 search) and the shipped model scored on test."""
+    compressed = compress.run(params.compress, out / "export", dataset, out / "compress")
+    report = json.loads((out / "compress" / compress.REPORT_FILE).read_text())
+    name = compressed.info["shipped"]
+    latency = {n: {1: c["latency_ms_batch1"], 32: c["latency_ms_batch32"]} for n, c in report["candidates"].items()}
+    int8 = next((n for n in report["candidates"] if n.startswith("int8")), None)
+    ship_scored = evaluate.run(params.evaluate, out / "compress" / compress.SHIPPED_FILE, dataset, out / "evaluate_shipped")
+    return {"shipped": name, "shipped_mb": report["candidates"][name]["size_mb"],
+            "shipped_test_accuracy": ship_scored.metrics["accuracy"],
+            "int8_fp32_latency_b1": latency[int8][1] / latency["fp32"][1] if int8 else None,
+            "int8_fp32_latency_b32": latency[int8][32] / latency["fp32"][32] if int8 else None,
+            "shipped_fp32_latency_b1": latency[name][1] / latency["fp32"][1],
+            "shipped_fp32_latency_b32": latency[name][32] / latency["fp32"][32]}
 
 
 def ensemble(params, rows: list[dict[str, object]]) -> dict[str, object]:
@@ -87,6 +93,7 @@ def summary(rows: list[dict[str, object]], ensembles: list[dict[str, object]] = 
         accuracy = [float(r["test_accuracy"]) for r in group]
         f1 = [float(r["test_macro_f1"]) for r in group]
         first = min(group, key=lambda r: r["seed"])
+        shipped = [float(r["shipped_test_accuracy"]) for r in group if r.get("shipped_test_accuracy") is not None]
         together = next((e for e in ensembles if (e["label_mode"], e["backbone"], e["strategy"]) == key), {})
         table.append({"label_mode": key[0], "backbone": key[1], "strategy": key[2], "seeds": len(group),
                       "test_accuracy_mean": statistics.mean(accuracy),
@@ -96,6 +103,9 @@ def summary(rows: list[dict[str, object]], ensembles: list[dict[str, object]] = 
                       "train_s_mean": statistics.mean(float(r["train_s"]) for r in group),
                       "ensemble_test_accuracy": together.get("test_accuracy"),
                       "ensemble_test_macro_f1": together.get("test_macro_f1"),
+                      "shipped_seeds": len(shipped),  # --ship-every-seed: the shipped mean over seeds
+                      "shipped_test_accuracy_mean": statistics.mean(shipped) if shipped else None,
+                      "shipped_test_accuracy_sd": statistics.stdev(shipped) if len(shipped) > 1 else 0.0,
                       **{k: first.get(k) for k in ("shipped", "shipped_mb", "shipped_test_accuracy", "int8_fp32_latency_b1",
                                                    "int8_fp32_latency_b32", "shipped_fp32_latency_b1", "shipped_fp32_latency_b32")}})
     return table
@@ -106,15 +116,22 @@ def markdown(table: list[dict[str, object]]) -> str:
         return "—" if value is None else format(value, spec)
 
     lines = ["| labels | backbone | strategy | test acc (mean ± sd) | macro-F1 (mean ± sd) | seeds averaged: acc / F1 | train s | "
-             "shipped | size MB | shipped test acc | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "shipped | size MB | shipped test acc (seed 0, or mean ± sd) | INT8/FP32 latency b1 | b32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['label_mode']} | {r['backbone']} | {r['strategy']} | {r['test_accuracy_mean']:.3f} ± {r['test_accuracy_sd']:.3f} "
                      f"(n={r['seeds']}) | {r['test_macro_f1_mean']:.3f} ± {r['test_macro_f1_sd']:.3f} | "
                      f"{f(r['ensemble_test_accuracy'])} / {f(r['ensemble_test_macro_f1'])} | "
                      f"{r['train_s_mean']:.0f} | {r['shipped'] or '—'} | {f(r['shipped_mb'], '.1f')} | "
-                     f"{f(r['shipped_test_accuracy'])} | {f(r['int8_fp32_latency_b1'], '.2f')} | "
+                     f"{shipped_accuracy(r)} | {f(r['int8_fp32_latency_b1'], '.2f')} | "
                      f"{f(r['int8_fp32_latency_b32'], '.2f')} |")
     return "\n".join(lines)
+
+
+def shipped_accuracy(row: dict[str, object]) -> str:
+    """The first seed's shipped test accuracy, or the mean ± sd where several seeds shipped."""
+    if row.get("shipped_seeds", 0) > 1:
+        return f"{row['shipped_test_accuracy_mean']:.3f} ± {row['shipped_test_accuracy_sd']:.3f} (n={row['shipped_seeds']})"
+    return "—" if row["shipped_test_accuracy"] is None else f"{row['shipped_test_accuracy']:.3f}"
 
 
 def main() -> None:
@@ -125,6 +142,8 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["linear", "partial"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--name", default="strategies")
+    parser.add_argument("--ship-every-seed", action="store_true",
+                        help="compress every seed's model, not only the first seed's (the shipped mean over seeds)")
     parser.add_argument("--table", nargs="+", metavar="NAME",
                         help="train nothing: print one table of the rows of these earlier --name runs")
     args = parser.parse_args()
@@ -151,7 +170,8 @@ def main() -> None:
         for strategy in args.strategies:
             pair = []
             for seed in args.seeds:
-                pair.append(one(params, backbone, strategy, seed, work / backbone / strategy / str(seed), seed == min(args.seeds)))
+                pair.append(one(params, backbone, strategy, seed, work / backbone / strategy / str(seed),
+                                args.ship_every_seed or seed == min(args.seeds)))
                 print(json.dumps(pair[-1]), flush=True)
                 rows.append(pair[-1])
                 save()

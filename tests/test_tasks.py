@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from components.data.config import IngestConfig
-from components.data.ingest import declared_orders
+from components.data.ingest import declared_orders, declared_values
 from components.data.ingest import run as ingest_run
 from components.data.manifest import read_manifest, write_manifest
 from components.data.preprocess import Preprocessing
@@ -34,7 +34,16 @@ from components.packaging.config import CompressConfig, ExportConfig
 from components.serving.pyfunc import log_model
 from components.training.config import FinetuneConfig
 from components.training.finetune import run as finetune
-from components.training.tasks import TaskError, bounds, choose_thresholds, class_of, resolve
+from components.training.tasks import (
+    TaskError,
+    TaskSet,
+    bounds,
+    choose_thresholds,
+    class_of,
+    resolve,
+    soft_ordinal_loss,
+    soft_targets,
+)
 from tests.conftest import venv_env
 from tests.test_serve import service
 from tests.tiny_model import make_dataset
@@ -236,6 +245,24 @@ def test_heads_round_trip_through_their_spec() -> None:
         assert torch.equal(got, want)
 
 
+def test_soft_ordinal_labels_weigh_each_class_by_its_distance_from_the_value() -> None:
+    ranks = torch.tensor([0.0, 1.0, 2.0, 3.0])  # ELPV's four levels in output order
+    spread = soft_targets(ranks, ranks, 2.0)
+    assert torch.allclose(spread.sum(dim=1), torch.ones(4)) and torch.equal(spread.argmax(dim=1), torch.arange(4))
+    # A neighbour gets exp(-sharpness) of the class's own share, a class two off exp(-4 sharpness); one-hot: nothing.
+    assert spread[1, 0] == pytest.approx(spread[1, 2].item()) and spread[1, 2] > spread[1, 3] > 0
+    assert (spread[1, 0] / spread[1, 1]).item() == pytest.approx(np.exp(-2.0)) and spread[1, 3] / spread[1, 1] < 1e-3
+    # Binary from a probability p: classes (defective, functional) rank 1 and 0, so P(defective) = sigmoid(s (2p - 1)).
+    probability = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0])
+    binary = soft_targets(probability, torch.tensor([1.0, 0.0]), 3.0)
+    assert torch.allclose(binary[:, 0], torch.sigmoid(3.0 * (2 * probability - 1)), atol=1e-6)
+    # The loss: cross-entropy against those distributions, each class's term weighed by its class weight.
+    torch.manual_seed(0)
+    logits, places, weight = torch.randn(8, 4), ranks[torch.randint(0, 4, (8,))], torch.tensor([0.5, 2.0, 3.0, 0.7])
+    expected = -(weight * soft_targets(places, ranks, 2.0) * logits.log_softmax(dim=1)).sum(dim=1).mean()
+    assert torch.allclose(soft_ordinal_loss([0, 1, 2, 3], 2.0, weight)(logits, places), expected)
+
+
 @pytest.fixture()
 def tiny(tmp_path: Path):
     return make_dataset(tmp_path / "data")  # labels defective/functional, cell_type mono/poly, 2 of each per split
@@ -257,6 +284,94 @@ def test_bad_tasks_are_refused_in_one_line(tiny, settings: dict, message: str) -
     with pytest.raises(TaskError, match=message) as refused:
         resolve(FinetuneConfig.model_validate(settings), dataset, settings.get("orders", {}))
     assert "\n" not in str(refused.value)
+
+
+def test_soft_labels_train_on_each_images_value_and_weigh_classes_by_their_labels(tiny) -> None:
+    probability = [1.0 if i % 4 == 0 else 2 / 3 if i % 2 == 0 else 1 / 3 if i % 4 == 1 else 0.0 for i in range(12)]
+    dataset = tiny.__class__(tiny.manifest.assign(probability=probability), tiny.root, tiny.labels)
+    orders = {"label": ["functional", "defective"]}
+    train = dataset.split("train")
+    cfg = FinetuneConfig()  # soft_labels.tasks: auto, and the source declares the column (as ELPV binary does)
+    assert cfg.soft_plan({}) == {} and cfg.soft_plan({"label": "probability"}) == {"label": "probability"}
+    for off in ({"strategy": "linear"}, {"soft_labels": {"tasks": []}}, {"head": "ordinal"}):
+        assert FinetuneConfig.model_validate(off).soft_plan({"label": "probability"}) == {}
+    one = TaskSet(resolve(cfg, dataset, orders, cfg.soft_plan({"label": "probability"})), cfg, dataset)
+    assert one.tasks[0].soft and one.tasks[0].ranks == [1, 0]  # output order: defective, functional
+    # Each image's own value placed between the classes' (0 and 1 here, so the value itself), not 1 and 0.
+    assert one.train_targets().tolist() == pytest.approx(train["probability"].tolist())
+    assert one.targets("train").tolist() == dataset.label_index(train)  # class weights still count classes
+    cfg = FinetuneConfig.model_validate({"tasks": ["label", "cell_type"], "soft_labels": {"tasks": ["label"]}})
+    two = TaskSet(resolve(cfg, dataset, orders), cfg, dataset)
+    drawn = two.train_targets()  # without a values column: the class's rank; the other task keeps its index
+    assert drawn[:, 0].tolist() == [1.0 if label == "defective" else 0.0 for label in train["label"]]
+    assert drawn[:, 1].tolist() == two.targets("train")[:, 1].tolist()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tasks": ["label", "cell_type"], "soft_labels": {"tasks": ["cell_type"]}},
+         r"finetune.soft_labels for task 'cell_type' needs the order of its classes \['mono', 'poly'\]"),
+        ({"soft_labels": {"tasks": ["label"], "values": {"label": "probabilty"}}},
+         r"finetune.soft_labels.values.label: 'probabilty' is not a column of the manifest"),
+        ({"soft_labels": {"tasks": ["label"], "values": {"label": "cell_type"}}},
+         r"finetune.soft_labels.values.label: column 'cell_type' has no number in 12 row\(s\): row 1 \(images/defective/"),
+    ],
+)
+def test_bad_soft_labels_are_refused_in_one_line(tiny, settings: dict, message: str) -> None:
+    with pytest.raises(TaskError, match=message) as refused:
+        resolve(FinetuneConfig.model_validate(settings), tiny, {"label": ["functional", "defective"]})
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("strategy", ["partial", "full"])
+def test_soft_labels_change_what_partial_and_full_learn(cells: FourClassCells, tmp_path: Path, strategy: str) -> None:
+    settings = {"strategy": strategy, "precision": "fp32", "class_weights": "none", "label_smoothing": 0.0,
+                "tasks": ["label", "cell_type"] if strategy == "partial" else ["label"]}
+    soft = {"tasks": ["label"], "sharpness": 1.0, "values": {"label": "defect_probability"}}
+    hard = cells.train(tmp_path / "hard", **settings)
+    spread = cells.train(tmp_path / "soft", **settings, soft_labels=soft)
+    losses = [[h["train_loss"] for h in json.loads(t.artifacts["history"].read_text())] for t in (hard, spread)]
+    # Same seed, same batches: only the targets differ, so every epoch's loss does; and a soft target's
+    # cross-entropy is never below its entropy (sharpness 1 puts 30-40% of a four-class target off its class).
+    assert all(abs(soft - one_hot) > 1e-3 for one_hot, soft in zip(*losses))
+    places = cells.dataset.split("train")["defect_probability"].to_numpy() * 3  # p000..p100 rank 0..3
+    targets = soft_targets(torch.tensor(places), torch.tensor([0.0, 1.0, 2.0, 3.0]), 1.0)
+    assert min(losses[1]) >= -(targets * targets.log()).sum(dim=1).mean().item()
+    saved = load_checkpoint(spread.artifacts["checkpoint"])
+    assert saved["config"]["soft_labels"] == {**soft, "tasks": ["label"]}
+
+
+def test_elpv_binary_trains_partial_on_the_annotators_probability_by_default(tmp_path: Path) -> None:
+    # ELPV's binary label cuts a defect probability (0, 1/3, 2/3, 1) at 0.5; the source declares that column, and
+    # the default soft_labels.tasks (auto) trains partial on it. Four-class labels are the levels: nothing declared.
+    assert declared_values(IngestConfig()) == {"label": "defect_probability"}
+    assert declared_values(IngestConfig(label_mode="four_class")) == {}
+    assert declared_values(IngestConfig(source="imagefolder", path="cells")) == {}
+    ingest_run(IngestConfig(limit=80, seed=3), tmp_path / "data")
+    manifest = tmp_path / "data" / "manifest.csv"
+    dataset = read_manifest(manifest)
+    assert dataset.split("train")["defect_probability"].between(0.1, 0.9).any()  # doubted cells: 1/3 or 2/3
+    features.run(FeaturesConfig(image_size=64, taps=("pooled",)), (BACKBONE,), dataset, tmp_path / "cache", tmp_path / "features")
+
+    def train(out: str, **settings: object):
+        cfg = FinetuneConfig.model_validate({**FAST, "strategy": "partial", "precision": "fp32", **settings})
+        return finetune(cfg, BACKBONE, tmp_path / "features", dataset, manifest, tmp_path / out, tmp_path / "cache",
+                        tmp_path / f"state-{out}", orders=declared_orders(IngestConfig()), values=declared_values(IngestConfig()))
+
+    soft, hard = train("soft"), train("hard", soft_labels={"tasks": []})
+    assert soft.info["soft_labels"] == "label <- defect_probability" and "soft_labels" not in hard.info
+    losses = [[h["train_loss"] for h in json.loads(t.artifacts["history"].read_text())] for t in (soft, hard)]
+    assert all(abs(a - b) > 1e-4 for a, b in zip(*losses))
+
+
+def test_soft_labels_on_a_strategy_that_fits_class_labels_fail_in_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "tlops.cli", "params", "--params", str(REPO / "params.yaml"),
+                           "--set", "finetune.strategy=linear", "--set", "finetune.soft_labels.tasks=[label]"],
+                          capture_output=True, text=True, env=venv_env(), cwd=REPO, check=False)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "soft_labels.tasks is set, but finetune.strategy=linear fits class labels" in lines[0]
 
 
 def test_a_task_column_with_missing_values_is_refused_naming_the_rows(tiny, tmp_path: Path) -> None:

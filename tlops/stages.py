@@ -226,7 +226,7 @@ def _finetune(params: Params, ctx: StageContext, out: Path) -> StageResult:
                         params.path("validate") / "manifest.csv", out, params.path("feature_cache"),
                         params.path("train_state"), params.features.opset, params.features.parity_atol, ctx.progress,
                         int8_recipe=params.compress.planned_recipe(served_views(params)),
-                        orders=ingest.declared_orders(params.ingest))
+                        orders=ingest.declared_orders(params.ingest), values=ingest.declared_values(params.ingest))
 
 
 def served_views(params: Params) -> int:
@@ -313,7 +313,7 @@ STAGES: tuple[Stage, ...] = (
     # The compress keys: `partial` also trains on activations quantized the way compress will quantize.
     Stage("finetune", "components.training.finetune", _finetune,
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS),
-           "export.tta_views", "ingest.source", "ingest.label_mode"),  # the source's declared class orders
+           "export.tta_views", "ingest.source", "ingest.label_mode"),  # the source's declared orders and values
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
           files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
     Stage("export", "components.packaging.export", _export,

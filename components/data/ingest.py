@@ -171,6 +171,13 @@ def declared_orders(cfg: IngestConfig) -> dict[str, tuple[str, ...]]:
     return {"label": tuple(dict.fromkeys(mapping[level] for level in sorted(mapping)))}
 
 
+def declared_values(cfg: IngestConfig) -> dict[str, str]:
+    """The manifest column a source declares as a task's value, finer than its class (`finetune.soft_labels`):
+    ELPV's binary label is the annotators' defect probability (0, 1/3, 2/3, 1) cut at 0.5, so a cell at 1/3 is
+    functional but doubted. Four-class labels are those levels themselves: nothing finer to declare."""
+    return {"label": "defect_probability"} if cfg.source == "elpv" and cfg.label_mode == "binary" else {}
+
+
 def outside(path: Path, root: Path) -> bool:
     """Whether `path`, all symlinks followed, lies outside `root` (already resolved)."""
     return not path.resolve().is_relative_to(root)

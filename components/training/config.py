@@ -6,6 +6,7 @@ framework (only pydantic), so a typo in params fails in well under a second, bef
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -52,6 +53,21 @@ class DistillConfig(StageConfig):
     teacher: str | None = None  # a teacher model.pt from an earlier finetune run; None = no distillation
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the teacher term; 0 = plain cross-entropy
     temperature: float = Field(4.0, gt=0)  # softens both distributions; the KL term is scaled by T^2
+
+
+class SoftLabelsConfig(StageConfig):
+    """Soft ordinal labels (SORD, Diaz & Marathe 2019): an ordered classify task learns the distribution
+    softmax_k(-sharpness * (p - k)^2) over its classes (k: a class's rank in the declared order) instead of a
+    one-hot class, where p is the image's place in the order: its class's rank, or its own value from a manifest
+    column placed between the classes' values (ELPV's `defect_probability` for the binary label)."""
+
+    # The tasks so trained (classify heads with an order); () = off; "auto": each classify task whose source
+    # declares a value column (ELPV binary: label <- defect_probability) wherever partial or full train it
+    # without a teacher or domain adaptation; elsewhere one-hot.
+    tasks: tuple[str, ...] | Literal["auto"] = "auto"
+    sharpness: float = Field(3.0, gt=0)  # higher: closer to one-hot; the next class's share is exp(-sharpness) of its own
+    # task -> manifest column of each image's value (numbers); over what the source declares
+    values: dict[str, str] = Field(default_factory=dict)
 
 
 class LinearConfig(StageConfig):
@@ -160,6 +176,7 @@ class FinetuneConfig(StageConfig):
     seed: int = 0
     guard: ReferenceConfig = ReferenceConfig()
     distill: DistillConfig = DistillConfig()  # partial strategy only: a teacher's cached logits in the loss
+    soft_labels: SoftLabelsConfig = SoftLabelsConfig()  # partial and full: ordered tasks learn soft targets
     linear: LinearConfig = LinearConfig()
     partial: PartialConfig = PartialConfig()
     full: FullConfig = FullConfig()
@@ -225,10 +242,47 @@ class FinetuneConfig(StageConfig):
         if self.strategy == "prototypes" and not self.single_task:
             raise ValueError(f"finetune.strategy=prototypes is one classify task's nearest class centroid, but tasks are "
                              f"{list(self.tasks)} with head {self.head!r}; use linear, partial or full for several tasks")
+        self._soft_labels()
         for task, order in self.orders.items():
             if len(order) < 2 or len(set(order)) != len(order):
                 raise ValueError(f"orders.{task}: {list(order)} must list two or more distinct classes, lowest first")
         return self
+
+    def _soft_labels(self) -> None:
+        soft = self.soft_labels
+        stray = sorted(set(soft.values) - set(self.tasks))
+        if stray:
+            raise ValueError(f"soft_labels.values names {stray}, which are not in tasks {list(self.tasks)}")
+        if soft.tasks == "auto":
+            return
+        unknown = sorted(set(soft.tasks) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"soft_labels.tasks names {unknown}, which are not in tasks {list(self.tasks)}")
+        not_classify = [task for task in soft.tasks if self.head_of(task) != "classify"]
+        if not_classify:
+            raise ValueError(f"soft_labels.tasks: {not_classify} have an {self.head_of(not_classify[0])} head, which "
+                             f"has its own ordered loss; soft labels are for classify heads")
+        if not soft.tasks:
+            return
+        if self.strategy in ("linear", "prototypes"):
+            raise ValueError(f"soft_labels.tasks is set, but finetune.strategy={self.strategy} fits class labels; use "
+                             f"partial, full or auto (whose linear probe then fits class labels), or set "
+                             f"soft_labels.tasks=[]")
+        for other, key in ((self.distill.teacher, "distill.teacher"), (self.adapt.target_domain, "adapt.target_domain")):
+            if other is not None:
+                raise ValueError(f"soft_labels.tasks and finetune.{key} cannot be combined (each sets the targets "
+                                 f"its own way); set soft_labels.tasks=[] or finetune.{key}=null")
+
+    def soft_plan(self, declared: Mapping[str, str]) -> dict[str, str | None]:
+        """The tasks trained on soft labels, each with its value column (None: its class's rank); `declared`: the
+        value columns the source declares (`soft_labels.values` over them)."""
+        soft, columns = self.soft_labels, {**declared, **self.soft_labels.values}
+        if soft.tasks != "auto":
+            return {task: columns.get(task) for task in soft.tasks}
+        if (self.strategy in ("linear", "prototypes") or self.distill.teacher is not None
+                or self.adapt.target_domain is not None):
+            return {}
+        return {task: columns[task] for task in self.tasks if task in columns and self.head_of(task) == "classify"}
 
     def head_of(self, task: str) -> HeadKind:
         """The kind of head `task` gets: a per-task mapping, or `head` for the primary task; classify otherwise."""

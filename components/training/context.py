@@ -35,12 +35,13 @@ class Context:
     def __init__(self, cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, cache_dir: Path,
                  state_dir: Path, opset: int, atol: float, progress: Progress, on_epoch: OnEpoch | None = None,
                  int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None,
-                 replicas: Replicas = SINGLE):
+                 replicas: Replicas = SINGLE, values: Mapping[str, str] | None = None):
         self.int8_recipe = int8_recipe
         self.replicas = replicas  # the processes training together (one, unless components/training/ddp.py started more)
         # Checked before anything is computed: an unknown column or an undeclared order fails in one line.
         self.orders = {task: list(order) for task, order in (orders or {}).items()}  # ddp's processes resolve alike
-        self.tasks = TaskSet(resolve(cfg, dataset, self.orders), cfg, dataset)
+        self.values = dict(values or {})  # the value columns the source declares (soft labels' `auto`)
+        self.tasks = TaskSet(resolve(cfg, dataset, self.orders, cfg.soft_plan(self.values)), cfg, dataset)
         self.cfg, self.dataset, self.features_dir, self.cache_dir, self.state_dir = cfg, dataset, features_dir, cache_dir, state_dir
         self.entry = get_entry(backbone)
         self.record = read_record(features_dir, backbone)
@@ -59,6 +60,10 @@ class Context:
         tasks = {} if self.tasks.single else {  # keyed only when set, so today's resume files stay valid
             "tasks": self.tasks.describe(), "task_weights": self.cfg.model_dump(mode="json")["task_weights"],
             "task_data": self.dataset.manifest[list(self.cfg.tasks)].astype(str).to_dict("list")}
+        columns = sorted({task.values for task in self.tasks.tasks if task.values})
+        if any(task.soft for task in self.tasks.tasks):  # keyed only when used, as above
+            tasks |= {"tasks": self.tasks.describe(), "sharpness": self.cfg.soft_labels.sharpness,
+                      "soft_values": self.dataset.manifest[columns].astype(str).to_dict("list")}
         fingerprint = sha256_json({**tasks, "strategy": strategy, "config": block.model_dump(mode="json"),
                                    "common": self.cfg.model_dump(mode="json", include={"class_weights", "label_smoothing", "seed", "distill",
                                                                                       "adapt"}),

@@ -123,7 +123,7 @@ def write_spec(folder: Path, strategy: str, ctx: Context, world: int) -> None:
     write_json(folder / SPEC_FILE, {
         "strategy": strategy, "world": world, "config": ctx.cfg.model_dump(mode="json"), "backbone": ctx.entry.name,
         "features_dir": str(ctx.features_dir), "root": str(ctx.dataset.root), "labels": list(ctx.dataset.labels),
-        "target": ctx.dataset.target, "orders": ctx.orders,
+        "target": ctx.dataset.target, "orders": ctx.orders, "values": ctx.values,
         "cache_dir": str(ctx.cache_dir), "state_dir": str(ctx.state_dir), "opset": ctx.opset, "atol": ctx.atol,
         "int8_recipe": ctx.int8_recipe.as_dict() if ctx.int8_recipe is not None else None,
         "stage_pid": os.getpid(), "stage_host": socket.gethostname(),
@@ -190,7 +190,8 @@ def context_from_spec(folder: Path, replicas: Replicas, on_epoch: Callable[[int,
     recipe = Recipe(**spec["int8_recipe"]) if spec["int8_recipe"] is not None else None
     return Context(FinetuneConfig.model_validate(spec["config"]), spec["backbone"], Path(spec["features_dir"]), dataset,
                    Path(spec["cache_dir"]), Path(spec["state_dir"]), spec["opset"], spec["atol"],
-                   progress=no_progress, on_epoch=on_epoch, int8_recipe=recipe, orders=spec["orders"], replicas=replicas)
+                   progress=no_progress, on_epoch=on_epoch, int8_recipe=recipe, orders=spec["orders"], replicas=replicas,
+                   values=spec["values"])
 
 
 def main(argv: list[str]) -> int:

@@ -118,7 +118,16 @@ def plot_history(history: list[dict[str, float]], path: Path, strategy: str) -> 
     return path
 
 
-def check_modality(cfg: FinetuneConfig, modality: str, single_task: bool, strategies: Mapping[str, Any]) -> None:
+def soft_labels(ctx: Context, strategy: str) -> str:
+    """Which tasks the trained model learnt from soft labels, and from what ("label <- defect_probability"); the
+    linear probe and prototypes fit classes."""
+    if strategy not in ("partial", "full"):
+        return ""
+    return ", ".join(f"{t.name} <- {t.values or 'class rank'}" for t in ctx.tasks.tasks if t.soft)
+
+
+def check_modality(cfg: FinetuneConfig, modality: str, single_task: bool, strategies: Mapping[str, Any],
+                   soft: Sequence[str] = ()) -> None:
     """One line, before any work, for what the encoder's modality cannot train: text models train one classify
     task, by linear, partial or full, without domain adaptation; image models start their heads at random."""
     from components.core.errors import UserError
@@ -138,6 +147,9 @@ def check_modality(cfg: FinetuneConfig, modality: str, single_task: bool, strate
     if cfg.adapt.target_domain is not None:
         raise UserError(f"finetune.adapt.target_domain={cfg.adapt.target_domain!r}: domain adaptation is built for image "
                         f"encoders; set it to null for a {modality} encoder.")
+    if soft:
+        raise UserError(f"finetune.soft_labels: {soft} would train on soft ordinal labels, which are built for image "
+                        f"encoders; set finetune.soft_labels.tasks=[] for a {modality} encoder.")
     if cfg.full.processes > 1 and cfg.strategy in ("full", "auto"):
         raise UserError(f"finetune.full.processes={cfg.full.processes}: several training processes (DDP) train image "
                         f"encoders only; set it to 1 for a {modality} encoder.")
@@ -157,22 +169,25 @@ def check_taps(cfg: FinetuneConfig, record: dict[str, Any], backbone: str) -> No
 def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset, manifest_path: Path, out_dir: Path,
         cache_dir: Path, state_dir: Path, opset: int = 17, atol: float = 1e-4,
         progress: Progress = no_progress, on_epoch: OnEpoch | None = None,
-        int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None) -> StageResult:
+        int8_recipe: Recipe | None = None, orders: Mapping[str, Sequence[str]] | None = None,
+        values: Mapping[str, str] | None = None) -> StageResult:
     """Train by `cfg.strategy`; `cache_dir` holds cached activations, `state_dir` per-epoch resume files.
 
     `int8_recipe`: how compress will quantize (None: it will not); `partial` then also trains on INT8 activations.
     `orders`: the declared class order of tasks (the source's, e.g. ELPV's four levels, and `cfg.orders`).
+    `values`: the value column the source declares for a task (ELPV binary: label <- defect_probability), which
+    `finetune.soft_labels` trains on.
 
     `on_epoch(epoch, entry)` is called after each epoch of partial/full; an exception it raises stops
     the run before anything is written to `out_dir`."""
     ctx = Context(cfg, backbone, features_dir, dataset, cache_dir, state_dir, opset, atol, progress, on_epoch, int8_recipe,
-                  {**(orders or {}), **cfg.orders})
+                  {**(orders or {}), **cfg.orders}, values=values)
     check_taps(cfg, ctx.record, backbone)
     if cfg.strategy in ("full", "auto"):
         ddp.check_processes(cfg, "full", ctx.placement.device.type == "cuda")
     log.info("finetune on %s", ctx.placement.reason)
     strategies = strategies_for(ctx.entry.modality)
-    check_modality(cfg, ctx.entry.modality, ctx.tasks.single, strategies)
+    check_modality(cfg, ctx.entry.modality, ctx.tasks.single, strategies, [t.name for t in ctx.tasks.tasks if t.soft])
     ref = reference.fit_reference(cfg.guard, dataset.for_task(ctx.tasks.primary.name))  # judged on the primary task
     if cfg.strategy == "auto":
         strategy, trained, candidates, why = train_auto(ctx, ref, strategies)
@@ -226,6 +241,7 @@ def run(cfg: FinetuneConfig, backbone: str, features_dir: Path, dataset: Dataset
         info={"backbone": backbone, "strategy": strategy, "labels": list(ctx.tasks.primary.labels), "tasks": ctx.tasks.names, "why": why,
               "negative_transfer": "fired" if verdict.fired else "no", "device": ctx.placement.describe()["device"],
               "precision": ctx.placement.precision,
+              **({"soft_labels": soft} if (soft := soft_labels(ctx, strategy)) else {}),
               **({"adapt": f"{adapted['method']} to {adapted['target_domain']}"} if adapted else {})},
     )
     result.save()

@@ -45,7 +45,9 @@ class Task:
     name: str  # the manifest column, and the name of the model's output for it
     kind: HeadKind
     labels: tuple[str, ...]  # the classes in output order: the column's values, sorted
-    order: tuple[str, ...] | None = None  # the declared order, lowest first (ordinal and regress heads)
+    order: tuple[str, ...] | None = None  # the declared order, lowest first (ordinal and regress heads, soft labels)
+    soft: bool = False  # trained on soft ordinal labels (`finetune.soft_labels`)
+    values: str | None = None  # soft: the manifest column of each image's own value (None: its class's rank)
 
     @property
     def ranks(self) -> list[int]:
@@ -64,7 +66,8 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "labels": list(self.labels),
-                "order": list(self.order) if self.order else None}
+                "order": list(self.order) if self.order else None} | (
+                    {"soft_labels": {"values": self.values}} if self.soft else {})
 
 
 def as_numbers(labels: Sequence[str]) -> list[float] | None:
@@ -79,8 +82,11 @@ def examples(items: Sequence[str], limit: int = 3) -> str:
     return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def resolve(cfg: FinetuneConfig, dataset: Dataset, orders: Mapping[str, Sequence[str]]) -> tuple[Task, ...]:
-    """The tasks of `cfg`, checked against `dataset`; `orders` are the declared class orders (params and the source's)."""
+def resolve(cfg: FinetuneConfig, dataset: Dataset, orders: Mapping[str, Sequence[str]],
+            soft: Mapping[str, str | None] | None = None) -> tuple[Task, ...]:
+    """The tasks of `cfg`, checked against `dataset`; `orders` are the declared class orders (params and the source's),
+    `soft` the tasks trained on soft labels with their value columns (`FinetuneConfig.soft_plan`; None: cfg's own)."""
+    soft = cfg.soft_plan({}) if soft is None else soft
     manifest = dataset.manifest
     tasks = []
     for name in cfg.tasks:
@@ -103,12 +109,31 @@ def resolve(cfg: FinetuneConfig, dataset: Dataset, orders: Mapping[str, Sequence
         if absent:
             raise TaskError(f"finetune.tasks: column {name!r} has no train image of class(es) {absent}; "
                             f"a head cannot learn a class it never sees. Add images or merge classes.")
-        kind = cfg.head_of(name)
-        tasks.append(Task(name, kind, view.labels, declared_order(name, kind, view.labels, orders) if kind != "classify" else None))
+        kind, column = cfg.head_of(name), soft.get(name)
+        order = (declared_order(name, "finetune.soft_labels" if name in soft else f"finetune.head: {kind}", view.labels,
+                                orders) if kind != "classify" or name in soft else None)
+        if column is not None:
+            check_values(name, column, manifest, labelled)
+        tasks.append(Task(name, kind, view.labels, order, name in soft, column))
     return tuple(tasks)
 
 
-def declared_order(name: str, kind: str, labels: tuple[str, ...], orders: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
+def check_values(task: str, column: str, manifest: Any, labelled: Any) -> None:  # noqa: ANN401 (pandas)
+    """A soft-labelled task's value column: present, and a finite number in every labelled row."""
+    if column not in manifest.columns:
+        raise TaskError(f"finetune.soft_labels.values.{task}: {column!r} is not a column of the manifest; it has "
+                        f"{list(manifest.columns)}. Name a column of numbers on the task's scale, or drop the entry.")
+    import pandas as pd
+
+    numbers = pd.to_numeric(manifest[column], errors="coerce")
+    bad = manifest.index[~np.isfinite(numbers.to_numpy(dtype=float)) & labelled.to_numpy()].tolist()
+    if bad:
+        rows = [f"row {i + 1} ({manifest['path'][i]}: {manifest[column][i]!r})" for i in bad]
+        raise TaskError(f"finetune.soft_labels.values.{task}: column {column!r} has no number in {len(bad)} row(s): "
+                        f"{examples(rows)}; give every image a number, or drop the entry.")
+
+
+def declared_order(name: str, needs: str, labels: tuple[str, ...], orders: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
     if name in orders:
         order = tuple(orders[name])
         if set(order) != set(labels):
@@ -119,7 +144,7 @@ def declared_order(name: str, kind: str, labels: tuple[str, ...], orders: Mappin
     numbers = as_numbers(labels)
     if numbers is not None:  # a numeric column is ordered by value
         return tuple(label for _, label in sorted(zip(numbers, labels)))
-    raise TaskError(f"finetune.head: {kind} for task {name!r} needs the order of its classes {list(labels)}, and none "
+    raise TaskError(f"{needs} for task {name!r} needs the order of its classes {list(labels)}, and none "
                     f"is declared; set finetune.orders.{name}: [lowest, ..., highest], or use a classify head for it.")
 
 
@@ -192,6 +217,29 @@ class TaskSet:
         columns = [torch.as_tensor(view.label_index(view.split(split))) for view in self.views]
         return columns[0] if self.single else torch.stack(columns, dim=1)
 
+    def train_targets(self) -> torch.Tensor:
+        """What training draws per train image: `targets("train")`, except that a soft-labelled task's entry is the
+        image's place in the task's order (a float, `positions`), which its loss spreads over the classes. Class
+        weights are still counted on `targets("train")`."""
+        targets = self.targets("train")
+        if not any(task.soft for task in self.tasks):
+            return targets
+        columns = targets[:, None] if self.single else targets
+        drawn = [self.positions(task, view) if task.soft else columns[:, i].double()
+                 for i, (task, view) in enumerate(zip(self.tasks, self.views))]
+        return drawn[0] if self.single else torch.stack(drawn, dim=1)
+
+    def positions(self, task: Task, view: Dataset) -> torch.Tensor:
+        """Each train image's place in `task`'s order, in classes: its class's rank, or its own value from
+        `soft_labels.values` placed between the classes' values (`Task.targets`) by linear interpolation, clamped at
+        the ends (ELPV binary: a defect probability of 1/3 sits a third of the way from functional to defective)."""
+        frame = view.split("train")
+        column = task.values
+        if column is None:
+            return torch.as_tensor(task.ranks, dtype=torch.float64)[torch.as_tensor(view.label_index(frame))]
+        targets, ranks = zip(*sorted(zip(task.targets, task.ranks)))
+        return torch.tensor(np.interp(frame[column].to_numpy(dtype=np.float64), targets, ranks))
+
     def head(self, in_features: int) -> nn.Module:
         """A fresh head: `nn.Linear` for the one classify task, else one head per task in a `TaskHeads`."""
         if self.single:
@@ -203,13 +251,13 @@ class TaskSet:
         """The training loss on `head`'s outputs; class weights (`finetune.class_weights`) from the `train` targets."""
         cfg = self.cfg
         if self.single:
-            weight = class_weight_vector(train.tolist(), len(self.primary.labels), cfg.class_weights).to(device)
-            return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+            return task_loss(self.primary, train, cfg, device)
         losses = [task_loss(task, train[:, i], cfg, device) for i, task in enumerate(self.tasks)]
         fixed = cfg.task_weights if isinstance(cfg.task_weights, tuple) else (1.0,) * len(self.tasks)
 
-        def combined(outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
-            parts = torch.stack([loss(output, targets[:, i]) for i, (loss, output) in enumerate(zip(losses, outputs))])
+        def combined(outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:  # a soft task's column holds values
+            parts = torch.stack([loss(output, targets[:, i] if task.soft else targets[:, i].long())
+                                 for i, (task, loss, output) in enumerate(zip(self.tasks, losses, outputs))])
             if head.log_variance is not None:  # learned: each task weighed by its precision, plus its log variance
                 return (torch.exp(-head.log_variance) * parts + head.log_variance).sum()
             return (torch.as_tensor(fixed, device=parts.device, dtype=parts.dtype) * parts).sum()
@@ -291,9 +339,12 @@ def new_head(task: Task, in_features: int) -> nn.Module:
 
 
 def task_loss(task: Task, train: torch.Tensor, cfg: FinetuneConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy on a classify or ordinal head's output (for CORN, -log P(y) is its own loss); squared error of a
-    regress head's value from its class's target, each image weighed like its class."""
+    """Cross-entropy on a classify or ordinal head's output (for CORN, -log P(y) is its own loss), against the soft
+    ordinal distribution for a soft-labelled task; squared error of a regress head's value from its class's target,
+    each image weighed like its class. `train`: the class indices of the train images (for the class weights)."""
     weight = class_weight_vector(train.tolist(), len(task.labels), cfg.class_weights).to(device)
+    if task.soft:
+        return soft_ordinal_loss(task.ranks, cfg.soft_labels.sharpness, weight)
     if task.kind != "regress":
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     targets = torch.tensor(task.targets, device=device)
@@ -303,6 +354,25 @@ def task_loss(task: Task, train: torch.Tensor, cfg: FinetuneConfig, device: torc
         return (weights * (value.float().reshape(-1) - targets[target]) ** 2).sum() / weights.sum()
 
     return squared_error
+
+
+def soft_targets(positions: torch.Tensor, ranks: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """SORD's target distributions: softmax over classes of -sharpness * (position - class rank)^2, one row per
+    image; distances count classes, so a sharpness means the same for two classes as for ten."""
+    return torch.softmax(-sharpness * (positions.float()[:, None] - ranks[None]) ** 2, dim=1)
+
+
+def soft_ordinal_loss(ranks: Sequence[int], sharpness: float,
+                      weight: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy of the logits against `soft_targets` of each image's position (`ranks`: each class's place in
+    the order, output order). Label smoothing does not apply: the distribution already spreads over the
+    neighbouring classes. Class weights weigh each class's term."""
+    centres = torch.tensor(ranks, dtype=torch.float32, device=weight.device)
+
+    def loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits.float(), soft_targets(positions, centres, sharpness), weight=weight)
+
+    return loss
 
 
 def fit_scale(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, labels: np.ndarray) -> float:

@@ -42,7 +42,7 @@ def train(ctx: Context) -> Trained:
     network = FullModel(model, head, cfg.dropout)
     for parameter in network.parameters():
         parameter.requires_grad_(True)
-    train = ImageSplit(dataset, "train", augmentation(preprocessing, cfg.crop_scale_min, cfg.jitter), tasks.targets("train"))
+    train = ImageSplit(dataset, "train", augmentation(preprocessing, cfg.crop_scale_min, cfg.jitter), tasks.train_targets())
     val = ImageSplit(dataset, "val", Served(preprocessing), tasks.targets("val"))
     pin = placement.device.type == "cuda"
     workers = usable_workers(train, cfg.workers, cfg.batch_size)
@@ -61,7 +61,7 @@ def train(ctx: Context) -> Trained:
     def evaluate(net: nn.Module) -> dict[str, float]:
         return tasks.val_scores(net, val_outputs, val.labels)
 
-    loss = tasks.loss(train.labels, head, placement.device)
+    loss = tasks.loss(tasks.targets("train"), head, placement.device)
     steps = len(train) // cfg.batch_size if len(train) > cfg.batch_size else 1
     try:
         result = fit(network, network.layer_groups(), batches, steps, evaluate, loss, cfg.loop(common.seed), placement,

@@ -66,6 +66,7 @@ def train(ctx: Context) -> Trained:
     cached_seconds = time.perf_counter() - began
     tasks = ctx.tasks
     labels = {split: tasks.targets(split) for split in ("train", "val")}
+    drawn_targets = tasks.train_targets()  # the class indices, or a soft-labelled task's values
     torch.manual_seed(common.seed)
     model = build_classifier(entry)
     head = tasks.head(model.num_features)
@@ -92,7 +93,7 @@ def train(ctx: Context) -> Trained:
         draws = torch.randint(0, n_views * len(sources), (n_train,), generator=generator)
         for index in order.split(cfg.batch_size):
             views, source = draws[index] % n_views, draws[index] // n_views
-            target = labels["train"][index]
+            target = drawn_targets[index]
             if distilling:
                 target = distill.pack_targets(target, teacher_train[index, views])
             batch = sources[0][index, views]
