@@ -48,6 +48,15 @@ def test_dvc_yaml_deps_cover_every_project_module_a_stage_imports() -> None:
         assert loaded <= deps, f"{stage.name}: dvc.yaml misses {sorted(loaded - deps)}"
 
 
+def test_finetune_code_covers_the_declarations_of_the_source_it_is_handed() -> None:
+    # The stage passes ELPV's declared class orders and value columns (components/data/ingest.py) to finetune,
+    # which never imports ingest itself: a change to them must still rerun finetune.
+    finetune = next(stage for stage in STAGES if stage.name == "finetune")
+    assert "components/data/ingest.py" in finetune.modules()
+    assert "components/data/ingest.py" in dvc_pipeline.stage_entry(finetune)["deps"]
+    assert "components/data/ingest.py" not in fingerprints.project_modules(finetune.component)
+
+
 def test_cache_key_changes_with_code_libraries_params_and_upstream(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml")
     features = BY_NAME["features"]

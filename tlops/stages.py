@@ -89,11 +89,14 @@ class Stage:
     # Files outside the pipeline's folders that params name and the stage reads (a distillation teacher):
     # their content is part of the Prefect cache key.
     files: Callable[[Params], tuple[Path, ...]] = lambda params: ()
+    # Modules its compute calls besides the component (finetune: the source's declared orders and values), so
+    # their code is part of the stage's too.
+    also_code: tuple[str, ...] = ()
     # Its work in pieces for Dask workers, wave after wave (empty: the stage runs whole, in one process).
     fan_out: tuple[Shards, ...] = ()
 
     def modules(self) -> tuple[str, ...]:
-        return tuple(sorted(set(project_modules(self.component)) | set(WIRING)))
+        return tuple(sorted(set(project_modules(self.component, *self.also_code)) | set(WIRING)))
 
 
 # Each stage imports its component when it runs, never at import: the CLI reads this table (and checks
@@ -315,7 +318,8 @@ STAGES: tuple[Stage, ...] = (
           ("finetune", "features.opset", "features.parity_atol", *(f"compress.{key}" for key in INT8_KEYS),
            "export.tta_views", "ingest.source", "ingest.label_mode"),  # the source's declared orders and values
           ("features", f"select/{RESULT_FILE}", "dataset", "validate/manifest.csv"), "finetune",
-          files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t)),
+          files=lambda params: tuple(Path(t) for t in [params.finetune.distill.teacher] if t),
+          also_code=("components.data.ingest",)),
     Stage("export", "components.packaging.export", _export,
           ("export", "compress.prune", "compress.sparsity", "compress.prune_ratio", "compress.prune_round_to",
            "compress.recovery_epochs", "compress.recovery_lr", "compress.recovery_batch_size",
