@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 LOGGED_SUFFIXES = {".json", ".png", ".csv", ".md", ".html"}
 LOGGED_FOLDERS = {"data_docs", "tasks"}  # Great Expectations' HTML report; evaluate's per-task plots
 MAX_LOGGED_FILE_BYTES = 5 * 2**20
-INFO_TAGS = ("selected", "backbone", "shipped", "strategy", "negative_transfer", "device", "precision", "adapt")
+INFO_TAGS = ("selected", "backbone", "shipped", "strategy", "negative_transfer", "device", "precision", "adapt", "soft_labels")
 NEVER_CACHED_NOTE = "stages that never replay (promote) do not count"
 
 
