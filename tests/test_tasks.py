@@ -365,13 +365,21 @@ def test_elpv_binary_trains_partial_on_the_annotators_probability_by_default(tmp
     assert all(abs(a - b) > 1e-4 for a, b in zip(*losses))
 
 
-def test_soft_labels_on_a_strategy_that_fits_class_labels_fail_in_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "tlops.cli", "params", "--params", str(REPO / "params.yaml"),
-                           "--set", "finetune.strategy=linear", "--set", "finetune.soft_labels.tasks=[label]"],
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["finetune.strategy=linear"], "soft_labels.tasks is set, but finetune.strategy=linear fits class labels"),
+        (["finetune.head=ordinal"], "soft_labels.tasks: ['label'] have head ordinal, which has its own ordered loss"),
+        (["finetune.distill.teacher=model.pt"], "soft_labels.tasks and finetune.distill.teacher cannot be combined"),
+    ],
+)
+def test_soft_labels_where_they_cannot_apply_fail_in_one_line(overrides: list[str], message: str) -> None:
+    sets = [arg for override in [*overrides, "finetune.soft_labels.tasks=[label]"] for arg in ("--set", override)]
+    done = subprocess.run([sys.executable, "-m", "tlops.cli", "params", "--params", str(REPO / "params.yaml"), *sets],
                           capture_output=True, text=True, env=venv_env(), cwd=REPO, check=False)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "soft_labels.tasks is set, but finetune.strategy=linear fits class labels" in lines[0]
+    assert len(lines) == 1 and message in lines[0]
 
 
 def test_a_task_column_with_missing_values_is_refused_naming_the_rows(tiny, tmp_path: Path) -> None:

@@ -260,7 +260,7 @@ class FinetuneConfig(StageConfig):
             raise ValueError(f"soft_labels.tasks names {unknown}, which are not in tasks {list(self.tasks)}")
         not_classify = [task for task in soft.tasks if self.head_of(task) != "classify"]
         if not_classify:
-            raise ValueError(f"soft_labels.tasks: {not_classify} have an {self.head_of(not_classify[0])} head, which "
+            raise ValueError(f"soft_labels.tasks: {not_classify} have head {self.head_of(not_classify[0])}, which "
                              f"has its own ordered loss; soft labels are for classify heads")
         if not soft.tasks:
             return
