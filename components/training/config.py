@@ -262,16 +262,26 @@ class FinetuneConfig(StageConfig):
         if not_classify:
             raise ValueError(f"soft_labels.tasks: {not_classify} have head {self.head_of(not_classify[0])}, which "
                              f"has its own ordered loss; soft labels are for classify heads")
-        if not soft.tasks:
+        excluded = self._targets_set_otherwise()
+        if not soft.tasks or excluded is None:
             return
-        if self.strategy in ("linear", "prototypes"):
+        if excluded == "strategy":
             raise ValueError(f"soft_labels.tasks is set, but finetune.strategy={self.strategy} fits class labels; use "
                              f"partial, full or auto (whose linear probe then fits class labels), or set "
                              f"soft_labels.tasks=[]")
-        for other, key in ((self.distill.teacher, "distill.teacher"), (self.adapt.target_domain, "adapt.target_domain")):
-            if other is not None:
-                raise ValueError(f"soft_labels.tasks and finetune.{key} cannot be combined (each sets the targets "
-                                 f"its own way); set soft_labels.tasks=[] or finetune.{key}=null")
+        raise ValueError(f"soft_labels.tasks and finetune.{excluded} cannot be combined (each sets the targets "
+                         f"its own way); set soft_labels.tasks=[] or finetune.{excluded}=null")
+
+    def _targets_set_otherwise(self) -> str | None:
+        """The key that leaves no room for soft labels (None: there is room): a strategy fitting class labels
+        (linear, prototypes), a teacher's logits or domain adaptation. `auto` then stays one-hot; a list is refused."""
+        if self.strategy in ("linear", "prototypes"):
+            return "strategy"
+        if self.distill.teacher is not None:
+            return "distill.teacher"
+        if self.adapt.target_domain is not None:
+            return "adapt.target_domain"
+        return None
 
     def soft_plan(self, declared: Mapping[str, str]) -> dict[str, str | None]:
         """The tasks trained on soft labels, each with its value column (None: its class's rank); `declared`: the
@@ -279,8 +289,7 @@ class FinetuneConfig(StageConfig):
         soft, columns = self.soft_labels, {**declared, **self.soft_labels.values}
         if soft.tasks != "auto":
             return {task: columns.get(task) for task in soft.tasks}
-        if (self.strategy in ("linear", "prototypes") or self.distill.teacher is not None
-                or self.adapt.target_domain is not None):
+        if self._targets_set_otherwise() is not None:
             return {}
         return {task: columns[task] for task in self.tasks if task in columns and self.head_of(task) == "classify"}
 
